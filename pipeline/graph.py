@@ -1,0 +1,58 @@
+"""The pipeline graph: read -> tokenize -> batch + infer -> write.
+
+``JobConfig`` is everything the graph needs, resolved by the launcher
+(``pipeline.run``) before construction: the vocabulary is passed to the
+tokenizer by value, so workers never read it from the model again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import apache_beam as beam
+
+from transforms.infer import BertModelHandler, EmbedDocuments
+from transforms.read import DEAD_LETTER_TAG, ReadDocuments
+from transforms.tokenize import TokenizeDocuments
+from transforms.write import WriteDeadLetters, WriteEmbeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """A fully resolved embedding job."""
+    inputs: Sequence[str]
+    output: str
+    model_dir: str
+    vocab: Sequence[str]
+    do_lower_case: bool
+    hidden_size: int
+    input_format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    output_format: str = "parquet"
+    max_seq_length: int = 128
+    batch_size: int = 32
+    outputs: Sequence[str] = ("pooled", "sequence")
+    num_shards: int = 0
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
+    """Adds the embedding job's transforms to ``pipeline``."""
+    documents, read_failures = (
+        pipeline | "ReadDocuments" >> ReadDocuments(
+            config.inputs, config.input_format, config.id_field,
+            config.text_field))
+    tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
+        config.vocab, config.do_lower_case, config.max_seq_length)
+    ).with_outputs(DEAD_LETTER_TAG, main="tokens")
+    handler = BertModelHandler(config.model_dir, config.batch_size,
+                               config.outputs)
+    embeddings, infer_failures = (
+        tokenized.tokens | "Embed" >> EmbedDocuments(handler))
+    _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
+        config.output, config.output_format, config.hidden_size,
+        config.outputs, config.num_shards)
+    _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
+         | "AllDeadLetters" >> beam.Flatten()
+         | "WriteDeadLetters" >> WriteDeadLetters(config.output))

@@ -1,0 +1,91 @@
+"""Command-line options of the embedding job.
+
+``EmbedOptions`` is a Beam ``PipelineOptions`` view: our flags sit beside
+Beam's own (``--runner``, ``--direct_num_workers``, ``--setup_file``, the
+Dataflow options, ...), which pass through untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.infer import OUTPUT_KINDS
+from transforms.read import INPUT_FORMATS
+from transforms.write import FORMATS
+
+
+def parse_outputs(value: str) -> list[str]:
+    """``'pooled,sequence'`` -> ``['pooled', 'sequence']``, validated."""
+    kinds = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [k for k in kinds if k not in OUTPUT_KINDS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"--outputs takes a comma list of {', '.join(OUTPUT_KINDS)}; "
+            f"got {value!r}")
+    return kinds
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+class EmbedOptions(PipelineOptions):
+    """Options of ``python -m pipeline.run``."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("embedding job")
+        group.add_argument(
+            "--input", action="append", default=None,
+            help="File or glob of documents (local, gs://, ...; .gz/.bz2 "
+                 "are decompressed). Repeat the flag for several patterns.")
+        group.add_argument(
+            "--input_format", default="auto", choices=INPUT_FORMATS,
+            help="text: one document per line; jsonl: one JSON object per "
+                 "line; auto: jsonl for *.jsonl/*.ndjson/*.json, else text.")
+        group.add_argument(
+            "--id_field", default="id",
+            help="JSONL field holding the document id (dots reach nested "
+                 "fields, e.g. meta.id). Missing ids become <file>:<line>.")
+        group.add_argument(
+            "--text_field", default="text",
+            help="JSONL field holding the document text (dots for nesting).")
+        group.add_argument(
+            "--output", default=None,
+            help="Output prefix: writes <output>-SSSSS-of-NNNNN.<format>, "
+                 "<output>-errors-*.jsonl and <output>-summary.json.")
+        group.add_argument(
+            "--model", default=None,
+            help="BERT SavedModel directory with the TF Hub interface, e.g. "
+                 "/path/to/bert_zh_L-12_H-768_A-12. Default: a small demo "
+                 "model with RANDOM weights, built once and cached.")
+        group.add_argument(
+            "--vocab_file", default=None,
+            help="Override the model's vocab_file asset.")
+        group.add_argument(
+            "--do_lower_case", default="auto",
+            choices=("auto", "true", "false"),
+            help="Override the model's do_lower_case variable (auto: use "
+                 "the model's).")
+        group.add_argument(
+            "--format", dest="output_format", default="parquet",
+            choices=FORMATS, help="Output file format.")
+        group.add_argument(
+            "--max_seq_length", type=_positive_int, default=128,
+            help="Tokens per document incl. [CLS] and [SEP]; longer "
+                 "documents are truncated (and flagged).")
+        group.add_argument(
+            "--batch_size", type=_positive_int, default=32,
+            help="Documents per model call.")
+        group.add_argument(
+            "--outputs", type=parse_outputs, default=["pooled", "sequence"],
+            help="Which embeddings to write: pooled, sequence or "
+                 "pooled,sequence.")
+        group.add_argument(
+            "--num_shards", type=int, default=0,
+            help="Output files to write (0: let the runner decide).")

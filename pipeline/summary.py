@@ -1,0 +1,113 @@
+"""The run summary: counts from Beam metrics, rates, and output files.
+
+Every document read is accounted for:
+``read = embedded + skipped_empty + failed``; the summary says whether the
+counts reconcile, prints a few lines for people and writes JSON for machines
+(``<output>-summary.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+
+from transforms.records import METRICS_NAMESPACE
+
+COUNTERS = ("documents_read", "documents_embedded", "documents_skipped_empty",
+            "documents_failed", "documents_truncated", "tokens_embedded")
+
+# RunInference records one model-load latency per load: its count is the
+# number of model loads over all workers.
+_LOAD_LATENCY_METRIC = "load_model_latency_milli_secs"
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a finished run did."""
+    counts: dict[str, int]
+    model_loads: int
+    elapsed_seconds: float
+    model_dir: str
+    demo_model: bool
+    outputs: dict[str, list[str]]
+
+    @property
+    def reconciled(self) -> bool:
+        c = self.counts
+        return c["documents_read"] == (c["documents_embedded"]
+                                       + c["documents_skipped_empty"]
+                                       + c["documents_failed"])
+
+    @property
+    def documents_per_second(self) -> float:
+        return self.counts["documents_embedded"] / max(self.elapsed_seconds,
+                                                       1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["reconciled"] = self.reconciled
+        record["documents_per_second"] = round(self.documents_per_second, 3)
+        return record
+
+    def format(self) -> str:
+        """A short human-readable report."""
+        c = self.counts
+        lines = [
+            f"documents read:     {c['documents_read']}",
+            f"  embedded:         {c['documents_embedded']} "
+            f"({c['documents_truncated']} truncated)",
+            f"  skipped (empty):  {c['documents_skipped_empty']}",
+            f"  failed:           {c['documents_failed']}",
+            f"tokens embedded:    {c['tokens_embedded']}",
+            f"time:               {self.elapsed_seconds:.1f} s, "
+            f"{self.documents_per_second:.1f} documents/s",
+            f"model:              {self.model_dir}"
+            + (" (DEMO MODEL, RANDOM WEIGHTS)" if self.demo_model else "")
+            + f", loaded {self.model_loads}x",
+        ]
+        for kind, files in self.outputs.items():
+            lines.append(f"{kind + ':':<20}" + (", ".join(files) or "none"))
+        if not self.reconciled:
+            lines.append("WARNING: counts do not add up: read != embedded + "
+                         "skipped + failed")
+        return "\n".join(lines)
+
+
+def collect_counts(result: Any) -> tuple[dict[str, int], int]:
+    """Our counters (summed over steps) and the number of model loads."""
+    query = result.metrics().query(
+        MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    counts = dict.fromkeys(COUNTERS, 0)
+    for counter in query["counters"]:
+        name = counter.key.metric.name
+        if name in counts:
+            counts[name] += int(_value(counter))
+    loads = sum(int(_value(d).count) for d in query["distributions"]
+                if d.key.metric.name.endswith(_LOAD_LATENCY_METRIC))
+    return counts, loads
+
+
+def _value(metric: Any) -> Any:
+    """Committed value where the runner reports it, else attempted."""
+    committed = getattr(metric, "committed", None)
+    return committed if committed is not None else metric.attempted
+
+
+def list_outputs(patterns: dict[str, str]) -> dict[str, list[str]]:
+    """The files each glob matches, sorted."""
+    found = {}
+    for kind, pattern in patterns.items():
+        matches = FileSystems.match([pattern])[0].metadata_list
+        found[kind] = sorted(m.path for m in matches)
+    return found
+
+
+def write_summary(summary: RunSummary, path: str) -> None:
+    """Writes the summary as JSON to ``path`` (local or cloud)."""
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(summary.to_dict(), indent=2,
+                                ensure_ascii=False).encode("utf-8"))

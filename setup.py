@@ -1,0 +1,35 @@
+"""Packaging for bert-zh-embed: local installs and remote Beam workers.
+
+Dataflow (and other remote runners) install the project on each worker with
+``--setup_file ./setup.py``, which ships ``pipeline``, ``transforms`` and
+``model`` and their runtime dependencies.
+"""
+
+import setuptools
+
+# Runtime dependencies, pinned to a set that resolves together on Python 3.11
+# (constraints.txt pins every transitive package for reproducible installs).
+REQUIRED = [
+    "apache-beam[gcp]==2.77.0",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-transform==1.21.0",
+    "tfx-bsl==1.21.0",
+    "pyarrow>=25,<26",
+]
+
+# Test-only: pytest, and an independent BERT WordPiece implementation that
+# our tokenizer is checked against.
+TEST = ["pytest==9.2.0", "tokenizers==0.23.3"]
+
+setuptools.setup(
+    name="bert-zh-embed",
+    version="0.1.0",
+    description="Batch BERT embeddings for Chinese text on Apache Beam",
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*",
+                                               "transforms", "transforms.*",
+                                               "model", "model.*"]),
+    install_requires=REQUIRED,
+    extras_require={"test": TEST},
+)

@@ -1,0 +1,137 @@
+"""Inference: batches of ``TokenizedDocument`` in, ``DocumentEmbedding`` out.
+
+Built on Beam's RunInference: ``BertModelHandler`` tells it how to load the
+SavedModel (once per worker process, through RunInference's ``Shared``
+handle) and how to run one batch.  Each batch is padded only to its own
+longest document, and padding rows are cut off again before the results
+leave the handler, so ``sequence_output`` holds real tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
+                                           RunInference)
+
+from model.load import BertSavedModel, load_bert_saved_model
+from transforms.records import (METRICS_NAMESPACE, DeadLetter,
+                                DocumentEmbedding, TokenizedDocument)
+
+OUTPUT_KINDS = ("pooled", "sequence")
+
+
+def pad_batch(docs: Sequence[TokenizedDocument]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``input_word_ids``, ``input_mask``, ``segment_ids`` for a batch.
+
+    All three are int32 ``[batch, longest]``: ids zero-padded (``[PAD]`` is
+    id 0), mask one on real tokens, segments all zero (one-sentence input).
+    """
+    lengths = np.fromiter((d.num_tokens for d in docs), dtype=np.int64,
+                          count=len(docs))
+    width = int(lengths.max())
+    ids = np.zeros((len(docs), width), dtype=np.int32)
+    for row, doc in enumerate(docs):
+        ids[row, :doc.num_tokens] = doc.input_word_ids
+    mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int32)
+    return ids, mask, np.zeros_like(ids)
+
+
+class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
+                                    BertSavedModel]):
+    """RunInference handler for a TF Hub–style BERT SavedModel.
+
+    ``outputs`` picks which embeddings each result keeps (``pooled``,
+    ``sequence``); the other is dropped right after the model call so it
+    does not travel through the rest of the pipeline.
+    """
+
+    def __init__(self, model_dir: str, batch_size: int,
+                 outputs: Sequence[str] = OUTPUT_KINDS):
+        unknown = set(outputs) - set(OUTPUT_KINDS)
+        if unknown or not outputs:
+            raise ValueError(f"outputs must be a non-empty subset of "
+                             f"{OUTPUT_KINDS}, got {list(outputs)}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        self._model_dir = model_dir
+        self._keep_pooled = "pooled" in outputs
+        self._keep_sequence = "sequence" in outputs
+
+    def load_model(self) -> BertSavedModel:
+        return load_bert_saved_model(self._model_dir)
+
+    def run_inference(self, batch: Sequence[TokenizedDocument],
+                      model: BertSavedModel,
+                      inference_args: Optional[dict[str, Any]] = None
+                      ) -> Iterable[PredictionResult]:
+        pooled, sequence = model(*pad_batch(batch))
+        for row, doc in enumerate(batch):
+            yield PredictionResult(doc, DocumentEmbedding(
+                doc.id, doc.num_tokens, doc.truncated,
+                pooled[row] if self._keep_pooled else None,
+                sequence[row, :doc.num_tokens]
+                if self._keep_sequence else None))
+
+    def get_num_bytes(self, batch: Sequence[TokenizedDocument]) -> int:
+        return sum(d.input_word_ids.nbytes for d in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return METRICS_NAMESPACE
+
+
+class _CountEmbedded(beam.DoFn):
+    """Unwraps RunInference results and counts documents and tokens."""
+
+    def __init__(self) -> None:
+        counter = beam.metrics.Metrics.counter
+        self._embedded = counter(METRICS_NAMESPACE, "documents_embedded")
+        self._tokens = counter(METRICS_NAMESPACE, "tokens_embedded")
+
+    def process(self, result: PredictionResult) -> Iterator[DocumentEmbedding]:
+        embedding: DocumentEmbedding = result.inference
+        self._embedded.inc()
+        self._tokens.inc(embedding.num_tokens)
+        yield embedding
+
+
+class _FailedBatchToDeadLetters(beam.DoFn):
+    """One ``DeadLetter`` per document of a batch whose inference raised."""
+
+    def __init__(self) -> None:
+        self._failed = beam.metrics.Metrics.counter(
+            METRICS_NAMESPACE, "documents_failed")
+
+    def process(self, failure: tuple[Sequence[TokenizedDocument], Any]
+                ) -> Iterator[DeadLetter]:
+        batch, error = failure
+        for doc in batch:
+            self._failed.inc()
+            yield DeadLetter("infer", f"{type(error).__name__}: {error}",
+                             id=doc.id)
+
+
+class EmbedDocuments(beam.PTransform):
+    """Batches tokenized documents and embeds them with the BERT model.
+
+    Returns ``(embeddings, dead_letters)``: a batch whose model call raises
+    is not retried forever; its documents become dead letters and the run
+    goes on.
+    """
+
+    def __init__(self, model_handler: BertModelHandler):
+        super().__init__()
+        self._handler = model_handler
+
+    def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
+        results, failures = (
+            docs | "RunInference" >> RunInference(
+                self._handler).with_exception_handling())
+        embeddings = results | "CountEmbedded" >> beam.ParDo(_CountEmbedded())
+        dead = (failures.failed_inferences
+                | "FailedBatches" >> beam.ParDo(_FailedBatchToDeadLetters()))
+        return embeddings, dead

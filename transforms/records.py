@@ -1,0 +1,82 @@
+"""Element types that flow between the pipeline's stages.
+
+read -> ``Document`` -> tokenize -> ``TokenizedDocument`` -> infer ->
+``DocumentEmbedding`` -> write.  Anything that cannot go on becomes a
+``DeadLetter`` that names the stage, the source and the reason, so that no
+input document is ever dropped without a trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+import numpy as np
+
+# Beam metrics namespace shared by every stage's counters.
+METRICS_NAMESPACE = "bert_zh_embed"
+
+# How many characters of a bad record are kept in its dead-letter entry.
+EXCERPT_CHARS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One input document: its id, its text and where it came from."""
+    id: str
+    text: str
+    source: str = ""
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedDocument:
+    """A document as the model takes it: ``[CLS] ... [SEP]`` ids, unpadded."""
+    id: str
+    input_word_ids: np.ndarray  # int32 [num_tokens]
+    truncated: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_word_ids.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentEmbedding:
+    """The model's outputs for one document, without padding rows.
+
+    ``sequence_output`` holds one row per real token (``num_tokens`` rows, the
+    ``[CLS]`` and ``[SEP]`` rows included); either output may be ``None`` when
+    the run was asked not to keep it.
+    """
+    id: str
+    num_tokens: int
+    truncated: bool
+    pooled_output: Optional[np.ndarray]  # float32 [hidden]
+    sequence_output: Optional[np.ndarray]  # float32 [num_tokens, hidden]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A document (or raw record) that could not be embedded, and why."""
+    stage: str
+    reason: str
+    source: str = ""
+    line: int = 0
+    id: str = ""
+    excerpt: str = ""
+
+    def to_json(self) -> str:
+        """One JSON line; non-ASCII kept readable, excerpt cut to a safe size."""
+        record: dict[str, Any] = dataclasses.asdict(self)
+        record["excerpt"] = safe_excerpt(self.excerpt)
+        return json.dumps(record, ensure_ascii=False)
+
+
+def safe_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """The start of ``text`` with control characters escaped, for error logs."""
+    head = text[:limit]
+    cleaned = "".join(
+            ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in head)
+    return cleaned + ("…" if len(text) > limit else "")
