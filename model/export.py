@@ -1,0 +1,175 @@
+"""Export a ``BertEncoder`` as a SavedModel with the TF Hub BERT interface.
+
+The exported root object behaves like TF Hub's ``bert_zh_L-12_H-768_A-12``:
+
+* ``model([input_word_ids, input_mask, segment_ids])`` -> ``[pooled_output,
+  sequence_output]`` (int32 inputs of shape [batch, seq]);
+* ``model.vocab_file`` is a ``tf.saved_model.Asset`` holding ``vocab.txt``;
+* ``model.do_lower_case`` is a non-trainable bool ``tf.Variable``;
+* a ``serving_default`` signature takes keyword inputs and returns a dict.
+
+Code written against the Hub model therefore works unchanged on models
+exported here, and vice versa.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from model.bert import BertConfig, BertEncoder
+
+CONFIG_FILENAME = "bert_config.json"
+VOCAB_FILENAME = "vocab.txt"
+
+_INPUT_NAMES = ("input_word_ids", "input_mask", "segment_ids")
+_INPUT_SPECS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in _INPUT_NAMES]
+
+
+class _HubBertModule(tf.Module):
+    """Root object of the exported SavedModel (TF Hub BERT interface)."""
+
+    def __init__(self, encoder: BertEncoder, vocab_path: str,
+                 do_lower_case: bool) -> None:
+        """Attach the encoder, the vocab asset and the lower-casing flag."""
+        super().__init__(name="bert_model")
+        self.encoder = encoder
+        self.vocab_file = tf.saved_model.Asset(vocab_path)
+        self.do_lower_case = tf.Variable(do_lower_case, trainable=False,
+                                         dtype=tf.bool, name="do_lower_case")
+
+    @tf.function(input_signature=[_INPUT_SPECS])
+    def __call__(self, inputs: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Hub-style call: list of 3 int32 tensors -> [pooled, sequence]."""
+        input_word_ids, input_mask, segment_ids = inputs
+        pooled, sequence = self.encoder(input_word_ids, input_mask, segment_ids)
+        return [pooled, sequence]
+
+    @tf.function(input_signature=_INPUT_SPECS)
+    def serve(self, input_word_ids: tf.Tensor, input_mask: tf.Tensor,
+              segment_ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Keyword-input serving signature returning named outputs."""
+        pooled, sequence = self.encoder(input_word_ids, input_mask, segment_ids)
+        return {"pooled_output": pooled, "sequence_output": sequence}
+
+
+def _write_vocab(tokens: Sequence[str], path: str) -> None:
+    """Write one token per line (UTF-8), rejecting tokens that would break
+    the line-based format."""
+    for index, token in enumerate(tokens):
+        if not isinstance(token, str) or not token or "\n" in token or "\r" in token:
+            raise ValueError(f"Invalid vocab token at index {index}: {token!r}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(token + "\n" for token in tokens))
+
+
+def _count_vocab_lines(path: str) -> int:
+    """Number of entries in a vocab.txt (one token per line)."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _check_vocab_size(size: int, config: BertConfig) -> None:
+    """Fail early if the vocab does not match the embedding table."""
+    if size != config.vocab_size:
+        raise ValueError(f"Vocab has {size} entries but config.vocab_size is "
+                         f"{config.vocab_size}")
+
+
+def _build_encoder(config: BertConfig, seed: int,
+                   weights: dict[str, np.ndarray] | None) -> BertEncoder:
+    """Random-initialised encoder, overwritten by ``weights`` if given."""
+    encoder = BertEncoder(config, seed=seed, name="bert_encoder")
+    if weights is not None:
+        encoder.set_weights(weights)
+    return encoder
+
+
+def _save(module: _HubBertModule, config: BertConfig, target: str) -> None:
+    """Write the SavedModel plus ``assets.extra/bert_config.json``."""
+    signatures = {"serving_default": module.serve.get_concrete_function()}
+    tf.saved_model.save(module, target, signatures=signatures)
+    extra = os.path.join(target, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    with open(os.path.join(extra, CONFIG_FILENAME), "w", encoding="utf-8") as f:
+        f.write(config.to_json())
+
+
+def _make_staging_dir(export_dir: str) -> str:
+    """Create a unique hidden sibling of ``export_dir`` to build into.
+
+    Unlike ``tempfile.mkdtemp`` (mode 0700) this honours the umask, so the
+    renamed export gets normal permissions, e.g. in a shared cache.
+    """
+    base = os.path.basename(export_dir)
+    staging = os.path.join(os.path.dirname(export_dir),
+                           f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)
+    return staging
+
+
+def export_bert_saved_model(
+    export_dir: str,
+    config: BertConfig,
+    vocab: Sequence[str] | str,
+    do_lower_case: bool = True,
+    seed: int = 0,
+    weights: dict[str, np.ndarray] | None = None,
+) -> str:
+    """Export a BERT encoder as a TF Hub-compatible SavedModel.
+
+    The model is written to a temporary sibling directory and renamed into
+    place only when complete, so readers never observe a half-written model.
+
+    Args:
+      export_dir: destination; must not exist yet.
+      config: encoder architecture.
+      vocab: list of tokens (written to ``vocab.txt``) or path to an
+        existing vocab file; its length must equal ``config.vocab_size``.
+      do_lower_case: value stored in the ``do_lower_case`` variable.
+      seed: seed of the random initialisation (ignored if ``weights``).
+      weights: optional weights keyed by Google checkpoint names.
+
+    Returns:
+      ``export_dir`` as an absolute path.
+
+    Raises:
+      ValueError: vocab size mismatch, bad tokens or bad weights.
+      FileExistsError: ``export_dir`` already exists (possibly created by a
+        concurrent exporter).
+    """
+    export_dir = os.path.abspath(export_dir)
+    if os.path.exists(export_dir):
+        raise FileExistsError(f"Export directory already exists: {export_dir}")
+    parent = os.path.dirname(export_dir)
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bert_vocab_") as vocab_dir:
+        # The asset keeps its file name, so always stage it as vocab.txt.
+        vocab_path = os.path.join(vocab_dir, VOCAB_FILENAME)
+        if isinstance(vocab, (str, os.PathLike)):
+            shutil.copyfile(vocab, vocab_path)
+        else:
+            _write_vocab(list(vocab), vocab_path)
+        _check_vocab_size(_count_vocab_lines(vocab_path), config)
+        module = _HubBertModule(_build_encoder(config, seed, weights),
+                                vocab_path, do_lower_case)
+        staging = _make_staging_dir(export_dir)
+        try:
+            _save(module, config, staging)
+            os.rename(staging, export_dir)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if os.path.exists(export_dir):
+                raise FileExistsError(
+                    f"Export directory already exists: {export_dir}") from err
+            raise
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return export_dir

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny BERT SavedModel and small corpora, built on the fly.
+
+Nothing is downloaded: the model has random weights in a tiny shape and a
+vocabulary made from the characters the test documents use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED_ASSETS = ROOT.parent / "shared" / "assets"
+
+# Documents for end-to-end runs: Chinese, mixed Latin/digits, an empty and a
+# whitespace-only line, and one long enough to be truncated at 32 tokens.
+E2E_TEXTS = [
+    "今天天气很好，我们去公园散步。",
+    "这家酒店的服务非常好，房间干净。",
+    "Python是一种编程语言，version 3.11。",
+    "",
+    "   \t ",
+    "北京时间昨晚，中国队以3比1获胜！",
+    "手机电池续航一般，拍照效果不错。" * 6,
+    "客服回复很及时，问题解决了。",
+    "請問訂單什麼時候發貨？",
+    "café naïve ÅNGSTRÖM 测试",
+]
+
+SPECIALS = (["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)]
+            + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+
+
+def build_small_vocab(texts: list[str]) -> list[str]:
+    """Specials (real Chinese BERT layout), every character the texts use
+    (lower-cased, accents stripped), and ## continuations of ASCII letters
+    and digits, plus a few whole words so that WordPiece merges happen."""
+    import unicodedata
+    chars: set[str] = set()
+    for text in texts:
+        folded = unicodedata.normalize("NFD", text.lower())
+        chars.update(c for c in folded
+                     if not c.isspace() and unicodedata.category(c) != "Mn")
+    alnum = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words = ["python", "version", "cafe", "naive", "test", "##ion"]
+    return (SPECIALS + sorted(chars | set(alnum)) + [f"##{c}" for c in alnum]
+            + words)
+
+
+@pytest.fixture(scope="session")
+def small_vocab() -> list[str]:
+    return build_small_vocab(E2E_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, small_vocab) -> str:
+    """A 2-layer, hidden-32 BERT SavedModel with the TF Hub interface."""
+    from model.bert import BertConfig
+    from model.export import export_bert_saved_model
+    config = BertConfig(vocab_size=len(small_vocab), hidden_size=32,
+                        num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("models") / "tiny_bert"
+    return export_bert_saved_model(str(path), config, small_vocab,
+                                   do_lower_case=True, seed=7)
+
+
+@pytest.fixture
+def e2e_corpus(tmp_path) -> Path:
+    """E2E_TEXTS as JSONL with ids doc-0 ... doc-N."""
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for i, text in enumerate(E2E_TEXTS):
+            handle.write(json.dumps({"id": f"doc-{i}", "text": text},
+                                    ensure_ascii=False) + "\n")
+    return path
