@@ -33,6 +33,7 @@ class JobConfig:
     output_format: str = "parquet"
     max_seq_length: int = 128
     batch_size: int = 32
+    max_tokens_per_batch: int = 4096
     outputs: Sequence[str] = ("pooled", "sequence")
     num_shards: int = 0
 
@@ -46,10 +47,10 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
         config.vocab, config.do_lower_case, config.max_seq_length)
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
-    handler = BertModelHandler(config.model_dir, config.batch_size,
-                               config.outputs)
+    handler = BertModelHandler(config.model_dir, config.outputs)
     embeddings, infer_failures = (
-        tokenized.tokens | "Embed" >> EmbedDocuments(handler))
+        tokenized.tokens | "Embed" >> EmbedDocuments(
+            handler, config.batch_size, config.max_tokens_per_batch))
     _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
         config.output, config.output_format, config.hidden_size,
         config.outputs, config.num_shards)

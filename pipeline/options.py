@@ -81,7 +81,11 @@ class EmbedOptions(PipelineOptions):
                  "documents are truncated (and flagged).")
         group.add_argument(
             "--batch_size", type=_positive_int, default=32,
-            help="Documents per model call.")
+            help="Most documents per model call.")
+        group.add_argument(
+            "--max_tokens_per_batch", type=_positive_int, default=4096,
+            help="Most padded tokens (documents x longest) per model call; "
+                 "documents of similar length are batched together.")
         group.add_argument(
             "--outputs", type=parse_outputs, default=["pooled", "sequence"],
             help="Which embeddings to write: pooled, sequence or "

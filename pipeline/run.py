@@ -74,7 +74,9 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         text_field=options.text_field,
         output_format=options.output_format,
         max_seq_length=options.max_seq_length,
-        batch_size=options.batch_size, outputs=tuple(options.outputs),
+        batch_size=options.batch_size,
+        max_tokens_per_batch=options.max_tokens_per_batch,
+        outputs=tuple(options.outputs),
         num_shards=options.num_shards)
     return config, demo
 

@@ -31,11 +31,11 @@ def test_pad_batch_pads_to_the_longest_document_only():
     assert ids.dtype == mask.dtype == segments.dtype == np.int32
 
 
-def test_model_handler_rejects_bad_settings():
+def test_model_handler_rejects_unknown_outputs():
     with pytest.raises(ValueError, match="outputs"):
-        BertModelHandler("/nowhere", 8, outputs=("cls",))
-    with pytest.raises(ValueError, match="batch_size"):
-        BertModelHandler("/nowhere", 0)
+        BertModelHandler("/nowhere", outputs=("cls",))
+    with pytest.raises(ValueError, match="outputs"):
+        BertModelHandler("/nowhere", outputs=())
 
 
 def _rows(hidden: int = 4) -> list[DocumentEmbedding]:

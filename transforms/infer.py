@@ -2,7 +2,8 @@
 
 Built on Beam's RunInference: ``BertModelHandler`` tells it how to load the
 SavedModel (once per worker process, through RunInference's ``Shared``
-handle) and how to run one batch.  Each batch is padded only to its own
+handle) and how to run one batch.  Batches come from ``BatchByLength``
+(documents of similar length together), each is padded only to its own
 longest document, and padding rows are cut off again before the results
 leave the handler, so ``sequence_output`` holds real tokens only.
 """
@@ -17,6 +18,7 @@ from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
 from model.load import BertSavedModel, load_bert_saved_model
+from transforms.batch import BatchByLength
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
                                 DocumentEmbedding, TokenizedDocument)
 
@@ -49,15 +51,13 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     does not travel through the rest of the pipeline.
     """
 
-    def __init__(self, model_dir: str, batch_size: int,
+    def __init__(self, model_dir: str,
                  outputs: Sequence[str] = OUTPUT_KINDS):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
                              f"{OUTPUT_KINDS}, got {list(outputs)}")
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        super().__init__()
         self._model_dir = model_dir
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
@@ -116,21 +116,25 @@ class _FailedBatchToDeadLetters(beam.DoFn):
 
 
 class EmbedDocuments(beam.PTransform):
-    """Batches tokenized documents and embeds them with the BERT model.
+    """Batches tokenized documents by length and embeds them with BERT.
 
     Returns ``(embeddings, dead_letters)``: a batch whose model call raises
     is not retried forever; its documents become dead letters and the run
     goes on.
     """
 
-    def __init__(self, model_handler: BertModelHandler):
+    def __init__(self, model_handler: BertModelHandler, batch_size: int,
+                 max_tokens_per_batch: int):
         super().__init__()
         self._handler = model_handler
+        self._batching = BatchByLength(batch_size, max_tokens_per_batch)
 
     def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
         results, failures = (
-            docs | "RunInference" >> RunInference(
-                self._handler).with_exception_handling())
+            docs
+            | "BatchByLength" >> beam.ParDo(self._batching)
+            | "RunInference" >> RunInference(
+                self._handler.with_no_batching()).with_exception_handling())
         embeddings = results | "CountEmbedded" >> beam.ParDo(_CountEmbedded())
         dead = (failures.failed_inferences
                 | "FailedBatches" >> beam.ParDo(_FailedBatchToDeadLetters()))
