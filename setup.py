@@ -18,9 +18,11 @@ REQUIRED = [
     "pyarrow>=25,<26",
 ]
 
-# Test-only: pytest, and an independent BERT WordPiece implementation that
-# our tokenizer is checked against.
-TEST = ["pytest==9.2.0", "tokenizers==0.23.3"]
+# Test-only: pytest; an independent BERT WordPiece implementation that our
+# tokenizer is checked against; tensorflow-hub for resolving TF Hub handles
+# from a pre-filled cache (it is optional at run time: install it to pass
+# --model https://tfhub.dev/...).
+TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1"]
 
 setuptools.setup(
     name="bert-zh-embed",

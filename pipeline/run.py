@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model.load import (ModelFormatError, infer_hidden_size,
-                        read_tokenizer_settings)
+from model.load import (ModelFormatError, infer_hidden_size, probe_model,
+                        tokenizer_settings_with_overrides)
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.options import EmbedOptions
 from pipeline.summary import (RunSummary, collect_counts, list_outputs,
@@ -56,20 +56,20 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         model_dir = ensure_demo_model()
     else:
         model_dir = options.model
-    settings = read_tokenizer_settings(model_dir)
-    vocab_path = options.vocab_file or (settings and settings.vocab_path)
-    if not vocab_path:
+    overrides = {"auto": None, "true": True, "false": False}
+    settings = tokenizer_settings_with_overrides(
+        model_dir, options.vocab_file, overrides[options.do_lower_case])
+    vocab = load_vocab(settings.vocab_path)
+    probed = probe_model(model_dir)
+    hidden_size = infer_hidden_size(model_dir, len(vocab))
+    if probed != hidden_size:
         raise ModelFormatError(
-            f"{model_dir} carries no vocab_file asset: pass --vocab_file")
-    if options.do_lower_case == "auto":
-        do_lower_case = settings.do_lower_case if settings else True
-    else:
-        do_lower_case = options.do_lower_case == "true"
-    vocab = load_vocab(vocab_path)
+            f"{model_dir}: the model returns {probed}-wide vectors but its "
+            f"word-embedding table is {hidden_size} wide")
     config = JobConfig(
         inputs=list(options.input), output=options.output,
-        model_dir=model_dir, vocab=vocab, do_lower_case=do_lower_case,
-        hidden_size=infer_hidden_size(model_dir, len(vocab)),
+        model_dir=model_dir, vocab=vocab,
+        do_lower_case=settings.do_lower_case, hidden_size=hidden_size,
         input_format=options.input_format, id_field=options.id_field,
         text_field=options.text_field,
         output_format=options.output_format,

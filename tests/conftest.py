@@ -83,3 +83,33 @@ def e2e_corpus(tmp_path) -> Path:
             handle.write(json.dumps({"id": f"doc-{i}", "text": text},
                                     ensure_ascii=False) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def random_bert_weights():
+    """Factory ``(config, seed) -> {google_name: float32 array}``.
+
+    The scales are larger than BERT's initialisation so that every weight
+    visibly changes the outputs (a dropped or transposed weight cannot go
+    unnoticed when comparing against the NumPy reference).
+    """
+    import numpy as np
+
+    from model.bert import bert_weight_shapes
+
+    def make(config, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        weights = {}
+        for name, shape in bert_weight_shapes(config).items():
+            if name.endswith("/gamma"):
+                value = 1.0 + 0.2 * rng.standard_normal(shape)
+            elif name.endswith(("/beta", "/bias")):
+                value = 0.1 * rng.standard_normal(shape)
+            elif "embeddings" in name:
+                value = 0.5 * rng.standard_normal(shape)
+            else:  # kernel [in, out]: unit-variance outputs
+                value = rng.standard_normal(shape) / np.sqrt(shape[0])
+            weights[name] = value.astype(np.float32)
+        return weights
+
+    return make

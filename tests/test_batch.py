@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.batch import BatchByLength, cut_batches
@@ -49,7 +49,7 @@ def test_rejects_nonpositive_limits():
 
 def test_dofn_in_a_pipeline_keeps_all_documents():
     docs = [_doc(i, 2 + i % 50) for i in range(300)]
-    with TestPipeline() as p:
+    with BeamTestPipeline() as p:
         sizes = (p | beam.Create(docs)
                  | beam.ParDo(BatchByLength(8, 256, sort_window=64))
                  | beam.FlatMap(lambda b: [d.id for d in b]))

@@ -235,3 +235,27 @@ def test_model_loaded_once_per_process_with_two_processes(
     assert 1 <= summary.model_loads <= 2
     emb = load_embeddings(str(tmp_path / "out" / "emb-*.parquet"))
     assert sorted(emb.ids) == sorted(f"many.txt:{i}" for i in range(1, 121))
+
+
+def test_models_that_do_not_fit_fail_before_the_run(tmp_path, tiny_model_dir,
+                                                    capsys):
+    import tensorflow as tf
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("你好\n", encoding="utf-8")
+    not_bert = tf.Module()
+    not_bert.f = tf.function(lambda x: x * 2, input_signature=[
+        tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(not_bert, str(tmp_path / "not_bert"))
+    args = ["--input", str(corpus), "--output", str(tmp_path / "o")]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n你\n好\n", encoding="utf-8")
+    assert main(args + ["--model", str(tmp_path / "not_bert"),
+                        "--vocab_file", str(vocab)]) == 2
+    err = capsys.readouterr().err
+    assert "has no BERT interface" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(args + ["--model", tiny_model_dir,
+                        "--vocab_file", str(vocab)]) == 2
+    err = capsys.readouterr().err
+    assert "the vocabulary has 6 entries" in err
+    assert len(err.strip().splitlines()) == 1

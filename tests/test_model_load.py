@@ -1,0 +1,367 @@
+"""Tests for ``model.load``: interface detection, tokenizer settings, errors,
+non-local paths and TF Hub handles.
+
+Every model is built here from one tiny set of random weights, so each
+supported interface (list call, dict call, ``serving_default`` signature, a
+Keras-style call with a ``training`` argument) is checked against the
+independent NumPy reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import load as model_load
+from model.bert import BertConfig, BertEncoder
+from model.export import export_bert_saved_model
+from model.load import (BertSavedModel, ModelFormatError, TokenizerSettings,
+                        infer_hidden_size, is_hub_handle, load_bert_saved_model,
+                        read_tokenizer_settings, resolve_model_path,
+                        tokenizer_settings_with_overrides)
+from tests.bert_reference import ReferenceBert
+from tests.conftest import SPECIALS
+
+TINY = BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+VOCAB = SPECIALS + [f"w{i}" for i in range(TINY.vocab_size - len(SPECIALS))]
+NAMES = ("input_word_ids", "input_mask", "segment_ids")
+HUB_HANDLE = "https://tfhub.dev/tensorflow/bert_zh_L-12_H-768_A-12/1"
+
+
+def _specs(dtype=tf.int32) -> list[tf.TensorSpec]:
+    """[batch, seq] specs named like the BERT inputs."""
+    return [tf.TensorSpec([None, None], dtype, name=n) for n in NAMES]
+
+
+class _DictBert(tf.Module):
+    """Newer-Hub style: dict in, dict out; vocab and do_lower_case are
+    attached below the root, the vocab file is not called vocab.txt."""
+
+    def __init__(self, encoder: BertEncoder, vocab_path: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer_files = tf.Module()
+        self.tokenizer_files.vocab = tf.saved_model.Asset(vocab_path)
+        self.tokenizer_files.do_lower_case = tf.Variable(False,
+                                                         trainable=False)
+
+    @tf.function(input_signature=[dict(zip(NAMES, _specs()))])
+    def __call__(self, inputs):
+        pooled, sequence = self.encoder(*(inputs[n] for n in NAMES))
+        return {"pooled_output": pooled, "sequence_output": sequence,
+                "encoder_outputs": [sequence, sequence]}
+
+
+class _SignatureOnlyBert(tf.Module):
+    """Only a serving_default signature (int64 inputs); root not callable;
+    carries a vocab asset but no do_lower_case variable."""
+
+    def __init__(self, encoder: BertEncoder, vocab_path: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.vocab_holder = tf.Module()
+        self.vocab_holder.file = tf.saved_model.Asset(vocab_path)
+
+    @tf.function(input_signature=_specs(tf.int64))
+    def serve(self, input_word_ids, input_mask, segment_ids):
+        pooled, sequence = self.encoder(input_word_ids, input_mask, segment_ids)
+        return {"pooled_output": pooled, "sequence_output": sequence}
+
+
+class _TrainingArgBert(tf.Module):
+    """Keras-style list call with a ``training`` argument; training=True
+    shifts the outputs, so a loader that forgets training=False is caught.
+    Has no vocab asset."""
+
+    def __init__(self, encoder: BertEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    @tf.function
+    def __call__(self, inputs, training=None):
+        pooled, sequence = self.encoder(*inputs)
+        if training:
+            pooled, sequence = pooled + 100.0, sequence + 100.0
+        return [pooled, sequence]
+
+
+class _Doubler(tf.Module):
+    """A SavedModel that is not BERT at all."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+    def __call__(self, x):
+        return {"y": 2.0 * x}
+
+
+@pytest.fixture(scope="module")
+def weights(random_bert_weights) -> dict[str, np.ndarray]:
+    return random_bert_weights(TINY, seed=2024)
+
+
+@pytest.fixture(scope="module")
+def encoder(weights) -> BertEncoder:
+    enc = BertEncoder(TINY)
+    enc.set_weights(weights)
+    return enc
+
+
+@pytest.fixture(scope="module")
+def vocab_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vocab")
+    for name in ("vocab_zh.txt", "vocab.txt"):
+        (path / name).write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, weights, encoder, vocab_dir) -> dict[str, str]:
+    """One SavedModel per interface (and a non-BERT one), same weights."""
+    root = tmp_path_factory.mktemp("load_models")
+    paths = {"list": export_bert_saved_model(
+        str(root / "list"), TINY, VOCAB, do_lower_case=False, weights=weights)}
+    dict_model = _DictBert(encoder, str(vocab_dir / "vocab_zh.txt"))
+    tf.saved_model.save(dict_model, str(root / "dict"))
+    sig_model = _SignatureOnlyBert(encoder, str(vocab_dir / "vocab.txt"))
+    tf.saved_model.save(sig_model, str(root / "signature"),
+                        signatures={"serving_default": sig_model.serve})
+    keras_like = _TrainingArgBert(encoder)
+    for training in (False, True):
+        keras_like.__call__.get_concrete_function(_specs(), training=training)
+    tf.saved_model.save(keras_like, str(root / "training_arg"))
+    doubler = _Doubler()
+    tf.saved_model.save(doubler, str(root / "not_bert"),
+                        signatures={"serving_default": doubler.__call__})
+    for name in ("dict", "signature", "training_arg", "not_bert"):
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(weights) -> ReferenceBert:
+    return ReferenceBert(weights, TINY.num_layers, TINY.num_heads,
+                         TINY.layer_norm_eps)
+
+
+def _batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two padded rows with different lengths and both segment ids."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, TINY.vocab_size, (2, 11)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    ids[1, 6:] = 0
+    segments = np.zeros_like(ids)
+    segments[0, 5:] = 1
+    return ids, mask, segments
+
+
+def _assert_single_line_error(excinfo, *fragments: str) -> None:
+    """The error is one line and mentions every fragment."""
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("kind,interface", [
+    ("list", "list"), ("dict", "dict"), ("signature", "signature"),
+    ("training_arg", "list")])
+def test_interfaces_match_reference(models, reference, kind, interface):
+    model = load_bert_saved_model(models[kind])
+    assert model.interface == interface
+    ids, mask, segments = _batch()
+    pooled, sequence = model(ids, mask, segments)
+    assert pooled.dtype == np.float32 and sequence.dtype == np.float32
+    assert pooled.shape == (2, TINY.hidden_size)
+    assert sequence.shape == (2, 11, TINY.hidden_size)
+    ref_pooled, ref_sequence = reference(ids, mask, segments)
+    np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(sequence[real], ref_sequence[real], atol=1e-4,
+                               rtol=0)
+
+
+def test_bert_saved_model_wraps_restored_object(models):
+    restored = tf.saved_model.load(models["dict"])
+    model = BertSavedModel("somewhere", restored)
+    assert model.interface == "dict" and model.model_dir == "somewhere"
+    with pytest.raises(ModelFormatError):
+        BertSavedModel("nowhere", tf.Module())
+
+
+def test_tokenizer_settings_from_root_attributes(models):
+    settings = read_tokenizer_settings(models["list"])
+    assert settings == TokenizerSettings(
+        os.path.join(models["list"], "assets", "vocab.txt"), False)
+
+
+def test_tokenizer_settings_from_nested_vocab_asset(models):
+    settings = read_tokenizer_settings(models["dict"])
+    assert Path(settings.vocab_path).name == "vocab_zh.txt"
+    assert Path(settings.vocab_path).read_text(
+        encoding="utf-8").splitlines() == VOCAB
+    assert settings.do_lower_case is False  # the nested variable is found
+
+
+def test_missing_lower_case_flag_defaults_to_true(models, caplog):
+    caplog.set_level(logging.INFO, logger="model.load")
+    settings = read_tokenizer_settings(models["signature"])
+    assert settings.do_lower_case is True
+    assert Path(settings.vocab_path).read_text(
+        encoding="utf-8").splitlines() == VOCAB
+    assert "assuming do_lower_case=True" in caplog.text
+
+
+def test_missing_vocab(models, vocab_dir):
+    assert read_tokenizer_settings(models["training_arg"]) is None
+    with pytest.raises(ModelFormatError) as err:
+        tokenizer_settings_with_overrides(models["training_arg"])
+    _assert_single_line_error(err, "--vocab_file")
+    override = str(vocab_dir / "vocab.txt")
+    assert tokenizer_settings_with_overrides(
+        models["training_arg"], vocab_file=override) == TokenizerSettings(
+            override, True)
+
+
+def test_overrides_beat_model_settings(models, vocab_dir):
+    override = str(vocab_dir / "vocab_zh.txt")
+    settings = tokenizer_settings_with_overrides(
+        models["list"], vocab_file=override, do_lower_case=True)
+    assert settings == TokenizerSettings(override, True)
+    assert tokenizer_settings_with_overrides(models["list"]).do_lower_case is False
+
+
+def test_non_bert_saved_model_is_rejected(models):
+    with pytest.raises(ModelFormatError) as err:
+        load_bert_saved_model(models["not_bert"])
+    _assert_single_line_error(err, "no BERT interface", "serving_default",
+                              models["not_bert"])
+
+
+def test_directory_that_is_no_saved_model(tmp_path):
+    (tmp_path / "readme.txt").write_text("not a model")
+    for function in (load_bert_saved_model, read_tokenizer_settings,
+                     lambda path: infer_hidden_size(path, 10)):
+        with pytest.raises(ModelFormatError) as err:
+            function(str(tmp_path))
+        _assert_single_line_error(err, "not a SavedModel directory")
+        with pytest.raises(ModelFormatError) as err:
+            function(str(tmp_path / "missing"))
+        _assert_single_line_error(err, "does not exist")
+
+
+def test_corrupt_saved_model_pb(tmp_path):
+    (tmp_path / "saved_model.pb").write_bytes(b"\xff\x00 definitely not a proto")
+    with pytest.raises(ModelFormatError) as err:
+        load_bert_saved_model(str(tmp_path))
+    _assert_single_line_error(err, "saved_model.pb")
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "signature"])
+def test_infer_hidden_size(models, kind):
+    assert infer_hidden_size(models[kind], TINY.vocab_size) == TINY.hidden_size
+
+
+def test_vocab_size_mismatch_is_an_error(models):
+    with pytest.raises(ModelFormatError) as err:
+        infer_hidden_size(models["list"], TINY.vocab_size - 1)
+    _assert_single_line_error(err, f"{TINY.vocab_size - 1} entries",
+                              f"[{TINY.vocab_size}, {TINY.hidden_size}]")
+
+
+def _copy_tree_with_gfile(src: str, dst: str) -> None:
+    """Copy a local directory tree to any TensorFlow file system."""
+    for root, _, files in tf.io.gfile.walk(src):
+        relative = os.path.relpath(root, src)
+        target = dst if relative == "." else f"{dst}/{relative}"
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}",
+                             overwrite=True)
+
+
+def test_non_local_file_system_path(models, reference):
+    """A ram:// path stands in for gs://: everything goes through
+    TensorFlow's file systems, nothing through local paths."""
+    remote = "ram://bert_models/list_model"
+    _copy_tree_with_gfile(models["list"], remote)
+    settings = read_tokenizer_settings(remote)
+    assert settings == TokenizerSettings(f"{remote}/assets/vocab.txt", False)
+    with tf.io.gfile.GFile(settings.vocab_path) as handle:
+        assert handle.read().splitlines() == VOCAB
+    assert infer_hidden_size(remote, TINY.vocab_size) == TINY.hidden_size
+    model = load_bert_saved_model(remote)
+    ids, mask, segments = _batch()
+    np.testing.assert_allclose(model(ids, mask, segments)[0],
+                               reference(ids, mask, segments)[0], atol=1e-4,
+                               rtol=0)
+
+
+def test_load_count_and_log(models, caplog):
+    caplog.set_level(logging.INFO, logger="model.load")
+    before = model_load.load_count()
+    load_bert_saved_model(models["list"])
+    assert model_load.load_count() == before + 1
+    assert "list interface" in caplog.text
+
+
+def test_plain_paths_are_not_hub_handles(models):
+    for path in (models["list"], "gs://bucket/models/bert_zh", "relative/dir"):
+        assert not is_hub_handle(path)
+        assert resolve_model_path(path) == path
+    for handle in (HUB_HANDLE, "https://www.kaggle.com/models/tensorflow/"
+                   "bert/tensorFlow2/zh-l-12-h-768-a-12/4",
+                   "gs://bucket/bert.tar.gz"):
+        assert is_hub_handle(handle)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make any URL fetch fail, so a test proves it ran offline."""
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network disabled in tests")
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_hub_handle_from_prefilled_cache(models, reference, tmp_path,
+                                         monkeypatch, no_network):
+    pytest.importorskip("tensorflow_hub")
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    # TF Hub caches a handle's model under the SHA-1 of the handle.
+    cached = tmp_path / hashlib.sha1(HUB_HANDLE.encode("utf-8")).hexdigest()
+    shutil.copytree(models["list"], cached)
+    assert resolve_model_path(HUB_HANDLE) == str(cached)
+    assert read_tokenizer_settings(HUB_HANDLE).vocab_path == str(
+        cached / "assets" / "vocab.txt")
+    assert infer_hidden_size(HUB_HANDLE, TINY.vocab_size) == TINY.hidden_size
+    model = load_bert_saved_model(HUB_HANDLE)
+    ids, mask, segments = _batch()
+    np.testing.assert_allclose(model(ids, mask, segments)[0],
+                               reference(ids, mask, segments)[0], atol=1e-4,
+                               rtol=0)
+
+
+def test_uncached_hub_handle_offline_is_a_clear_error(tmp_path, monkeypatch,
+                                                      no_network):
+    pytest.importorskip("tensorflow_hub")
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ModelFormatError) as err:
+        load_bert_saved_model(HUB_HANDLE)
+    _assert_single_line_error(err, "cannot resolve TF Hub handle", HUB_HANDLE)
+
+
+def test_hub_handle_without_tensorflow_hub(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_hub", None)  # import fails
+    with pytest.raises(ModelFormatError) as err:
+        read_tokenizer_settings(HUB_HANDLE)
+    _assert_single_line_error(err, "pip install tensorflow_hub")
