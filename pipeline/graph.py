@@ -8,14 +8,16 @@ tokenizer by value, so workers never read it from the model again.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 
+from transforms.aggregate import DocumentVectors
 from transforms.infer import BertModelHandler, EmbedDocuments
 from transforms.read import DEAD_LETTER_TAG, ReadDocuments
 from transforms.tokenize import TokenizeDocuments
-from transforms.write import WriteDeadLetters, WriteEmbeddings
+from transforms.write import (DOCUMENTS_SUFFIX, WriteDeadLetters,
+                              WriteEmbeddings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,13 @@ class JobConfig:
     max_tokens_per_batch: int = 4096
     outputs: Sequence[str] = ("pooled", "sequence")
     num_shards: int = 0
+    long_text: str = "truncate"
+    chunk_stride: Optional[int] = None
+    document_vectors: bool = False
+
+    @property
+    def chunked(self) -> bool:
+        return self.long_text == "chunk"
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
@@ -45,7 +54,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             config.inputs, config.input_format, config.id_field,
             config.text_field))
     tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
-        config.vocab, config.do_lower_case, config.max_seq_length)
+        config.vocab, config.do_lower_case, config.max_seq_length,
+        config.long_text, config.chunk_stride)
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
     handler = BertModelHandler(config.model_dir, config.outputs)
     embeddings, infer_failures = (
@@ -53,7 +63,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             handler, config.batch_size, config.max_tokens_per_batch))
     _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
         config.output, config.output_format, config.hidden_size,
-        config.outputs, config.num_shards)
+        config.outputs, config.num_shards, config.chunked)
+    if config.document_vectors:
+        _ = (embeddings
+             | "DocumentVectors" >> DocumentVectors()
+             | "WriteDocumentVectors" >> WriteEmbeddings(
+                 config.output + DOCUMENTS_SUFFIX, config.output_format,
+                 config.hidden_size, ("pooled",), config.num_shards))
     _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(config.output))

@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.infer import OUTPUT_KINDS
 from transforms.read import INPUT_FORMATS
+from transforms.tokenize import LONG_TEXT_MODES
 from transforms.write import FORMATS
 
 
@@ -79,6 +80,21 @@ class EmbedOptions(PipelineOptions):
             "--max_seq_length", type=_positive_int, default=128,
             help="Tokens per document incl. [CLS] and [SEP]; longer "
                  "documents are truncated (and flagged).")
+        group.add_argument(
+            "--long_text", default="truncate", choices=LONG_TEXT_MODES,
+            help="Documents longer than --max_seq_length: truncate (keep "
+                 "the start, flag the row) or chunk (embed every window of "
+                 "max_seq_length tokens; rows get doc_id and chunk_index).")
+        group.add_argument(
+            "--chunk_stride", type=_positive_int, default=None,
+            help="With --long_text chunk: wordpieces between the starts of "
+                 "consecutive chunks (default max_seq_length - 2: no "
+                 "overlap; smaller values overlap the windows).")
+        group.add_argument(
+            "--document_vectors", action="store_true",
+            help="With --long_text chunk: also write one vector per "
+                 "document (the mean of its chunks' pooled outputs) to "
+                 "<output>-documents-*.")
         group.add_argument(
             "--batch_size", type=_positive_int, default=32,
             help="Most documents per model call.")

@@ -24,6 +24,10 @@ class Embeddings:
     truncated: np.ndarray  # bool [n]
     pooled_output: Optional[np.ndarray]  # float32 [n, hidden]
     sequence_output: Optional[list[np.ndarray]]  # n x float32 [tokens, hidden]
+    # Chunked runs only (--long_text chunk):
+    doc_ids: Optional[list[str]] = None
+    chunk_index: Optional[np.ndarray] = None  # int32 [n]
+    num_chunks: Optional[np.ndarray] = None  # int32 [n]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -38,16 +42,23 @@ def _match(pattern: str) -> list[str]:
     return files
 
 
-def _sorted_by_id(emb: Embeddings) -> Embeddings:
-    order = sorted(range(len(emb.ids)), key=emb.ids.__getitem__)
-    return Embeddings(
-        ids=[emb.ids[i] for i in order],
-        num_tokens=emb.num_tokens[order],
-        truncated=emb.truncated[order],
-        pooled_output=(None if emb.pooled_output is None
-                       else emb.pooled_output[order]),
-        sequence_output=(None if emb.sequence_output is None
-                         else [emb.sequence_output[i] for i in order]))
+def _sorted(emb: Embeddings) -> Embeddings:
+    """Rows by id, or by (doc_id, chunk_index) for chunked runs."""
+    if emb.doc_ids is not None:
+        key = lambda i: (emb.doc_ids[i], int(emb.chunk_index[i]))  # noqa
+    else:
+        key = emb.ids.__getitem__
+    order = sorted(range(len(emb.ids)), key=key)
+
+    def pick(values):
+        if values is None:
+            return None
+        if isinstance(values, list):
+            return [values[i] for i in order]
+        return values[order]
+
+    return Embeddings(**{field.name: pick(getattr(emb, field.name))
+                         for field in dataclasses.fields(emb)})
 
 
 def read_parquet(files: list[str]) -> Embeddings:
@@ -72,23 +83,34 @@ def read_parquet(files: list[str]) -> Embeddings:
         flat = column.values.flatten().to_numpy().reshape(-1, hidden)
         sequence = [flat[offsets[i]:offsets[i + 1]]
                     for i in range(len(column))]
+    chunked = "doc_id" in table.column_names
     return Embeddings(
         ids=table.column("id").to_pylist(),
         num_tokens=table.column("num_tokens").to_numpy().astype(np.int32),
         truncated=table.column("truncated").to_numpy(
             zero_copy_only=False).astype(bool),
-        pooled_output=pooled, sequence_output=sequence)
+        pooled_output=pooled, sequence_output=sequence,
+        doc_ids=table.column("doc_id").to_pylist() if chunked else None,
+        chunk_index=(table.column("chunk_index").to_numpy().astype(np.int32)
+                     if chunked else None),
+        num_chunks=(table.column("num_chunks").to_numpy().astype(np.int32)
+                    if chunked else None))
 
 
 def read_tfrecord(files: list[str]) -> Embeddings:
     """Reads TFRecord files of ``tf.train.Example`` embedding rows."""
     import tensorflow as tf
     ids, num_tokens, truncated, pooled, sequence = [], [], [], [], []
+    doc_ids, chunk_index, num_chunks = [], [], []
     for record in tf.data.TFRecordDataset(files):
         feature = tf.train.Example.FromString(record.numpy()).features.feature
         ids.append(feature["id"].bytes_list.value[0].decode("utf-8"))
         num_tokens.append(feature["num_tokens"].int64_list.value[0])
         truncated.append(bool(feature["truncated"].int64_list.value[0]))
+        if "doc_id" in feature:
+            doc_ids.append(feature["doc_id"].bytes_list.value[0].decode())
+            chunk_index.append(feature["chunk_index"].int64_list.value[0])
+            num_chunks.append(feature["num_chunks"].int64_list.value[0])
         if "pooled_output" in feature:
             pooled.append(np.array(feature["pooled_output"].float_list.value,
                                    dtype=np.float32))
@@ -101,7 +123,10 @@ def read_tfrecord(files: list[str]) -> Embeddings:
         ids=ids, num_tokens=np.array(num_tokens, dtype=np.int32),
         truncated=np.array(truncated, dtype=bool),
         pooled_output=np.stack(pooled) if pooled else None,
-        sequence_output=sequence if sequence else None)
+        sequence_output=sequence if sequence else None,
+        doc_ids=doc_ids or None,
+        chunk_index=np.array(chunk_index, np.int32) if doc_ids else None,
+        num_chunks=np.array(num_chunks, np.int32) if doc_ids else None)
 
 
 def load_embeddings(pattern: str) -> Embeddings:
@@ -114,4 +139,4 @@ def load_embeddings(pattern: str) -> Embeddings:
     else:
         raise ValueError(f"{pattern} matches files that are not all .parquet "
                          f"or all .tfrecord: {files[:3]}")
-    return _sorted_by_id(emb)
+    return _sorted(emb)

@@ -49,6 +49,18 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         raise UsageError("--input is required (a file or glob)")
     if not options.output:
         raise UsageError("--output is required (an output prefix)")
+    if options.max_seq_length < 3:
+        raise UsageError("--max_seq_length must be at least 3")
+    if options.long_text != "chunk" and (options.document_vectors
+                                         or options.chunk_stride):
+        raise UsageError("--document_vectors and --chunk_stride need "
+                         "--long_text chunk")
+    if options.chunk_stride and options.chunk_stride > \
+            options.max_seq_length - 2:
+        raise UsageError("--chunk_stride must be at most max_seq_length - 2 "
+                         "(chunks must not skip tokens)")
+    if options.document_vectors and "pooled" not in options.outputs:
+        raise UsageError("--document_vectors needs pooled in --outputs")
     check_patterns_match(options.input)
     demo = options.model is None
     if demo:
@@ -77,7 +89,9 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         batch_size=options.batch_size,
         max_tokens_per_batch=options.max_tokens_per_batch,
         outputs=tuple(options.outputs),
-        num_shards=options.num_shards)
+        num_shards=options.num_shards, long_text=options.long_text,
+        chunk_stride=options.chunk_stride,
+        document_vectors=options.document_vectors)
     return config, demo
 
 

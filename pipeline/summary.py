@@ -18,7 +18,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from transforms.records import METRICS_NAMESPACE
 
 COUNTERS = ("documents_read", "documents_embedded", "documents_skipped_empty",
-            "documents_failed", "documents_truncated", "tokens_embedded")
+            "documents_failed", "documents_truncated", "tokens_embedded",
+            "documents_chunked", "chunks", "chunks_embedded", "chunks_failed")
 
 # RunInference records one model-load latency per load: its count is the
 # number of model loads over all workers.
@@ -63,6 +64,12 @@ class RunSummary:
             f"  skipped (empty):  {c['documents_skipped_empty']}",
             f"  failed:           {c['documents_failed']}",
             f"tokens embedded:    {c['tokens_embedded']}",
+        ]
+        if c["chunks"]:
+            lines.append(f"chunks:             {c['chunks_embedded']} "
+                         f"embedded, {c['chunks_failed']} failed "
+                         f"({c['documents_chunked']} documents chunked)")
+        lines += [
             f"time:               {self.elapsed_seconds:.1f} s, "
             f"{self.documents_per_second:.1f} documents/s",
             f"model:              {self.model_dir}"
@@ -70,7 +77,9 @@ class RunSummary:
             + f", loaded {self.model_loads}x",
         ]
         for kind, files in self.outputs.items():
-            lines.append(f"{kind + ':':<20}" + (", ".join(files) or "none"))
+            if files or kind == "embeddings":
+                lines.append(f"{kind + ':':<20}"
+                             + (", ".join(files) or "none"))
         if not self.reconciled:
             lines.append("WARNING: counts do not add up: read != embedded + "
                          "skipped + failed")

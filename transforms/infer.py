@@ -75,7 +75,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                 doc.id, doc.num_tokens, doc.truncated,
                 pooled[row] if self._keep_pooled else None,
                 sequence[row, :doc.num_tokens]
-                if self._keep_sequence else None))
+                if self._keep_sequence else None,
+                doc.doc_id, doc.chunk_index, doc.num_chunks))
 
     def get_num_bytes(self, batch: Sequence[TokenizedDocument]) -> int:
         return sum(d.input_word_ids.nbytes for d in batch)
@@ -85,32 +86,43 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
 
 
 class _CountEmbedded(beam.DoFn):
-    """Unwraps RunInference results and counts documents and tokens."""
+    """Unwraps RunInference results and counts documents and tokens.
+
+    A chunked document counts as embedded with its first chunk, so that
+    every document read is counted once; its other chunks count as chunks.
+    """
 
     def __init__(self) -> None:
         counter = beam.metrics.Metrics.counter
         self._embedded = counter(METRICS_NAMESPACE, "documents_embedded")
+        self._chunks = counter(METRICS_NAMESPACE, "chunks_embedded")
         self._tokens = counter(METRICS_NAMESPACE, "tokens_embedded")
 
     def process(self, result: PredictionResult) -> Iterator[DocumentEmbedding]:
         embedding: DocumentEmbedding = result.inference
-        self._embedded.inc()
+        if embedding.chunk_index == 0:
+            self._embedded.inc()
+        self._chunks.inc()
         self._tokens.inc(embedding.num_tokens)
         yield embedding
 
 
 class _FailedBatchToDeadLetters(beam.DoFn):
-    """One ``DeadLetter`` per document of a batch whose inference raised."""
+    """One ``DeadLetter`` per document (or chunk) of a batch whose inference
+    raised; counted like ``_CountEmbedded`` counts successes."""
 
     def __init__(self) -> None:
-        self._failed = beam.metrics.Metrics.counter(
-            METRICS_NAMESPACE, "documents_failed")
+        counter = beam.metrics.Metrics.counter
+        self._failed = counter(METRICS_NAMESPACE, "documents_failed")
+        self._chunks = counter(METRICS_NAMESPACE, "chunks_failed")
 
     def process(self, failure: tuple[Sequence[TokenizedDocument], Any]
                 ) -> Iterator[DeadLetter]:
         batch, error = failure
         for doc in batch:
-            self._failed.inc()
+            if doc.chunk_index == 0:
+                self._failed.inc()
+            self._chunks.inc()
             yield DeadLetter("infer", f"{type(error).__name__}: {error}",
                              id=doc.id)
 

@@ -32,10 +32,18 @@ class Document:
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedDocument:
-    """A document as the model takes it: ``[CLS] ... [SEP]`` ids, unpadded."""
+    """A document (or one chunk of it) as the model takes it: ``[CLS] ...
+    [SEP]`` ids, unpadded.
+
+    With ``--long_text chunk`` a long document becomes several of these:
+    ``id`` is ``<doc_id>#<chunk_index>`` and ``num_chunks`` says how many.
+    """
     id: str
     input_word_ids: np.ndarray  # int32 [num_tokens]
     truncated: bool
+    doc_id: str = ""
+    chunk_index: int = 0
+    num_chunks: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +63,9 @@ class DocumentEmbedding:
     truncated: bool
     pooled_output: Optional[np.ndarray]  # float32 [hidden]
     sequence_output: Optional[np.ndarray]  # float32 [num_tokens, hidden]
+    doc_id: str = ""
+    chunk_index: int = 0
+    num_chunks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

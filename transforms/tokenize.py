@@ -2,13 +2,15 @@
 
 The DoFn applies BERT's WordPiece rules (``transforms.tokenization``) with the
 vocabulary and ``do_lower_case`` of the model the run uses.  Documents with
-no tokens (empty or whitespace-only lines) are counted and left out;
-documents longer than ``max_seq_length`` are truncated and flagged.
+no tokens (empty or whitespace-only lines) are counted and left out.  A
+document longer than ``max_seq_length`` is either truncated and flagged
+(``truncate``), or cut into overlapping windows that are all embedded
+(``chunk``), so that nothing of a long text is silently dropped.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -19,6 +21,33 @@ from transforms.tokenization import BertWordPieceTokenizer
 
 DEAD_LETTER_TAG = "dead_letter"
 
+LONG_TEXT_MODES = ("truncate", "chunk")
+
+# Upper bound on wordpieces kept per document in chunk mode: a runaway
+# "document" (a whole book on one line) becomes a dead letter instead of
+# thousands of chunks.
+MAX_CHUNKS_PER_DOCUMENT = 1000
+
+
+def chunk_spans(num_pieces: int, window: int, stride: int
+                ) -> list[tuple[int, int]]:
+    """``[start, end)`` wordpiece spans covering ``num_pieces`` pieces.
+
+    Windows hold ``window`` pieces and start ``stride`` pieces apart
+    (``stride < window`` overlaps them); the last window ends at the last
+    piece, so every piece is in at least one chunk.
+    """
+    if window < 1 or not 1 <= stride <= window:
+        raise ValueError(f"need 1 <= stride <= window, got stride={stride}, "
+                         f"window={window}")
+    spans = []
+    start = 0
+    while True:
+        spans.append((start, min(start + window, num_pieces)))
+        if start + window >= num_pieces:
+            return spans
+        start += stride
+
 
 class TokenizeDocuments(beam.DoFn):
     """Encodes each document as ``[CLS] wordpieces [SEP]`` token ids.
@@ -28,17 +57,26 @@ class TokenizeDocuments(beam.DoFn):
     """
 
     def __init__(self, vocab: Sequence[str], do_lower_case: bool,
-                 max_seq_length: int):
-        if max_seq_length < 2:
-            raise ValueError("max_seq_length must be at least 2 "
-                             "(room for [CLS] and [SEP])")
+                 max_seq_length: int, long_text: str = "truncate",
+                 chunk_stride: Optional[int] = None):
+        if max_seq_length < 3:
+            raise ValueError("max_seq_length must be at least 3 "
+                             "([CLS], one token, [SEP])")
+        if long_text not in LONG_TEXT_MODES:
+            raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}")
+        self._window = max_seq_length - 2
+        self._stride = chunk_stride or self._window
+        chunk_spans(1, self._window, self._stride)  # validates the stride
         self._vocab = list(vocab)
         self._do_lower_case = do_lower_case
         self._max_seq_length = max_seq_length
+        self._chunk = long_text == "chunk"
         self._tokenizer: BertWordPieceTokenizer | None = None
         counter = beam.metrics.Metrics.counter
         self._skipped = counter(METRICS_NAMESPACE, "documents_skipped_empty")
         self._truncated = counter(METRICS_NAMESPACE, "documents_truncated")
+        self._chunked = counter(METRICS_NAMESPACE, "documents_chunked")
+        self._chunks = counter(METRICS_NAMESPACE, "chunks")
         self._failed = counter(METRICS_NAMESPACE, "documents_failed")
 
     def setup(self) -> None:
@@ -48,18 +86,48 @@ class TokenizeDocuments(beam.DoFn):
     def process(self, doc: Document) -> Iterator[Any]:
         assert self._tokenizer is not None, "setup() was not called"
         try:
-            encoded = self._tokenizer.encode(doc.text, self._max_seq_length)
+            pieces = self._encode(doc)
         except Exception as err:  # a bad document must not stop the run
             self._failed.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
                 "tokenize", f"{type(err).__name__}: {err}", doc.source,
                 doc.line, doc.id, doc.text))
             return
-        if encoded.num_wordpieces == 0:
+        if pieces is None:
             self._skipped.inc()
             return
+        yield from pieces
+
+    def _encode(self, doc: Document) -> Optional[list[TokenizedDocument]]:
+        """The document's model inputs, or ``None`` when it has no tokens."""
+        if not self._chunk:
+            encoded = self._tokenizer.encode(doc.text, self._max_seq_length)
+            if encoded.num_wordpieces == 0:
+                return None
+            if encoded.truncated:
+                self._truncated.inc()
+            return [TokenizedDocument(
+                doc.id, np.asarray(encoded.input_word_ids, np.int32),
+                encoded.truncated, doc.id)]
+        return self._chunks_of(doc)
+
+    def _chunks_of(self, doc: Document) -> Optional[list[TokenizedDocument]]:
+        limit = self._window * MAX_CHUNKS_PER_DOCUMENT + 2
+        encoded = self._tokenizer.encode(doc.text, limit)
+        if encoded.num_wordpieces == 0:
+            return None
         if encoded.truncated:
-            self._truncated.inc()
-        yield TokenizedDocument(
-            doc.id, np.asarray(encoded.input_word_ids, dtype=np.int32),
-            encoded.truncated)
+            raise ValueError(f"document has {encoded.num_wordpieces} "
+                             f"wordpieces, more than {limit - 2} "
+                             f"({MAX_CHUNKS_PER_DOCUMENT} chunks)")
+        ids = np.asarray(encoded.input_word_ids, np.int32)
+        cls_id, pieces, sep_id = ids[:1], ids[1:-1], ids[-1:]
+        spans = chunk_spans(len(pieces), self._window, self._stride)
+        if len(spans) > 1:
+            self._chunked.inc()
+        self._chunks.inc(len(spans))
+        return [TokenizedDocument(
+            f"{doc.id}#{index}",
+            np.concatenate([cls_id, pieces[start:end], sep_id]), False,
+            doc.id, index, len(spans))
+            for index, (start, end) in enumerate(spans)]

@@ -27,12 +27,21 @@ _ROWS_PER_RECORD_BATCH = 256
 _BYTES_PER_TABLE = 32 * 1024 * 1024
 
 
+# Columns that only chunked runs (--long_text chunk) write.
+CHUNK_COLUMNS = ("doc_id", "chunk_index", "num_chunks")
+
+
 def embedding_schema(hidden_size: int, pooled: bool = True,
-                     sequence: bool = True) -> pa.Schema:
+                     sequence: bool = True,
+                     chunked: bool = False) -> pa.Schema:
     """The Parquet schema of an embeddings file."""
     vector = pa.list_(pa.float32(), hidden_size)
-    fields = [
-        pa.field("id", pa.string(), nullable=False),
+    fields = [pa.field("id", pa.string(), nullable=False)]
+    if chunked:
+        fields += [pa.field("doc_id", pa.string(), nullable=False),
+                   pa.field("chunk_index", pa.int32(), nullable=False),
+                   pa.field("num_chunks", pa.int32(), nullable=False)]
+    fields += [
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
     ]
@@ -58,6 +67,12 @@ def to_record_batch(rows: Sequence[DocumentEmbedding],
         "num_tokens": pa.array([r.num_tokens for r in rows], pa.int32()),
         "truncated": pa.array([r.truncated for r in rows], pa.bool_()),
     }
+    if "doc_id" in schema.names:
+        columns["doc_id"] = pa.array([r.doc_id for r in rows], pa.string())
+        columns["chunk_index"] = pa.array([r.chunk_index for r in rows],
+                                          pa.int32())
+        columns["num_chunks"] = pa.array([r.num_chunks for r in rows],
+                                         pa.int32())
     if "pooled_output" in schema.names:
         columns["pooled_output"] = _vectors(
             np.stack([r.pooled_output for r in rows]), hidden)
@@ -119,7 +134,7 @@ class _ToArrowTables(beam.DoFn):
         return table
 
 
-def to_tf_example(row: DocumentEmbedding) -> bytes:
+def to_tf_example(row: DocumentEmbedding, chunked: bool = False) -> bytes:
     """A serialized ``tf.train.Example`` with the Parquet schema's fields.
 
     ``sequence_output`` is stored flat with ``sequence_shape`` =
@@ -127,22 +142,27 @@ def to_tf_example(row: DocumentEmbedding) -> bytes:
     """
     import tensorflow as tf
     feature = tf.train.Feature
-    features = {
-        "id": feature(bytes_list=tf.train.BytesList(
-            value=[row.id.encode("utf-8")])),
-        "num_tokens": feature(int64_list=tf.train.Int64List(
-            value=[row.num_tokens])),
-        "truncated": feature(int64_list=tf.train.Int64List(
-            value=[int(row.truncated)])),
-    }
+
+    def ints(*values: int) -> tf.train.Feature:
+        return feature(int64_list=tf.train.Int64List(value=values))
+
+    def text(value: str) -> tf.train.Feature:
+        return feature(bytes_list=tf.train.BytesList(
+            value=[value.encode("utf-8")]))
+
+    features = {"id": text(row.id), "num_tokens": ints(row.num_tokens),
+                "truncated": ints(int(row.truncated))}
+    if chunked:
+        features.update(doc_id=text(row.doc_id),
+                        chunk_index=ints(row.chunk_index),
+                        num_chunks=ints(row.num_chunks))
     if row.pooled_output is not None:
         features["pooled_output"] = feature(float_list=tf.train.FloatList(
             value=row.pooled_output))
     if row.sequence_output is not None:
         features["sequence_output"] = feature(float_list=tf.train.FloatList(
             value=row.sequence_output.reshape(-1)))
-        features["sequence_shape"] = feature(int64_list=tf.train.Int64List(
-            value=list(row.sequence_output.shape)))
+        features["sequence_shape"] = ints(*row.sequence_output.shape)
     example = tf.train.Example(features=tf.train.Features(feature=features))
     return example.SerializeToString()
 
@@ -155,7 +175,7 @@ class WriteEmbeddings(beam.PTransform):
 
     def __init__(self, output_prefix: str, file_format: str,
                  hidden_size: int, outputs: Sequence[str],
-                 num_shards: int = 0):
+                 num_shards: int = 0, chunked: bool = False):
         super().__init__()
         if file_format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, "
@@ -163,8 +183,9 @@ class WriteEmbeddings(beam.PTransform):
         self._prefix = output_prefix
         self._format = file_format
         self._schema = embedding_schema(hidden_size, "pooled" in outputs,
-                                        "sequence" in outputs)
+                                        "sequence" in outputs, chunked)
         self._num_shards = num_shards
+        self._chunked = chunked
 
     def expand(self, rows: beam.PCollection) -> Any:
         suffix = "." + self._format
@@ -175,7 +196,7 @@ class WriteEmbeddings(beam.PTransform):
                         self._prefix, self._schema, file_name_suffix=suffix,
                         num_shards=self._num_shards))
         return (rows
-                | "ToExample" >> beam.Map(to_tf_example)
+                | "ToExample" >> beam.Map(to_tf_example, self._chunked)
                 | "WriteTFRecord" >> beam.io.WriteToTFRecord(
                     self._prefix, file_name_suffix=suffix,
                     num_shards=self._num_shards))
@@ -195,10 +216,14 @@ class WriteDeadLetters(beam.PTransform):
                     self._prefix, file_name_suffix=".jsonl"))
 
 
+DOCUMENTS_SUFFIX = "-documents"
+
+
 def output_patterns(prefix: str, file_format: str) -> dict[str, str]:
     """Glob patterns of the files a run with ``prefix`` writes."""
     return {
-        "embeddings": f"{prefix}-*-of-*.{file_format}",
+        "embeddings": f"{prefix}-[0-9]*-of-[0-9]*.{file_format}",
+        "documents": f"{prefix}{DOCUMENTS_SUFFIX}-*-of-*.{file_format}",
         "errors": f"{prefix}-errors-*.jsonl",
     }
 
