@@ -19,6 +19,7 @@ from transforms.records import METRICS_NAMESPACE
 
 COUNTERS = ("documents_read", "documents_embedded", "documents_skipped_empty",
             "documents_failed", "documents_truncated", "tokens_embedded",
+            "tokens_computed",
             "documents_chunked", "chunks", "chunks_embedded", "chunks_failed")
 
 # RunInference records one model-load latency per load: its count is the
@@ -44,6 +45,12 @@ class RunSummary:
                                        + c["documents_failed"])
 
     @property
+    def padding_share(self) -> float:
+        """Share of the tokens the model computed that were padding."""
+        computed = self.counts["tokens_computed"]
+        return 1 - self.counts["tokens_embedded"] / computed if computed else 0.0
+
+    @property
     def documents_per_second(self) -> float:
         return self.counts["documents_embedded"] / max(self.elapsed_seconds,
                                                        1e-9)
@@ -63,7 +70,8 @@ class RunSummary:
             f"({c['documents_truncated']} truncated)",
             f"  skipped (empty):  {c['documents_skipped_empty']}",
             f"  failed:           {c['documents_failed']}",
-            f"tokens embedded:    {c['tokens_embedded']}",
+            f"tokens embedded:    {c['tokens_embedded']} "
+            f"({self.padding_share:.0%} padding in model calls)",
         ]
         if c["chunks"]:
             lines.append(f"chunks:             {c['chunks_embedded']} "

@@ -59,6 +59,10 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                              f"{OUTPUT_KINDS}, got {list(outputs)}")
         super().__init__()
         self._model_dir = model_dir
+        # Padded tokens the model computed (batch x longest): with
+        # tokens_embedded it gives the share of compute spent on padding.
+        self._computed = beam.metrics.Metrics.counter(
+            METRICS_NAMESPACE, "tokens_computed")
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
 
@@ -69,7 +73,9 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                       model: BertSavedModel,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        pooled, sequence = model(*pad_batch(batch))
+        ids, mask, segments = pad_batch(batch)
+        pooled, sequence = model(ids, mask, segments)
+        self._computed.inc(ids.size)
         for row, doc in enumerate(batch):
             yield PredictionResult(doc, DocumentEmbedding(
                 doc.id, doc.num_tokens, doc.truncated,
