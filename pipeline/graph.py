@@ -41,6 +41,9 @@ class JobConfig:
     long_text: str = "truncate"
     chunk_stride: Optional[int] = None
     document_vectors: bool = False
+    precision: str = "float32"
+    intra_op_threads: Optional[int] = None
+    inter_op_threads: Optional[int] = None
 
     @property
     def chunked(self) -> bool:
@@ -57,7 +60,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.vocab, config.do_lower_case, config.max_seq_length,
         config.long_text, config.chunk_stride)
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
-    handler = BertModelHandler(config.model_dir, config.outputs)
+    handler = BertModelHandler(config.model_dir, config.outputs,
+                               config.precision, config.intra_op_threads,
+                               config.inter_op_threads)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch))

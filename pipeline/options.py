@@ -11,6 +11,7 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from model.runtime import PRECISIONS
 from transforms.infer import OUTPUT_KINDS
 from transforms.read import INPUT_FORMATS
 from transforms.tokenize import LONG_TEXT_MODES
@@ -106,6 +107,17 @@ class EmbedOptions(PipelineOptions):
             "--outputs", type=parse_outputs, default=["pooled", "sequence"],
             help="Which embeddings to write: pooled, sequence or "
                  "pooled,sequence.")
+        group.add_argument(
+            "--precision", default="float32", choices=PRECISIONS,
+            help="Model arithmetic: float32, or bfloat16 (oneDNN's automatic "
+                 "rewrite; fast only on CPUs with AVX512-BF16/AMX).")
+        group.add_argument(
+            "--tf_intra_op_threads", type=int, default=0,
+            help="TensorFlow threads per op (0: the worker's usable cores).")
+        group.add_argument(
+            "--tf_inter_op_threads", type=int, default=0,
+            help="TensorFlow ops run side by side (0: 1, as BERT is one "
+                 "chain of ops).")
         group.add_argument(
             "--num_shards", type=int, default=0,
             help="Output files to write (0: let the runner decide).")

@@ -91,7 +91,10 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         outputs=tuple(options.outputs),
         num_shards=options.num_shards, long_text=options.long_text,
         chunk_stride=options.chunk_stride,
-        document_vectors=options.document_vectors)
+        document_vectors=options.document_vectors,
+        precision=options.precision,
+        intra_op_threads=options.tf_intra_op_threads or None,
+        inter_op_threads=options.tf_inter_op_threads or None)
     return config, demo
 
 

@@ -595,3 +595,193 @@ def test_parity_with_hf_tokenizers_on_real_assets(lower):
 
     differing = differing_documents(tok, hf, docs)
     assert differing == [], [docs[i][:200] for i in differing[:5]]
+
+
+# --------------------------------------------------------------------------
+# Vectorised fast path and encode_batch
+# --------------------------------------------------------------------------
+#
+# encode(), encode_batch() and tokenize() look code points up in a NumPy table
+# and send only runs of non-isolated characters (and whole documents with a
+# context-dependent character) through the general path. These tests pin the
+# fast path to the naive reference above and to the general path.
+
+EDGE_VOCAB = UNIT_VOCAB + [
+    "中", "文", "豈", "\U00020000", "\U0002a6d6", "\U0002f800", ",", "!", ".", "-", "ab",
+    "##c", "c", "d", "##d", "cd", "ς", "σ", "α", "ας", "##ς", "\u2e52",
+]
+
+# (name, text): the fast path cuts text at isolated characters; these put
+# every kind of character next to every other kind.
+FAST_PATH_EDGE_CASES = [
+    ("empty", ""),
+    ("only_space", " \u3000\t\n"),
+    ("only_dropped", "\u200b\ufeff\x00"),
+    ("pure_cjk", "今天好中文"),
+    ("isolated_only", "\U00020000\uf900，。!今\u3000\U0002f800 中"),
+    ("cjk_next_to_latin", "ab今cd天ab好Hello今"),
+    ("latin_at_both_ends", "hello今天world"),
+    ("accents", "Café今naïve天e\u0301le\u0300ve"),
+    ("punctuation", "今,天!a.b-c,好。，$100^2"),
+    ("punct_inside_word", "a.b.c hello-world"),
+    ("dropped_between_cjk", "今\u200b天\ufeff好\x00中"),
+    ("dropped_between_latin", "ab\u200bcd a\u00adb"),
+    ("dropped_next_to_cjk_and_latin", "ab\u200b今\u200bcd"),
+    ("ext_b", "\U00020000今\U0002a6d6a\U00020000b"),
+    ("ext_e_start", "x\U0002b820y\U0002b8ff"),
+    ("compat_ideographs", "\uf900\uf901a\uf900b\U0002f800"),
+    ("lone_surrogate", "今\ud800天a\udfffb"),
+    ("line_separator", "今\u2028天a\u2028b\u2029c\x1cd"),
+    ("final_sigma", "今ΑΣ天ΑΣ.ΑΣ"),
+    ("surviving_combining_mark", "今e\u0301\u0316天\U0001d165\U0001d16d"),
+    ("unassigned", "今a\u0378b\ufdd0"),
+    ("new_punctuation", "a\u2e52b今\u2e52"),
+    ("kana_hangul", "ひらがな今カタカナ안녕"),
+    ("fullwidth", "ＡＢＣ１２３今，。"),
+    ("emoji", "😀今👍🏽天"),
+    ("too_long_word", "今" + "a" * 101 + "天" + "a" * 100),
+    ("unknown_cjk", "今日今"),
+]
+
+
+def naive_ids(tok: BertWordPieceTokenizer, text: str, vocab: Sequence[str]) -> List[int]:
+    """Word piece ids by the naive reference implementation above."""
+    pieces = [p for w in naive_basic_tokenize(text, tok.do_lower_case)
+              for p in naive_wordpiece(w, set(vocab))]
+    return tok.convert_tokens_to_ids(pieces)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+@pytest.mark.parametrize("name,text", FAST_PATH_EDGE_CASES,
+                         ids=[name for name, _ in FAST_PATH_EDGE_CASES])
+def test_fast_path_edge_cases_match_naive_reference(name, text, lower):
+    tok = BertWordPieceTokenizer(EDGE_VOCAB, do_lower_case=lower)
+    expected = naive_ids(tok, text, EDGE_VOCAB)
+    assert tok._piece_ids(text).tolist() == expected, name
+    assert tok._text_to_ids(text) == expected, name
+    for max_len in {2, 3, len(expected) + 1, len(expected) + 2, len(expected) + 3} - {1}:
+        enc = tok.encode(text, max_len)
+        assert enc.input_word_ids.tolist() == [2] + expected[:max_len - 2] + [3]
+        assert (enc.num_wordpieces, enc.truncated) == (len(expected), len(expected) > max_len - 2)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_encode_batch_of_edge_cases_equals_encode(lower):
+    """Mixed batches: a context-dependent or odd document must not change its
+    neighbours (documents are joined internally)."""
+    tok = BertWordPieceTokenizer(EDGE_VOCAB, do_lower_case=lower)
+    texts = [text for _, text in FAST_PATH_EDGE_CASES]
+    for order in (texts, texts[::-1], [t for t in texts for _ in (0, 1)]):
+        _assert_batch_equals_encode(tok, order, max_seq_length=6)
+        _assert_batch_equals_encode(tok, order, max_seq_length=64)
+
+
+def _assert_batch_equals_encode(tok: BertWordPieceTokenizer, texts: Sequence[str],
+                                max_seq_length: int, pad_to_longest: bool = False) -> None:
+    """Row i of encode_batch is encode(texts[i]) followed by zeros."""
+    batch = tok.encode_batch(texts, max_seq_length, pad_to_longest=pad_to_longest)
+    width = max_seq_length
+    if pad_to_longest:
+        width = max((tok.encode(t, max_seq_length).num_tokens for t in texts), default=2)
+    assert batch.input_word_ids.shape == batch.input_mask.shape == (len(texts), width)
+    assert batch.input_word_ids.dtype == batch.input_mask.dtype == np.int32
+    for row, text in enumerate(texts):
+        enc = tok.encode(text, max_seq_length)
+        ids, mask = batch.input_word_ids[row], batch.input_mask[row]
+        assert ids[:enc.num_tokens].tolist() == enc.input_word_ids.tolist(), repr(text[:80])
+        assert not ids[enc.num_tokens:].any()
+        assert mask.tolist() == [1] * enc.num_tokens + [0] * (width - enc.num_tokens)
+        assert (batch.num_tokens[row], batch.truncated[row], batch.num_wordpieces[row]) == (
+            enc.num_tokens, enc.truncated, enc.num_wordpieces)
+
+
+def test_encode_batch_pads_to_max_seq_length_or_longest():
+    tok = make_tokenizer()
+    batch = tok.encode_batch(["今天好今天好", "", "今"], max_seq_length=5)
+    assert batch.input_word_ids.tolist() == [
+        [2, 21, 22, 23, 3], [2, 3, 0, 0, 0], [2, 21, 3, 0, 0]]
+    assert batch.input_mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch.num_tokens.tolist() == [5, 2, 3]
+    assert batch.truncated.tolist() == [True, False, False]
+    assert batch.num_wordpieces.tolist() == [6, 0, 1]
+    longest = tok.encode_batch(["今", "今天"], max_seq_length=128, pad_to_longest=True)
+    assert longest.input_word_ids.tolist() == [[2, 21, 3, 0], [2, 21, 22, 3]]
+    empty = tok.encode_batch([], max_seq_length=8)
+    assert empty.input_word_ids.shape == (0, 8) and empty.num_tokens.shape == (0,)
+    assert tok.encode_batch(["", " "], 8, pad_to_longest=True).input_word_ids.tolist() == [
+        [2, 3], [2, 3]]
+    with pytest.raises(ValueError, match="max_seq_length"):
+        tok.encode_batch(["a"], max_seq_length=1)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_fast_path_matches_general_path_on_unicode_sweep(lower):
+    """Every swept code point, in a vocabulary that knows it (so a wrong id
+    cannot hide behind [UNK]), next to CJK, Latin, space and dropped
+    characters, through _piece_ids and through one encode_batch."""
+    points = _sweep_code_points()
+    chars = [chr(cp) for cp in points]
+    forms = {form for c in chars for form in (c, *c.lower(), *unicodedata.normalize(
+        "NFD", c.lower()))}
+    vocab = UNIT_VOCAB + sorted(forms - set(UNIT_VOCAB))
+    tok = BertWordPieceTokenizer(vocab, do_lower_case=lower)
+    contexts = ("今{}天", "a{}b", "{} ", "\u200b{}a")
+    docs = ["".join(ctx.format(c) for c in chars[start:start + 256])
+            for ctx in contexts for start in range(0, len(chars), 256)]
+    for doc in docs:
+        assert tok._piece_ids(doc).tolist() == tok._text_to_ids(doc), repr(doc[:40])
+    batch = tok.encode_batch(docs, max_seq_length=1 << 16, pad_to_longest=True)
+    for row, doc in enumerate(docs):
+        assert batch.input_word_ids[row, 1:batch.num_tokens[row] - 1].tolist() == \
+            tok._text_to_ids(doc)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_encode_batch_equals_encode_on_generated_corpus(corpus, corpus_vocab, lower):
+    tok = BertWordPieceTokenizer(corpus_vocab, do_lower_case=lower)
+    for max_seq_length in (2, 3, 16, 128):
+        _assert_batch_equals_encode(tok, corpus, max_seq_length)
+    for size in (1, 7):
+        for start in range(0, 300, size):
+            _assert_batch_equals_encode(tok, corpus[start:start + size], 16, pad_to_longest=True)
+
+
+def test_fast_path_equals_general_path_on_generated_corpus(corpus, corpus_vocab):
+    for lower in (True, False):
+        tok = BertWordPieceTokenizer(corpus_vocab, do_lower_case=lower)
+        fresh = BertWordPieceTokenizer(corpus_vocab, do_lower_case=lower)
+        for doc in corpus:
+            assert tok._piece_ids(doc).tolist() == fresh._text_to_ids(doc), repr(doc[:200])
+
+
+def test_code_point_table_classes_and_pickling():
+    tok = make_tokenizer(do_lower_case=True)
+    tok.encode("今 aΣ\u200b\uf900", 8)
+    table = tok._code_point_table
+    assert table[ord("今")] == 21
+    assert table[ord(" ")] == tokenization._SPACE
+    assert table[ord("a")] == table[ord("\u200b")] == tokenization._RUN
+    assert table[ord("Σ")] == tokenization._CONTEXT
+    assert table[ord("\uf900")] == 1  # NFD -> U+8C48, not in this vocabulary: [UNK]
+    assert table[ord("天")] == tokenization._UNKNOWN  # classified on first sight only
+    assert len(pickle.dumps(tok)) < 10_000  # the 4 MB table is not pickled
+    cased = make_tokenizer(do_lower_case=False)
+    cased.encode("Σ", 8)
+    assert cased._code_point_table[ord("Σ")] == tokenization._RUN
+
+
+def test_run_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(tokenization, "_MAX_CACHED_WORDS", 3)
+    tok = make_tokenizer()
+    text = "a今b今ab今token今hello今" + "x" * 80
+    for _ in range(3):
+        assert tok.tokenize(text) == make_tokenizer().tokenize(text)
+    assert len(tok._run_cache) <= 3
+    assert "x" * 80 not in tok._run_cache  # long runs are not cached
+
+
+def test_encode_batch_equals_encode_on_real_assets():
+    vocab, docs = _load_real_assets()
+    tok = BertWordPieceTokenizer(vocab, do_lower_case=True)
+    for start in range(0, len(docs), 4096):
+        _assert_batch_equals_encode(tok, docs[start:start + 4096], max_seq_length=128)

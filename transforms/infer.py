@@ -18,6 +18,7 @@ from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
 from model.load import BertSavedModel, load_bert_saved_model
+from model.runtime import PRECISIONS, configure_tensorflow
 from transforms.batch import BatchByLength
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
                                 DocumentEmbedding, TokenizedDocument)
@@ -52,13 +53,20 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     """
 
     def __init__(self, model_dir: str,
-                 outputs: Sequence[str] = OUTPUT_KINDS):
+                 outputs: Sequence[str] = OUTPUT_KINDS,
+                 precision: str = "float32",
+                 intra_op_threads: Optional[int] = None,
+                 inter_op_threads: Optional[int] = None):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
                              f"{OUTPUT_KINDS}, got {list(outputs)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}")
         super().__init__()
         self._model_dir = model_dir
+        self._precision = precision
+        self._threads = (intra_op_threads, inter_op_threads)
         # Padded tokens the model computed (batch x longest): with
         # tokens_embedded it gives the share of compute spent on padding.
         self._computed = beam.metrics.Metrics.counter(
@@ -67,6 +75,7 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._keep_sequence = "sequence" in outputs
 
     def load_model(self) -> BertSavedModel:
+        configure_tensorflow(*self._threads, precision=self._precision)
         return load_bert_saved_model(self._model_dir)
 
     def run_inference(self, batch: Sequence[TokenizedDocument],

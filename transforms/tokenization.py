@@ -32,6 +32,22 @@ over the whole text instead: a capital sigma (``str.lower`` applies the
 final-sigma rule) and marks that survive accent stripping but have a non-zero
 combining class (NFD may reorder them). WordPiece results are cached per word.
 Both caches are bounded and are not pickled.
+
+On top of that, ``encode``, ``encode_batch`` and ``tokenize`` take a
+vectorised fast path. Most characters of Chinese text are "isolated": their
+translation starts and ends with a space (CJK ideographs, punctuation) or is
+a space (whitespace), so they never join a neighbour into a word and their
+word pieces do not depend on context. A NumPy table maps every code point
+seen so far to its class: the single word piece id of an isolated character,
+"nothing" for whitespace, "run" for everything else (letters, digits, kana,
+dropped characters, isolated characters with several pieces) and "context
+dependent" (see above). A document is read as UTF-32 code points and looked up
+in the table in one step; only maximal runs of "run" characters go through the
+general path (translate, split, cached WordPiece; cached per run too), and a
+document holding a context-dependent character goes through it as a whole.
+Cutting the text at isolated characters does not change the words, because
+``str.split`` never joins across the spaces that such a character's
+translation starts and ends with.
 """
 
 from __future__ import annotations
@@ -75,6 +91,17 @@ _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # (cheap, and real text re-fills the hot entries within a few documents).
 _MAX_CACHED_CHARS = 200_000
 _MAX_CACHED_WORDS = 100_000
+# Runs longer than this are not cached (they rarely repeat).
+_MAX_CACHED_RUN_CHARS = 64
+
+# Code point classes in the fast-path table; ids (>= 0) are isolated
+# characters with exactly one word piece. The order matters: one ``min()``
+# over a document's classes tells which path it needs.
+_UNKNOWN = -4  # not classified yet
+_CONTEXT = -3  # context dependent: the whole document takes the general path
+_RUN = -2  # part of a run that the general path tokenizes
+_SPACE = -1  # isolated and yields no word piece (whitespace)
+_NUM_CODE_POINTS = 0x110000
 
 
 # --------------------------------------------------------------------------
@@ -271,6 +298,16 @@ class Encoded(NamedTuple):
     num_wordpieces: int  # word pieces before truncation, excluding CLS/SEP
 
 
+class EncodedBatch(NamedTuple):
+    """Padded model input for a list of documents (row i = document i)."""
+
+    input_word_ids: np.ndarray  # int32 [n, width]: [CLS] ... [SEP] then [PAD] (0)
+    input_mask: np.ndarray  # int32 [n, width]: 1 on real tokens, 0 on padding
+    num_tokens: np.ndarray  # int32 [n]: real tokens per row, incl. [CLS]/[SEP]
+    truncated: np.ndarray  # bool [n]: word pieces were dropped to fit
+    num_wordpieces: np.ndarray  # int64 [n]: word pieces before truncation
+
+
 class BertWordPieceTokenizer:
     """Reference-compatible BERT tokenizer (BasicTokenizer + WordPiece).
 
@@ -292,6 +329,8 @@ class BertWordPieceTokenizer:
         self._cls_id = self._token_to_id[CLS_TOKEN]
         self._sep_id = self._token_to_id[SEP_TOKEN]
         self._max_token_chars = max((len(t) for t in self._token_to_id), default=0)
+        self._cls_array = np.array([self._cls_id], dtype=np.int32)
+        self._sep_array = np.array([self._sep_id], dtype=np.int32)
         self._reset_caches()
 
     # -- pickling ----------------------------------------------------------
@@ -311,14 +350,19 @@ class BertWordPieceTokenizer:
         )
 
     def _reset_caches(self) -> None:
-        """Create empty per-character and per-word caches."""
+        """Create empty per-character, per-word and per-run caches."""
         if self._do_lower_case:
-            self._single_pass = _LazyTranslation(_lowercasing_replacement)
+            self._classify = _lowercasing_replacement
         else:
-            self._single_pass = _LazyTranslation(_cased_replacement)
+            self._classify = _cased_replacement
+        self._single_pass = _LazyTranslation(self._classify)
         self._cleaning_pass = _LazyTranslation(_cleaning_replacement)
         self._post_nfd_pass = _LazyTranslation(_post_nfd_replacement)
         self._word_cache: Dict[str, Tuple[int, ...]] = {}
+        self._run_cache: Dict[str, np.ndarray] = {}
+        # Allocated on first use: 4.4 MB that tokenizers used only for
+        # basic_tokenize() never need.
+        self._code_point_table: Optional[np.ndarray] = None
 
     # -- public API --------------------------------------------------------
 
@@ -335,7 +379,7 @@ class BertWordPieceTokenizer:
     def tokenize(self, text: str) -> List[str]:
         """Split ``text`` into word piece strings (no [CLS]/[SEP])."""
         vocab = self._vocab
-        return [vocab[i] for i in self._text_to_ids(text)]
+        return [vocab[i] for i in self._piece_ids(text).tolist()]
 
     def convert_tokens_to_ids(self, tokens: Iterable[str]) -> List[int]:
         """Map token strings to ids; raises KeyError for unknown tokens."""
@@ -347,23 +391,38 @@ class BertWordPieceTokenizer:
 
     def encode(self, text: str, max_seq_length: int) -> Encoded:
         """Tokenize into ``[CLS] pieces[:max_seq_length-2] [SEP]`` (no padding)."""
-        if max_seq_length < 2:
-            raise ValueError(
-                f"max_seq_length must be >= 2 to hold [CLS] and [SEP], got {max_seq_length}"
-            )
-        piece_ids = self._text_to_ids(text)
-        budget = max_seq_length - 2
-        kept = piece_ids[:budget]
-        ids = np.empty(len(kept) + 2, dtype=np.int32)
-        ids[0] = self._cls_id
-        ids[1:-1] = kept
-        ids[-1] = self._sep_id
+        _check_max_seq_length(max_seq_length)
+        piece_ids = self._piece_ids(text)
+        num_pieces = len(piece_ids)
+        kept = min(num_pieces, max_seq_length - 2)
+        ids = np.concatenate((self._cls_array, piece_ids[:kept], self._sep_array))
         return Encoded(
             input_word_ids=ids,
-            num_tokens=len(ids),
-            truncated=len(piece_ids) > budget,
-            num_wordpieces=len(piece_ids),
+            num_tokens=kept + 2,
+            truncated=num_pieces > kept,
+            num_wordpieces=num_pieces,
         )
+
+    def encode_batch(
+        self, texts: Sequence[str], max_seq_length: int, pad_to_longest: bool = False
+    ) -> EncodedBatch:
+        """Encode several documents at once into padded model input arrays.
+
+        Row i equals ``encode(texts[i], max_seq_length)`` followed by [PAD]
+        (id 0) up to ``max_seq_length`` columns, or up to the longest row with
+        ``pad_to_longest``. The whole batch is looked up in one NumPy pass,
+        which is what makes it cheaper per document than ``encode``.
+        """
+        _check_max_seq_length(max_seq_length)
+        piece_ids, piece_counts = self._batch_piece_ids(texts)
+        kept = np.minimum(piece_counts, max_seq_length - 2)
+        num_tokens = (kept + 2).astype(np.int32)
+        width = int(num_tokens.max(initial=2)) if pad_to_longest else max_seq_length
+        ids = _pad_pieces(piece_ids, piece_counts, kept, width)
+        ids[:, 0] = self._cls_id
+        ids[np.arange(len(texts)), kept + 1] = self._sep_id
+        mask = (np.arange(width) < num_tokens[:, None]).astype(np.int32)
+        return EncodedBatch(ids, mask, num_tokens, piece_counts > kept, piece_counts)
 
     def basic_tokenize(self, text: str) -> List[str]:
         """Run the BasicTokenizer steps (clean, split CJK, case, punctuation)
@@ -378,7 +437,131 @@ class BertWordPieceTokenizer:
             translated = self._multi_pass(text)
         return translated.split()
 
-    # -- internals ---------------------------------------------------------
+    # -- internals: vectorised fast path ------------------------------------
+
+    def _piece_ids(self, text: str) -> np.ndarray:
+        """Word piece ids of one document (int32), via the code point table."""
+        classes, low = self._classes(text)
+        if low == _RUN:
+            return self._splice_runs(text, classes)[0]
+        if low == _CONTEXT:
+            return np.array(self._text_to_ids(text), dtype=np.int32)
+        return classes[classes >= 0]  # only isolated characters: most Chinese text
+
+    def _batch_piece_ids(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """Piece ids of all documents back to back, and the count of each.
+
+        The documents are joined with a space, which yields no piece and
+        keeps runs from spanning two documents.
+        """
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        starts = np.cumsum(lengths + 1) - (lengths + 1)
+        ends = starts + lengths
+        joined = " ".join(texts)
+        classes, low = self._classes(joined)
+        if low == _CONTEXT:
+            self._route_context_documents(classes, starts, ends)
+            low = _RUN
+        is_piece = classes >= 0
+        cumulative = np.concatenate(([0], np.cumsum(is_piece)))
+        counts = cumulative[ends] - cumulative[starts]
+        if low != _RUN:
+            return classes[is_piece], counts
+        ids, run_starts, run_counts = self._splice_runs(joined, classes)
+        run_docs = np.searchsorted(ends, run_starts, side="right")
+        np.add.at(counts, run_docs, run_counts)
+        return ids, counts
+
+    def _classes(self, text: str) -> Tuple[np.ndarray, int]:
+        """The table entry of each code point of ``text`` (a fresh array), and
+        the smallest entry (which tells the path), 0 for empty text.
+
+        Code points not seen before are classified first. UTF-32 with
+        ``surrogatepass`` gives one unit per Python character, lone
+        surrogates included, so indices match ``str`` indices.
+        """
+        table = self._code_point_table
+        if table is None:
+            table = self._code_point_table = np.full(_NUM_CODE_POINTS, _UNKNOWN, np.int32)
+        code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        classes = table.take(code_points)
+        low = int(classes.min()) if len(classes) else 0
+        if low == _UNKNOWN:
+            for code_point in np.unique(code_points[classes == _UNKNOWN]).tolist():
+                table[code_point] = self._code_point_class(chr(code_point))
+            classes = table.take(code_points)
+            low = int(classes.min())
+        return classes, low
+
+    def _code_point_class(self, char: str) -> int:
+        """Table entry for one character: its piece id if isolated, or a class.
+
+        Isolated means the character's translation starts and ends with a
+        space, so its words (and pieces) never depend on its neighbours.
+        """
+        replacement = self._classify(char)
+        if replacement is _CONTEXT_DEPENDENT:
+            return _CONTEXT
+        if not isinstance(replacement, str) or not replacement:
+            return _RUN  # kept as is, or dropped: joins its neighbours
+        if replacement == " ":
+            return _SPACE
+        if not (replacement[0] == " " and replacement[-1] == " "):
+            return _RUN
+        pieces = [i for word in replacement.split() for i in self._cached_wordpiece(word)]
+        return pieces[0] if len(pieces) == 1 else _RUN
+
+    @staticmethod
+    def _route_context_documents(
+        classes: np.ndarray, starts: np.ndarray, ends: np.ndarray
+    ) -> None:
+        """Mark every character of a document with a context-dependent
+        character as ``_RUN``, so the document becomes a single run."""
+        positions = np.flatnonzero(classes == _CONTEXT)
+        for doc in np.unique(np.searchsorted(ends, positions, side="right")).tolist():
+            classes[starts[doc]:ends[doc]] = _RUN
+
+    def _splice_runs(
+        self, text: str, classes: np.ndarray
+    ) -> Tuple[np.ndarray, List[int], List[int]]:
+        """Piece ids of ``text`` with each run tokenized by the general path.
+
+        Runs are maximal stretches of ``_RUN`` characters. Returns the ids,
+        and each run's start and number of pieces. The classes between runs
+        and the runs' piece ids are concatenated in order, then everything
+        that is not a piece id (``_SPACE``) is dropped in one step.
+        """
+        is_run = classes == _RUN
+        bounds = (np.flatnonzero(is_run[1:] != is_run[:-1]) + 1).tolist()
+        if is_run[0]:
+            bounds.insert(0, 0)
+        if is_run[-1]:
+            bounds.append(len(classes))
+        starts = bounds[0::2]
+        parts: List[np.ndarray] = []
+        counts: List[int] = []
+        previous = 0
+        for start, end in zip(starts, bounds[1::2]):
+            pieces = self._run_ids(text[start:end])
+            parts += (classes[previous:start], pieces)
+            counts.append(len(pieces))
+            previous = end
+        parts.append(classes[previous:])
+        joined = np.concatenate(parts)
+        return joined[joined >= 0], starts, counts
+
+    def _run_ids(self, run: str) -> np.ndarray:
+        """General-path piece ids of one run (int32), cached for short runs."""
+        pieces = self._run_cache.get(run)
+        if pieces is None:
+            pieces = np.array(self._text_to_ids(run), dtype=np.int32)
+            if len(run) <= _MAX_CACHED_RUN_CHARS:
+                if len(self._run_cache) >= _MAX_CACHED_WORDS:
+                    self._run_cache.clear()
+                self._run_cache[run] = pieces
+        return pieces
+
+    # -- internals: general path -------------------------------------------
 
     def _multi_pass(self, text: str) -> str:
         """Clean + CJK spacing, lower-case, NFD, then accents + punctuation."""
@@ -390,18 +573,25 @@ class BertWordPieceTokenizer:
         return result
 
     def _text_to_ids(self, text: str) -> List[int]:
-        """Basic tokenization followed by cached WordPiece, as flat ids."""
-        cache = self._word_cache
+        """Basic tokenization followed by cached WordPiece, as flat ids.
+
+        This is the general path; the fast path must always equal it.
+        """
         ids: List[int] = []
         for word in self.basic_tokenize(text):
-            pieces = cache.get(word)
-            if pieces is None:
-                pieces = self._wordpiece(word)
-                if len(cache) >= _MAX_CACHED_WORDS:
-                    cache.clear()
-                cache[word] = pieces
-            ids += pieces
+            ids += self._cached_wordpiece(word)
         return ids
+
+    def _cached_wordpiece(self, word: str) -> Tuple[int, ...]:
+        """``_wordpiece`` through the bounded per-word cache."""
+        cache = self._word_cache
+        pieces = cache.get(word)
+        if pieces is None:
+            pieces = self._wordpiece(word)
+            if len(cache) >= _MAX_CACHED_WORDS:
+                cache.clear()
+            cache[word] = pieces
+        return pieces
 
     def _wordpiece(self, word: str) -> Tuple[int, ...]:
         """Greedy longest-match-first split of one word into vocabulary ids.
@@ -454,3 +644,30 @@ def _index_vocab(vocab: Sequence[str]) -> Dict[str, int]:
             f"vocabulary is missing required special token(s): {', '.join(missing)}"
         )
     return token_to_id
+
+
+def _check_max_seq_length(max_seq_length: int) -> None:
+    """Reject lengths that cannot hold [CLS] and [SEP]."""
+    if max_seq_length < 2:
+        raise ValueError(
+            f"max_seq_length must be >= 2 to hold [CLS] and [SEP], got {max_seq_length}"
+        )
+
+
+def _pad_pieces(
+    piece_ids: np.ndarray, piece_counts: np.ndarray, kept: np.ndarray, width: int
+) -> np.ndarray:
+    """Zero-filled int32 [n, width] with document i's first ``kept[i]`` pieces
+    in columns 1..kept[i] (column 0 and the one after stay for [CLS]/[SEP])."""
+    num_docs = len(piece_counts)
+    ids = np.zeros((num_docs, width), dtype=np.int32)
+    if not len(piece_ids):
+        return ids
+    doc = np.repeat(np.arange(num_docs), piece_counts)
+    first = np.cumsum(piece_counts) - piece_counts
+    column = np.arange(1, len(piece_ids) + 1) - first[doc]
+    keep = column <= kept[doc]
+    if not keep.all():
+        doc, column, piece_ids = doc[keep], column[keep], piece_ids[keep]
+    ids[doc, column] = piece_ids
+    return ids

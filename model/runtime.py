@@ -1,0 +1,80 @@
+"""TensorFlow runtime settings for a worker: threads and precision.
+
+Applied once per worker process, just before the model is loaded (the model
+handler's ``load_model``), because TensorFlow fixes its thread pools when its
+runtime starts.  A setting that comes too late (the runtime already started
+in this process, e.g. in a single-process DirectRunner run whose launcher
+used TensorFlow) is logged and skipped, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+_LOG = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "bfloat16")
+
+# CPU flags that make oneDNN's bfloat16 kernels fast (native bf16 dot
+# products); without them TensorFlow emulates bf16 and it is slower.
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether the CPU has native bfloat16 instructions."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+
+
+def configure_tensorflow(intra_op_threads: Optional[int] = None,
+                         inter_op_threads: Optional[int] = None,
+                         precision: str = "float32") -> None:
+    """Sets TensorFlow's thread pools and precision for this process.
+
+    ``intra_op_threads`` (threads inside one matmul) defaults to the usable
+    cores; ``inter_op_threads`` (ops run side by side) to 1, since BERT's
+    graph is one long chain and a second pool only competes for the same
+    cores.  ``bfloat16`` turns on oneDNN's automatic bfloat16 rewrite of the
+    model's graph, which TensorFlow applies on CPUs with native bfloat16
+    (AVX512-BF16 or AMX) only.
+    """
+    import tensorflow as tf
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    intra = intra_op_threads or usable_cores()
+    inter = inter_op_threads or 1
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+        _LOG.info("TensorFlow threads: intra-op %d, inter-op %d", intra,
+                  inter)
+    except RuntimeError:
+        _LOG.info("TensorFlow runtime already started in this process; "
+                  "keeping its thread settings (intra-op %d, inter-op %d)",
+                  tf.config.threading.get_intra_op_parallelism_threads(),
+                  tf.config.threading.get_inter_op_parallelism_threads())
+    if precision == "bfloat16":
+        if tf.config.list_physical_devices("GPU"):
+            _LOG.warning("--precision bfloat16 rewrites CPU graphs only "
+                         "(oneDNN); the GPU runs float32")
+        elif not cpu_has_fast_bfloat16():
+            _LOG.warning("this CPU has no native bfloat16 (AVX512-BF16/AMX):"
+                         " TensorFlow's oneDNN bfloat16 rewrite is not "
+                         "expected to apply (on an AVX2 machine it left the "
+                         "outputs bit-identical to float32)")
+        tf.config.optimizer.set_experimental_options(
+            {"auto_mixed_precision_onednn_bfloat16": True})
