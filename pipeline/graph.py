@@ -36,6 +36,7 @@ class JobConfig:
     max_seq_length: int = 128
     batch_size: int = 32
     max_tokens_per_batch: int = 4096
+    bucket_boundaries: Optional[Sequence[int]] = None
     outputs: Sequence[str] = ("pooled", "sequence")
     num_shards: int = 0
     long_text: str = "truncate"
@@ -65,7 +66,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
                                config.inter_op_threads)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
-            handler, config.batch_size, config.max_tokens_per_batch))
+            handler, config.batch_size, config.max_tokens_per_batch,
+            config.bucket_boundaries))
     _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
         config.output, config.output_format, config.hidden_size,
         config.outputs, config.num_shards, config.chunked)

@@ -29,6 +29,20 @@ def parse_outputs(value: str) -> list[str]:
     return kinds
 
 
+def parse_boundaries(value: str) -> list[int]:
+    """``'16,32,64'`` -> ``[16, 32, 64]``: positive, strictly increasing."""
+    try:
+        bounds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--bucket_boundaries takes integers: {value!r}") from err
+    if not bounds or any(b < 1 for b in bounds) or bounds != sorted(
+            set(bounds)):
+        raise argparse.ArgumentTypeError(
+            f"--bucket_boundaries must be positive and increasing: {value!r}")
+    return bounds
+
+
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -81,6 +95,15 @@ class EmbedOptions(PipelineOptions):
             "--max_seq_length", type=_positive_int, default=128,
             help="Tokens per document incl. [CLS] and [SEP]; longer "
                  "documents are truncated (and flagged).")
+        group.add_argument(
+            "--bucket_boundaries", type=parse_boundaries, default=None,
+            help="Token-length bucket boundaries, e.g. 16,32,64: batches "
+                 "never mix buckets (default: sort only).")
+        group.add_argument(
+            "--analysis", default=None,
+            help="A report of `python -m pipeline.analyze`: its recommended "
+                 "bucket boundaries are used unless --bucket_boundaries is "
+                 "given.")
         group.add_argument(
             "--long_text", default="truncate", choices=LONG_TEXT_MODES,
             help="Documents longer than --max_seq_length: truncate (keep "

@@ -9,6 +9,7 @@ then runs the pipeline, waits, and prints and writes the run summary.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -39,6 +40,19 @@ class UsageError(ValueError):
     """A flag is missing or inconsistent."""
 
 
+def read_analysis_boundaries(path: str) -> Optional[list[int]]:
+    """The recommended bucket boundaries of a ``pipeline.analyze`` report."""
+    from apache_beam.io.filesystems import FileSystems
+    try:
+        with FileSystems.open(path) as handle:
+            report = json.loads(handle.read().decode("utf-8"))
+        bounds = report["recommended_bucket_boundaries"]
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"--analysis {path}: not a readable analysis "
+                         f"report ({type(err).__name__}: {err})") from err
+    return list(bounds) or None
+
+
 def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
     """Turns flags into a ``JobConfig``; also says if the demo model is used.
 
@@ -62,6 +76,9 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
     if options.document_vectors and "pooled" not in options.outputs:
         raise UsageError("--document_vectors needs pooled in --outputs")
     check_patterns_match(options.input)
+    boundaries = options.bucket_boundaries
+    if boundaries is None and options.analysis:
+        boundaries = read_analysis_boundaries(options.analysis)
     demo = options.model is None
     if demo:
         from model.demo import ensure_demo_model
@@ -88,6 +105,7 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         max_seq_length=options.max_seq_length,
         batch_size=options.batch_size,
         max_tokens_per_batch=options.max_tokens_per_batch,
+        bucket_boundaries=boundaries,
         outputs=tuple(options.outputs),
         num_shards=options.num_shards, long_text=options.long_text,
         chunk_stride=options.chunk_stride,

@@ -54,3 +54,72 @@ def test_dofn_in_a_pipeline_keeps_all_documents():
                  | beam.ParDo(BatchByLength(8, 256, sort_window=64))
                  | beam.FlatMap(lambda b: [d.id for d in b]))
         assert_that(sizes, equal_to([d.id for d in docs]))
+
+
+def _bucket_index(length: int, boundaries: list[int]) -> int:
+    """Reference bucket: how many boundaries are <= length."""
+    return sum(1 for b in boundaries if b <= length)
+
+
+def test_bucket_boundaries_never_mix_buckets_and_keep_every_document():
+    rng = np.random.default_rng(7)
+    docs = [_doc(i, int(n)) for i, n in enumerate(rng.integers(3, 200, 400))]
+    boundaries = [16, 32, 64, 128]
+    batches = cut_batches(docs, max_docs=16, max_tokens=2048,
+                          bucket_boundaries=boundaries)
+    for batch in batches:
+        assert len({_bucket_index(d.num_tokens, boundaries)
+                    for d in batch}) == 1
+        assert len(batch) <= 16
+        if len(batch) > 1:
+            assert len(batch) * max(d.num_tokens for d in batch) <= 2048
+    ids = sorted(d.id for b in batches for d in b)
+    assert ids == sorted(d.id for d in docs)
+
+
+def test_bucket_boundaries_are_lower_inclusive():
+    docs = [_doc(i, n) for i, n in enumerate([7, 8, 9, 15, 16, 17])]
+    batches = cut_batches(docs, max_docs=100, max_tokens=10_000,
+                          bucket_boundaries=[8, 16])
+    assert _lengths(batches) == [[7], [8, 9, 15], [16, 17]]
+
+
+def test_without_boundaries_a_batch_spans_what_buckets_would_split():
+    docs = [_doc(i, n) for i, n in enumerate([7, 8, 9, 15, 16, 17])]
+    assert _lengths(cut_batches(docs, 100, 10_000)) == [
+        [7, 8, 9, 15, 16, 17]]
+    assert _lengths(cut_batches(docs, 100, 10_000, None)) == \
+        _lengths(cut_batches(docs, 100, 10_000))
+
+
+def test_none_boundaries_give_the_unbucketed_batches():
+    rng = np.random.default_rng(3)
+    docs = [_doc(i, int(n)) for i, n in enumerate(rng.integers(2, 128, 300))]
+    plain = cut_batches(docs, max_docs=8, max_tokens=512)
+    explicit = cut_batches(docs, max_docs=8, max_tokens=512,
+                           bucket_boundaries=None)
+    assert [[d.id for d in b] for b in plain] == \
+        [[d.id for d in b] for b in explicit]
+
+
+@pytest.mark.parametrize("boundaries", [[], [0, 8], [16, 8], [8, 8]])
+def test_rejects_unusable_bucket_boundaries(boundaries):
+    with pytest.raises(ValueError, match="bucket_boundaries"):
+        cut_batches([_doc(0, 5)], 4, 100, bucket_boundaries=boundaries)
+    with pytest.raises(ValueError, match="bucket_boundaries"):
+        BatchByLength(4, 100, bucket_boundaries=boundaries)
+
+
+def test_dofn_with_bucket_boundaries_keeps_buckets_apart():
+    docs = [_doc(i, 2 + i % 60) for i in range(240)]
+    boundaries = [10, 30]
+    with BeamTestPipeline() as p:
+        batches = (p | beam.Create(docs)
+                   | beam.ParDo(BatchByLength(
+                       8, 256, sort_window=64, bucket_boundaries=boundaries)))
+        mixed = batches | beam.Filter(
+            lambda b: len({_bucket_index(d.num_tokens, boundaries)
+                           for d in b}) > 1)
+        ids = batches | beam.FlatMap(lambda b: [d.id for d in b])
+        assert_that(mixed, equal_to([]), label="NoMixedBatch")
+        assert_that(ids, equal_to([d.id for d in docs]), label="AllKept")

@@ -259,3 +259,27 @@ def test_models_that_do_not_fit_fail_before_the_run(tmp_path, tiny_model_dir,
     err = capsys.readouterr().err
     assert "the vocabulary has 6 entries" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_run_takes_bucket_boundaries_from_an_analysis_report(
+        tmp_path, tiny_model_dir, e2e_corpus, capsys):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.options import EmbedOptions
+    from pipeline.run import resolve_config
+    report = tmp_path / "analysis.json"
+    report.write_text(json.dumps({"recommended_bucket_boundaries": [8, 16]}))
+    base = ["--input", str(e2e_corpus), "--output", str(tmp_path / "o"),
+            "--model", tiny_model_dir]
+    config, _ = resolve_config(PipelineOptions(
+        base + ["--analysis", str(report)]).view_as(EmbedOptions))
+    assert list(config.bucket_boundaries) == [8, 16]
+    config, _ = resolve_config(PipelineOptions(
+        base + ["--analysis", str(report), "--bucket_boundaries", "4,40"]
+    ).view_as(EmbedOptions))
+    assert list(config.bucket_boundaries) == [4, 40]
+    summary = _run(e2e_corpus, tmp_path / "out" / "emb", tiny_model_dir,
+                   "--analysis", str(report))
+    assert summary.reconciled
+    assert summary.counts["documents_embedded"] == len(E2E_TEXTS) - 2
+    assert main(base + ["--analysis", str(tmp_path / "missing.json")]) == 2
+    assert "not a readable analysis report" in capsys.readouterr().err

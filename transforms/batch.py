@@ -6,11 +6,16 @@ DoFn keeps a window of documents, sorts it by length, and cuts it into
 batches of similar length, each bounded by a document count and by a budget
 of padded tokens (``documents x longest``).  The model then pads each batch
 only to its own longest document.
+
+With ``bucket_boundaries`` (e.g. the ones ``pipeline.analyze`` recommends)
+documents are first split into length buckets and a batch never mixes two
+buckets, so each bucket's batches are padded within that bucket's range.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import bisect
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -22,15 +27,37 @@ from transforms.records import TokenizedDocument
 DEFAULT_SORT_WINDOW = 2048
 
 
-def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
-                max_tokens: int) -> list[list[TokenizedDocument]]:
-    """Sorts ``docs`` by length and cuts them into bounded batches.
+def check_bucket_boundaries(boundaries: Optional[Sequence[int]]
+                            ) -> Optional[list[int]]:
+    """``boundaries`` as a list of ints, after checking that they are usable.
 
-    A batch never has more than ``max_docs`` documents, and its padded size
-    (documents x longest) never exceeds ``max_tokens`` unless a single
-    document is longer than the budget on its own.
+    ``None`` stays ``None`` (no bucketing).  Otherwise the boundaries must be
+    non-empty, positive and strictly increasing, so that every length falls
+    into exactly one bucket.
     """
-    ordered = sorted(docs, key=lambda d: d.num_tokens)
+    if boundaries is None:
+        return None
+    values = [int(b) for b in boundaries]
+    if (not values or values[0] < 1
+            or any(a >= b for a, b in zip(values, values[1:]))):
+        raise ValueError("bucket_boundaries must be a non-empty, strictly "
+                         f"increasing list of positive ints, got {boundaries}")
+    return values
+
+
+def bucket_of(num_tokens: int, boundaries: Sequence[int]) -> int:
+    """The bucket index of a length: bucket ``i`` is ``[b[i-1], b[i])``.
+
+    Boundaries are lower-inclusive (``bisect_right``, as in Beam's
+    ``BatchElements``): a document exactly as long as a boundary starts the
+    next bucket.
+    """
+    return bisect.bisect_right(boundaries, num_tokens)
+
+
+def _cut_sorted(ordered: Sequence[TokenizedDocument], max_docs: int,
+                max_tokens: int) -> list[list[TokenizedDocument]]:
+    """Cuts length-sorted documents into batches bounded by both limits."""
     batches: list[list[TokenizedDocument]] = []
     current: list[TokenizedDocument] = []
     for doc in ordered:
@@ -45,20 +72,49 @@ def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
     return batches
 
 
+def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
+                max_tokens: int,
+                bucket_boundaries: Optional[Sequence[int]] = None
+                ) -> list[list[TokenizedDocument]]:
+    """Sorts ``docs`` by length and cuts them into bounded batches.
+
+    A batch never has more than ``max_docs`` documents, and its padded size
+    (documents x longest) never exceeds ``max_tokens`` unless a single
+    document is longer than the budget on its own.  With
+    ``bucket_boundaries`` each length bucket (see ``bucket_of``) is cut on
+    its own, so no batch holds documents of two buckets; batches come out
+    bucket by bucket, shortest bucket first.
+    """
+    ordered = sorted(docs, key=lambda d: d.num_tokens)
+    boundaries = check_bucket_boundaries(bucket_boundaries)
+    if boundaries is None:
+        return _cut_sorted(ordered, max_docs, max_tokens)
+    buckets: dict[int, list[TokenizedDocument]] = {}
+    for doc in ordered:  # stays sorted within each bucket
+        buckets.setdefault(bucket_of(doc.num_tokens, boundaries),
+                           []).append(doc)
+    return [batch for index in sorted(buckets)
+            for batch in _cut_sorted(buckets[index], max_docs, max_tokens)]
+
+
 class BatchByLength(beam.DoFn):
     """Groups documents of similar token length into bounded batches.
 
     Sorting happens within a window of ``sort_window`` documents of one
-    bundle; what is left at the end of a bundle is flushed then.
+    bundle; what is left at the end of a bundle is flushed then.  With
+    ``bucket_boundaries`` no batch mixes length buckets (see
+    ``cut_batches``).
     """
 
     def __init__(self, max_docs: int, max_tokens: int,
-                 sort_window: int = DEFAULT_SORT_WINDOW):
+                 sort_window: int = DEFAULT_SORT_WINDOW,
+                 bucket_boundaries: Optional[Sequence[int]] = None):
         if max_docs < 1 or max_tokens < 1 or sort_window < 1:
             raise ValueError("max_docs, max_tokens and sort_window must be "
                              "positive")
         self._max_docs = max_docs
         self._max_tokens = max_tokens
+        self._boundaries = check_bucket_boundaries(bucket_boundaries)
         self._window = max(sort_window, max_docs)
         self._buffer: list[TokenizedDocument] = []
 
@@ -76,6 +132,7 @@ class BatchByLength(beam.DoFn):
             yield GlobalWindows.windowed_value(batch)
 
     def _drain(self) -> list[list[TokenizedDocument]]:
-        batches = cut_batches(self._buffer, self._max_docs, self._max_tokens)
+        batches = cut_batches(self._buffer, self._max_docs, self._max_tokens,
+                              self._boundaries)
         self._buffer = []
         return batches

@@ -151,10 +151,12 @@ class EmbedDocuments(beam.PTransform):
     """
 
     def __init__(self, model_handler: BertModelHandler, batch_size: int,
-                 max_tokens_per_batch: int):
+                 max_tokens_per_batch: int,
+                 bucket_boundaries: Optional[Sequence[int]] = None):
         super().__init__()
         self._handler = model_handler
-        self._batching = BatchByLength(batch_size, max_tokens_per_batch)
+        self._batching = BatchByLength(batch_size, max_tokens_per_batch,
+                                       bucket_boundaries=bucket_boundaries)
 
     def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
         results, failures = (

@@ -1,0 +1,557 @@
+"""Corpus analysis: ``python -m pipeline.analyze --input ... --output r.json``.
+
+Before embedding a corpus it pays to know how long its documents are: the
+share that ``--max_seq_length`` would truncate, how much of the text the
+vocabulary cannot represent (``[UNK]``), and which length buckets would keep
+padding low.  This job reads the corpus exactly as ``pipeline.run`` does
+(same reader, same tokenizer settings), measures every document, and lets
+tf.Transform analyzers (``tft.size``, ``tft.sum``, ``tft.max``,
+``tft.quantiles``) reduce the measurements over the whole corpus in one
+Beam pass, so it scales to corpora that do not fit on one machine.
+
+The analyzer results are read back by writing the ``transform_fn`` and
+running it on a one-row dummy batch: ``preprocessing_fn`` returns every
+analyzer result broadcast to the batch, so row 0 of the transformed dummy
+holds them all.  That uses only the public ``TFTransformOutput`` API and
+works the same for local and ``gs://`` temp dirs.
+
+Shared flags (``--input``, ``--input_format``, ``--id_field``,
+``--text_field``, ``--model``, ``--vocab_file``, ``--do_lower_case``,
+``--max_seq_length``, ``--output``) are ``EmbedOptions``' own: Beam parses
+all ``PipelineOptions`` subclasses with one argparse parser, so defining them
+again here would make every pipeline in the process fail with "conflicting
+option string".  ``AnalyzeOptions`` adds only the analysis flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from typing import Any, Iterator, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import (GoogleCloudOptions,
+                                                  PipelineOptions)
+
+from model.load import ModelFormatError, tokenizer_settings_with_overrides
+from pipeline.options import EmbedOptions, _positive_int
+from transforms.read import ReadDocuments, check_patterns_match
+from transforms.records import METRICS_NAMESPACE, Document
+from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
+                                     load_vocab)
+
+_LOG = logging.getLogger("pipeline.analyze")
+
+# Quantiles reported: deciles plus the tail that decides max_seq_length.
+QUANTILE_PERCENTS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)
+# tft.quantiles' error tolerance (rank error as a share of documents).
+QUANTILE_EPSILON = 0.001
+# Candidate max_seq_length values: multiples of LENGTH_STEP up to the cap.
+LENGTH_STEP = 32
+MAX_RECOMMENDED_LENGTH = 512
+CANDIDATE_LENGTHS = tuple(range(LENGTH_STEP, MAX_RECOMMENDED_LENGTH + 1,
+                                LENGTH_STEP))
+# Recommended bucket boundaries are rounded up to multiples of this.
+BOUNDARY_MULTIPLE = 8
+DEFAULT_NUM_BUCKETS = 4
+DEFAULT_COVERAGE = 0.99
+
+# Per-document features handed to tf.Transform.
+FEATURES = ("num_tokens", "num_wordpieces", "num_unk")
+# Longest document the tokenizer is asked to keep whole (no truncation).
+_UNTRUNCATED = 2 ** 62
+# Percentiles 1..99 come from one tft.quantiles call with 100 buckets.
+_PERCENTILE_BUCKETS = 100
+
+DEMO_NOTE = (
+    "NOTE: no --model or --vocab_file given: token counts use the built-in "
+    "DEMO model's small vocabulary; pass the model you will embed with for "
+    "meaningful lengths and [UNK] rate.")
+
+
+class UsageError(ValueError):
+    """A flag is missing or inconsistent."""
+
+
+class AnalyzeOptions(PipelineOptions):
+    """Flags of ``python -m pipeline.analyze`` beyond the shared ones."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("corpus analysis")
+        group.add_argument(
+            "--num_buckets", type=_positive_int, default=DEFAULT_NUM_BUCKETS,
+            help="Length buckets to recommend: at most num_buckets - 1 "
+                 "boundaries, from the corpus' 1/N quantiles.")
+        group.add_argument(
+            "--length_coverage", type=_share, default=DEFAULT_COVERAGE,
+            help="Share of documents the recommended max_seq_length must "
+                 "hold without truncation (default 0.99).")
+
+
+def _share(value: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    number = float(value)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """Everything the analysis needs, resolved before the pipeline starts."""
+    inputs: list[str]
+    vocab: list[str]
+    vocab_path: str
+    do_lower_case: bool
+    max_seq_length: int = 128
+    num_buckets: int = DEFAULT_NUM_BUCKETS
+    coverage: float = DEFAULT_COVERAGE
+    input_format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    output: Optional[str] = None
+
+
+def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
+    """Turns flags into an ``AnalysisConfig``; also says if the demo model's
+    vocabulary is used.
+
+    The vocabulary is resolved like ``pipeline.run`` does: ``--vocab_file``
+    and ``--do_lower_case`` override the model's assets; without ``--model``
+    a ``--vocab_file`` alone suffices (lower-casing unless told otherwise),
+    and with neither the demo model's vocabulary is used.
+    """
+    shared = options.view_as(EmbedOptions)
+    ours = options.view_as(AnalyzeOptions)
+    if not shared.input:
+        raise UsageError("--input is required (a file or glob)")
+    if shared.max_seq_length < 3:
+        raise UsageError("--max_seq_length must be at least 3")
+    check_patterns_match(shared.input)
+    override = {"auto": None, "true": True, "false": False}[
+        shared.do_lower_case]
+    demo = shared.model is None and shared.vocab_file is None
+    if shared.model is None and shared.vocab_file is not None:
+        vocab_path = shared.vocab_file
+        do_lower_case = True if override is None else override
+    else:
+        model_dir = shared.model
+        if demo:
+            from model.demo import ensure_demo_model
+            model_dir = ensure_demo_model()
+        settings = tokenizer_settings_with_overrides(
+            model_dir, shared.vocab_file, override)
+        vocab_path, do_lower_case = settings.vocab_path, settings.do_lower_case
+    config = AnalysisConfig(
+        inputs=list(shared.input), vocab=load_vocab(vocab_path),
+        vocab_path=vocab_path, do_lower_case=do_lower_case,
+        max_seq_length=shared.max_seq_length, num_buckets=ours.num_buckets,
+        coverage=ours.length_coverage, input_format=shared.input_format,
+        id_field=shared.id_field, text_field=shared.text_field,
+        output=shared.output)
+    return config, demo
+
+
+# --------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------
+
+
+class MeasureDocuments(beam.DoFn):
+    """Document in, serialized ``tf.Example`` of its lengths out.
+
+    ``num_tokens`` counts ``[CLS]`` and ``[SEP]`` and is never truncated, so
+    the analysis sees how long each document really is; ``num_unk`` counts
+    word pieces that are ``[UNK]``.  A document the tokenizer fails on is
+    counted under ``documents_failed`` (like a read error) and left out.
+    """
+
+    def __init__(self, vocab: Sequence[str], do_lower_case: bool):
+        self._vocab = list(vocab)
+        self._do_lower_case = do_lower_case
+        self._tokenizer: Optional[BertWordPieceTokenizer] = None
+        self._unk_id = -1
+        self._failed = beam.metrics.Metrics.counter(
+            METRICS_NAMESPACE, "documents_failed")
+
+    def setup(self) -> None:
+        self._tokenizer = BertWordPieceTokenizer(
+            self._vocab, do_lower_case=self._do_lower_case)
+        self._unk_id = self._tokenizer.convert_tokens_to_ids([UNK_TOKEN])[0]
+
+    def process(self, doc: Document) -> Iterator[bytes]:
+        assert self._tokenizer is not None, "setup() was not called"
+        try:
+            encoded = self._tokenizer.encode(doc.text, _UNTRUNCATED)
+        except Exception:  # pylint: disable=broad-except
+            _LOG.warning("cannot tokenize %s (%s:%d)", doc.id, doc.source,
+                         doc.line, exc_info=True)
+            self._failed.inc()
+            return
+        pieces = encoded.input_word_ids[1:-1]
+        yield encode_example({
+            "num_tokens": int(encoded.num_tokens),
+            "num_wordpieces": int(encoded.num_wordpieces),
+            "num_unk": int(np.count_nonzero(pieces == self._unk_id)),
+        })
+
+
+def encode_example(values: dict[str, int]) -> bytes:
+    """A serialized ``tf.Example`` with one int64 per feature."""
+    import tensorflow as tf  # slow import: only where examples are built
+    feature = {name: tf.train.Feature(int64_list=tf.train.Int64List(
+        value=[value])) for name, value in values.items()}
+    return tf.train.Example(features=tf.train.Features(
+        feature=feature)).SerializeToString()
+
+
+def feature_schema() -> Any:
+    """The tf.Transform input schema: one int64 scalar per feature."""
+    import tensorflow as tf
+    from tensorflow_transform.tf_metadata import schema_utils
+    return schema_utils.schema_from_feature_spec(
+        {name: tf.io.FixedLenFeature([], tf.int64) for name in FEATURES})
+
+
+def make_preprocessing_fn(max_seq_length: int, num_buckets: int) -> Any:
+    """A ``preprocessing_fn`` whose outputs are the corpus statistics.
+
+    Every output is a full-corpus analyzer result broadcast over the batch
+    (row 0 of any transformed batch holds them all).  Empty documents (no
+    word pieces) are counted, but their lengths become NaN for the
+    quantiles (which ignore NaN) and are masked out of the other sums.
+    """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    def preprocessing_fn(inputs: dict[str, Any]) -> dict[str, Any]:
+        tokens = inputs["num_tokens"]
+        nonempty = inputs["num_wordpieces"] > 0
+        kept = tf.where(nonempty, tokens, tf.zeros_like(tokens))
+        lengths = tf.where(nonempty, tf.cast(tokens, tf.float32),
+                           tf.fill(tf.shape(tokens), float("nan")))
+        candidates = tf.constant(CANDIDATE_LENGTHS, tf.int64)
+        fits = tf.logical_and(kept[:, None] <= candidates[None, :],
+                              nonempty[:, None])
+        stats = {
+            "documents": tft.size(tokens),
+            "nonempty": tft.sum(tf.cast(nonempty, tf.int64)),
+            "token_sum": tft.sum(kept),
+            "max_tokens": tft.max(kept),
+            "wordpieces": tft.sum(inputs["num_wordpieces"]),
+            "unk": tft.sum(inputs["num_unk"]),
+            "truncated": tft.sum(tf.cast(
+                tf.logical_and(nonempty, tokens > max_seq_length), tf.int64)),
+            "fits": tft.sum(tf.cast(fits, tf.int64),
+                            reduce_instance_dims=False),
+            "percentiles": tf.reshape(tft.quantiles(
+                lengths, _PERCENTILE_BUCKETS, QUANTILE_EPSILON), [-1]),
+        }
+        if num_buckets > 1:
+            stats["bucket_quantiles"] = tf.reshape(tft.quantiles(
+                lengths, num_buckets, QUANTILE_EPSILON), [-1])
+        batch = tf.shape(tokens)[:1]
+        return {name: _broadcast(value, batch)
+                for name, value in stats.items()}
+
+    return preprocessing_fn
+
+
+def _broadcast(value: Any, batch: Any) -> Any:
+    """``value`` (a scalar or a vector) repeated once per batch row."""
+    import tensorflow as tf
+    row = tf.reshape(value, [1, -1])
+    return tf.tile(row, tf.concat([batch, [1]], axis=0))
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
+                   work_dir: str) -> None:
+    """read -> measure -> tf.Transform analysis -> ``work_dir/transform_fn``.
+
+    Input reaches tf.Transform as Arrow record batches through tfx-bsl's
+    TFXIO (the format tf.Transform 1.x recommends) rather than as instance
+    dicts.
+    """
+    import tensorflow_transform.beam as tft_beam
+    from tfx_bsl.public import tfxio
+
+    documents, _ = pipeline | "Read" >> ReadDocuments(
+        config.inputs, config.input_format, config.id_field,
+        config.text_field)
+    source = tfxio.TFExampleBeamRecord(
+        physical_format="inmem", telemetry_descriptors=["corpus_analysis"],
+        schema=feature_schema())
+    batches = (documents
+               | "Measure" >> beam.ParDo(MeasureDocuments(
+                   config.vocab, config.do_lower_case))
+               | "ToRecordBatches" >> source.BeamSource())
+    with tft_beam.Context(temp_dir=_join(work_dir, "tmp")):
+        transform_fn = (
+            (batches, source.TensorAdapterConfig())
+            | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(
+                config.max_seq_length, config.num_buckets)))
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
+            _join(work_dir, "transform_fn"))
+
+
+def read_statistics(transform_fn_dir: str) -> dict[str, np.ndarray]:
+    """The analyzer results stored in a written ``transform_fn``.
+
+    Runs the transform on a one-row dummy batch; since every output is an
+    analyzer result broadcast over the batch, row 0 is the result itself
+    (a 1-D array; scalars have length 1).
+    """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+    output = tft.TFTransformOutput(transform_fn_dir)
+    dummy = {name: tf.constant([0], tf.int64) for name in FEATURES}
+    transformed = output.transform_raw_features(dummy)
+    return {name: np.ravel(np.asarray(value)[0])
+            for name, value in transformed.items()}
+
+
+def _scalar(values: np.ndarray) -> int:
+    """The one integer in an analyzer result of length 1."""
+    return int(np.ravel(values)[0])
+
+
+def _join(base: str, *parts: str) -> str:
+    """Joins path parts for local and ``gs://``-style paths alike."""
+    return FileSystems.join(base, *parts)
+
+
+# --------------------------------------------------------------------------
+# Recommendations and the report
+# --------------------------------------------------------------------------
+
+
+def recommend_max_seq_length(fits: Sequence[int], nonempty: int,
+                             coverage: float = DEFAULT_COVERAGE
+                             ) -> tuple[int, float]:
+    """Smallest candidate length holding ``coverage`` of the documents.
+
+    ``fits[i]`` is how many non-empty documents have at most
+    ``CANDIDATE_LENGTHS[i]`` tokens.  Returns the length and the share it
+    covers; the cap (512, BERT's position limit) when no candidate reaches
+    ``coverage``.
+    """
+    if nonempty <= 0:
+        return CANDIDATE_LENGTHS[0], 1.0
+    for length, count in zip(CANDIDATE_LENGTHS, fits):
+        if count / nonempty >= coverage:
+            return length, count / nonempty
+    return CANDIDATE_LENGTHS[-1], fits[-1] / nonempty
+
+
+def recommend_bucket_boundaries(quantiles: Sequence[float], num_buckets: int,
+                                max_seq_length: int) -> list[int]:
+    """Bucket boundaries from length quantiles: rounded up to multiples of
+    8, deduplicated, sorted, at most ``num_buckets - 1`` of them.
+
+    Boundaries above ``max_seq_length`` are dropped: after truncation no
+    document is longer, so they would only add empty buckets.
+    """
+    rounded = {BOUNDARY_MULTIPLE * math.ceil(float(q) / BOUNDARY_MULTIPLE)
+               for q in quantiles if math.isfinite(float(q))}
+    usable = sorted(b for b in rounded if 0 < b <= max_seq_length)
+    return usable[:max(num_buckets - 1, 0)]
+
+
+def build_report(stats: dict[str, np.ndarray], config: AnalysisConfig,
+                 failed_documents: Optional[int]) -> dict[str, Any]:
+    """The JSON report from the raw analyzer results."""
+    documents = _scalar(stats["documents"])
+    nonempty = _scalar(stats["nonempty"])
+    wordpieces = _scalar(stats["wordpieces"])
+    truncated = _scalar(stats["truncated"])
+    fits = [int(v) for v in np.ravel(stats["fits"])]
+    recommended, covered = recommend_max_seq_length(fits, nonempty,
+                                                    config.coverage)
+    percentiles = np.ravel(stats["percentiles"])
+    quantiles = ({f"p{p}": float(percentiles[p - 1])
+                  for p in QUANTILE_PERCENTS} if nonempty else {})
+    bucket_quantiles = np.ravel(stats.get("bucket_quantiles", np.zeros(0)))
+    boundaries = (recommend_bucket_boundaries(
+        bucket_quantiles, config.num_buckets, recommended) if nonempty
+        else [])
+    return {
+        "documents": documents,
+        "empty_documents": documents - nonempty,
+        "failed_documents": failed_documents,
+        "token_length_quantiles": quantiles,
+        "mean_tokens": (_scalar(stats["token_sum"]) / nonempty
+                        if nonempty else None),
+        "max_tokens": _scalar(stats["max_tokens"]) if nonempty else None,
+        "max_seq_length": config.max_seq_length,
+        "truncated_documents": truncated,
+        "truncated_share": truncated / nonempty if nonempty else 0.0,
+        "unk_rate": (_scalar(stats["unk"]) / wordpieces if wordpieces
+                     else 0.0),
+        "length_coverage_target": config.coverage,
+        "recommended_max_seq_length": recommended,
+        "recommended_max_seq_length_coverage": covered,
+        "num_buckets": config.num_buckets,
+        "recommended_bucket_boundaries": boundaries,
+        "vocab_file": config.vocab_path,
+        "do_lower_case": config.do_lower_case,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few lines for people."""
+    quantiles = report["token_length_quantiles"]
+    shown = ", ".join(f"{k} {v:g}" for k, v in quantiles.items()) or "-"
+    mean = report["mean_tokens"]
+    lines = [
+        f"documents:          {report['documents']} "
+        f"({report['empty_documents']} empty, not in the length stats; "
+        f"{report['failed_documents']} unreadable)",
+        "tokens per document (incl. [CLS]/[SEP], untruncated):",
+        f"  mean {mean:.1f}, max {report['max_tokens']}" if mean is not None
+        else "  no non-empty documents",
+        f"  quantiles:        {shown}",
+        f"{'truncated at ' + str(report['max_seq_length']) + ':':<20}"
+        f"{report['truncated_share']:.2%} "
+        f"({report['truncated_documents']} documents)",
+        f"[UNK] rate:         {report['unk_rate']:.3%} of word pieces",
+        f"recommended max_seq_length: {report['recommended_max_seq_length']} "
+        f"(holds {report['recommended_max_seq_length_coverage']:.2%}; "
+        f"target {report['length_coverage_target']:.0%})",
+        "recommended bucket boundaries: "
+        f"{report['recommended_bucket_boundaries']}",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str) -> None:
+    """Writes the report as JSON through Beam's file systems (gs:// too)."""
+    data = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    with FileSystems.create(path) as handle:
+        handle.write(data.encode("utf-8"))
+
+
+def _failed_count(result: Any) -> Optional[int]:
+    """Documents that could not be read or tokenized, from Beam metrics
+    (``None`` where the runner does not report metrics)."""
+    try:
+        counters = result.metrics().query(
+            MetricsFilter().with_namespace(METRICS_NAMESPACE)
+            .with_name("documents_failed"))["counters"]
+    except Exception:  # pylint: disable=broad-except
+        return None
+    return sum(c.committed or 0 for c in counters)
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def _work_dir(options: PipelineOptions) -> tuple[str, bool]:
+    """Where tf.Transform writes: under ``--temp_location`` when given (so
+    remote workers can reach it), else a local temporary directory.  The
+    flag says whether it is local (removed with ``shutil``)."""
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    if temp_location:
+        return _join(temp_location, f"analyze-{uuid.uuid4().hex}"), False
+    return tempfile.mkdtemp(prefix="corpus-analysis-"), True
+
+
+def _remove(path: str, local: bool) -> None:
+    """Best-effort removal of the work directory."""
+    try:
+        if local:
+            shutil.rmtree(path, ignore_errors=True)
+        elif FileSystems.exists(path):
+            FileSystems.delete([path])
+    except Exception:  # pylint: disable=broad-except
+        _LOG.warning("could not remove %s", path, exc_info=True)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Runs the analysis and returns the report (also printed, and written
+    to ``--output`` when given)."""
+    pipeline_options = PipelineOptions(argv)
+    config, demo = resolve_config(pipeline_options)
+    if demo:
+        print(DEMO_NOTE, file=sys.stderr)
+    work_dir, local = _work_dir(pipeline_options)
+    try:
+        pipeline = beam.Pipeline(options=pipeline_options)
+        build_pipeline(pipeline, config, work_dir)
+        result = pipeline.run()
+        result.wait_until_finish()
+        stats = read_statistics(_join(work_dir, "transform_fn"))
+    finally:
+        _remove(work_dir, local)
+    report = build_report(stats, config, _failed_count(result))
+    print(format_report(report))
+    if config.output:
+        write_report(report, config.output)
+        print(f"report:             {config.output}")
+    return report
+
+
+_SHARED_FLAGS = ("input", "input_format", "id_field", "text_field", "model",
+                 "vocab_file", "do_lower_case", "max_seq_length", "output")
+
+
+def print_help() -> None:
+    """``--help``: the flags this job reads, and a pointer to Beam's own."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.analyze",
+        description="Corpus analysis with tf.Transform: document count, "
+                    "token-length quantiles, truncated share, [UNK] rate, "
+                    "recommended max_seq_length and bucket boundaries.",
+        epilog="Apache Beam's pipeline options pass through as well "
+               "(--runner, --direct_num_workers, --temp_location, ...).")
+    shared = argparse.ArgumentParser(add_help=False)
+    EmbedOptions._add_argparse_args(shared)  # pylint: disable=protected-access
+    group = parser.add_argument_group("shared with pipeline.run")
+    for action in shared._actions:  # pylint: disable=protected-access
+        if action.dest in _SHARED_FLAGS:
+            action = copy.copy(action)
+            if action.dest == "output":
+                action.help = "Write the report as JSON to this path."
+            elif action.dest == "max_seq_length":
+                action.help = "The run's length limit: the report says " \
+                              "which share of documents it truncates."
+            group._add_action(action)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    AnalyzeOptions._add_argparse_args(parser)
+    parser.print_help()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI wrapper: exit 0 on success, 2 on bad usage."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print_help()
+        return 0
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: "
+                               "%(message)s")
+    try:
+        run(args)
+    except (UsageError, FileNotFoundError, ModelFormatError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
