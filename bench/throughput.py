@@ -111,18 +111,26 @@ def write_jsonl(texts: Iterable[str], path: str) -> None:
                                     ensure_ascii=False) + "\n")
 
 
-def matmul_gflops(seconds: float = 3.0) -> float:
-    """Measured float32 matmul rate of this machine with TensorFlow."""
+def matmul_gflops(windows: int = 5, seconds: float = 0.6) -> float:
+    """Float32 matmul rate of this machine with TensorFlow, in GFLOP/s.
+
+    A BERT-shaped product ([2048, 768] x [768, 3072]) timed over several
+    short windows; the best window counts, so that noise from other work on
+    the machine lowers the limit less (a higher limit is the stricter one).
+    """
     import tensorflow as tf
     a = tf.random.normal([2048, 768])
     b = tf.random.normal([768, 3072])
     tf.matmul(a, b).numpy()
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        tf.matmul(a, b).numpy()
-        count += 1
-    elapsed = time.perf_counter() - started
-    return count * 2 * 2048 * 768 * 3072 / elapsed / 1e9
+    best = 0.0
+    for _ in range(windows):
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            tf.matmul(a, b).numpy()
+            count += 1
+        elapsed = time.perf_counter() - started
+        best = max(best, count * 2 * 2048 * 768 * 3072 / elapsed / 1e9)
+    return best
 
 
 def flops_per_token(mean_padded_length: float, layers: int = 12,
@@ -166,10 +174,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     result = pipeline.run()
     result.wait_until_finish()
     wall = time.perf_counter() - started
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
-        MetricsFilter())["counters"]}
+    metrics = result.metrics().query(MetricsFilter())
+    counters = {c.key.metric.name: c.committed for c in metrics["counters"]}
+    # RunInference times every model call: the sum is the model's time.
+    model_us = sum(d.committed.sum for d in metrics["distributions"]
+                   if d.key.metric.name.endswith(
+                       "inference_batch_latency_micro_secs"))
     measured = {
-        "variant": args.worker, "wall_s": wall,
+        "variant": args.worker, "wall_s": wall, "model_s": model_us / 1e6,
         "documents": counters.get("documents_read", 0)
         - counters.get("documents_skipped_empty", 0),
         "peak_rss_mib": resource.getrusage(
@@ -219,10 +231,10 @@ def _real_tokens_and_stages(args, vocab: list[str], out: str,
 
 
 def _spawn(args: argparse.Namespace, variant: str, corpus: str,
-           max_seq: int) -> dict[str, Any]:
+           max_seq: int, tag: str = "") -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.throughput", "--worker", variant,
                "--corpus", corpus, "--model", args.model, "--workdir",
-               os.path.join(args.workdir, f"{variant}-{max_seq}"),
+               os.path.join(args.workdir, f"{variant}-{max_seq}{tag}"),
                "--max_seq_length", str(max_seq), "--batch_size",
                str(args.batch_size), "--max_tokens_per_batch",
                str(args.max_tokens_per_batch)]
@@ -246,6 +258,16 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+def _best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant, the run with the shortest wall time (noise only slows)."""
+    best: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        name = run["variant"]
+        if name not in best or run["wall_s"] < best[name]["wall_s"]:
+            best[name] = run
+    return best
+
+
 def _report(results: dict[str, dict[str, Any]], gflops: float,
             mean_padded: float) -> list[str]:
     lines = [f"{'variant':<9} {'docs/s':>8} {'real tok/s':>11} "
@@ -261,14 +283,21 @@ def _report(results: dict[str, dict[str, Any]], gflops: float,
             for n in VARIANTS}
     roofline = gflops * 1e9 / flops_per_token(mean_padded)
     ours = results["ours"]
+    in_model = ours["tokens_real"] / ours["model_s"]
     lines += [
         f"ours / baseline: {rate['ours'] / rate['baseline']:.2f}x   "
-        f"ours / peer: {rate['ours'] / rate['peer']:.2f}x  (real tokens/s)",
+        f"ours / peer: {rate['ours'] / rate['peer']:.2f}x  (real tokens/s, "
+        f"end to end)",
         f"roofline: matmul {gflops:.1f} GFLOP/s, "
         f"{flops_per_token(mean_padded) / 1e6:.1f} MFLOP/token -> "
-        f"{roofline:.0f} tokens/s; ours = {rate['ours'] / roofline:.1%} of it",
-        f"ours, share of wall time: tokenize {ours['tokenize_share']:.1%}, "
-        f"write {ours['write_share']:.1%}",
+        f"{roofline:.0f} tokens/s; ours end to end = "
+        f"{rate['ours'] / roofline:.1%} of it, ours in model calls "
+        f"({in_model:.0f} real tokens/s) = {in_model / roofline:.1%}",
+        f"ours, share of wall time: model calls "
+        f"{ours['model_s'] / ours['wall_s']:.1%}, tokenize "
+        f"{ours['tokenize_share']:.1%}, write {ours['write_share']:.1%}, "
+        f"rest (start-up, model load, Beam) "
+        f"{1 - ours['model_s'] / ours['wall_s'] - ours['tokenize_share'] - ours['write_share']:.1%}",
     ]
     return lines
 
@@ -288,18 +317,22 @@ def orchestrate(args: argparse.Namespace) -> None:
           f"batch_size {args.batch_size}, max_tokens_per_batch "
           f"{args.max_tokens_per_batch}", flush=True)
     gflops = [matmul_gflops()]
-    results = {}
-    for variant in VARIANTS:
-        results[variant] = _spawn(args, variant, corpus, args.max_seq_length)
-        print(f"  ran {variant}: {results[variant]['wall_s']:.1f} s",
-              flush=True)
-    gflops.append(matmul_gflops())
+    runs = []
+    for round_index in range(args.repeat):
+        for variant in VARIANTS:
+            runs.append(_spawn(args, variant, corpus, args.max_seq_length,
+                               f"r{round_index}"))
+            print(f"  round {round_index + 1}: {variant} "
+                  f"{runs[-1]['wall_s']:.1f} s", flush=True)
+            gflops.append(matmul_gflops())
+    results = _best_runs(runs)
     ours = results["ours"]
     lengths = ours["tokens_real"] / ours["rows"]
     padded = lengths / max(1e-9, ours["tokens_real"] / ours["tokens_computed"])
     print(f"median real tokens/doc: {_median_tokens(texts, args):.0f}; "
-          f"matmul rate before/after: "
-          + "/".join(f"{g:.1f}" for g in gflops) + " GFLOP/s")
+          f"matmul rate samples: "
+          + " ".join(f"{g:.1f}" for g in gflops) + " GFLOP/s (best used); "
+          f"best of {args.repeat} run(s) per variant")
     for line in _report(results, max(gflops), padded):
         print(line)
     if not args.skip_rss_512:
@@ -329,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_tokens_per_batch", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the three runs; best wall time "
+                             "per variant is reported")
     parser.add_argument("--model", default=None,
                         help="SavedModel (default: BERT-Base, random)")
     parser.add_argument("--workdir", default=None)
