@@ -26,23 +26,6 @@ TINY = BertConfig(vocab_size=200, hidden_size=32, num_layers=2, num_heads=4,
 TINY_VOCAB = ["[PAD]"] + [f"tok{i}" for i in range(1, TINY.vocab_size)]
 
 
-def _random_weights(config: BertConfig, seed: int) -> dict[str, np.ndarray]:
-    """Weights larger than BERT's init so every op visibly matters."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in bert_weight_shapes(config).items():
-        if name.endswith("/gamma"):
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif name.endswith(("/beta", "/bias")):
-            value = 0.1 * rng.standard_normal(shape)
-        elif "embeddings" in name:
-            value = 0.5 * rng.standard_normal(shape)
-        else:  # kernel [in, out]: unit-variance outputs
-            value = rng.standard_normal(shape) / np.sqrt(shape[0])
-        weights[name] = value.astype(np.float32)
-    return weights
-
-
 def _random_batch(rng: np.random.Generator, lengths: list[int], seq_len: int,
                   vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Padded int32 (ids, mask, segments) with the given real lengths."""
@@ -66,8 +49,8 @@ def _call(model, ids, mask, segments) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def weights() -> dict[str, np.ndarray]:
-    return _random_weights(TINY, seed=1234)
+def weights(random_bert_weights) -> dict[str, np.ndarray]:
+    return random_bert_weights(TINY, seed=1234)
 
 
 @pytest.fixture(scope="module")
