@@ -1,23 +1,37 @@
-"""The pipeline graph: read -> tokenize -> batch + infer -> write.
+"""The pipeline graph: read -> [dedup] -> [incremental join] -> tokenize ->
+batch + infer -> write.
 
 ``JobConfig`` is everything the graph needs, resolved by the launcher
 (``pipeline.run``) before construction: the vocabulary is passed to the
-tokenizer by value, so workers never read it from the model again.
+tokenizer by value, so workers never read it from the model again, and the
+model fingerprint and the previous index's files are known up front.
+
+Besides the embeddings and the dead letters, every run writes its index
+(``<output>-index/part-*.parquet``: one entry per document of the current
+dataset, see ``transforms.incremental``) and, when it builds on a previous
+index, the documents deleted since (``<output>-deleted-*.jsonl``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
 from transforms.aggregate import DocumentVectors
-from transforms.infer import BertModelHandler, EmbedDocuments
-from transforms.read import DEAD_LETTER_TAG, ReadDocuments
+from transforms.dedup import DropDuplicates
+from transforms.handler import RowMetadataModelHandler
+from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG, SplitUnchanged,
+                                    WriteDeleted, WriteIndex, entry_of)
+from transforms.infer import EmbedDocuments
+from transforms.progress import ProgressConfig, TrackProgress
+from transforms.read import (DEAD_LETTER_TAG, DEFAULT_MAX_TEXT_CHARS,
+                             ReadDocuments)
 from transforms.tokenize import TokenizeDocuments
-from transforms.write import (DOCUMENTS_SUFFIX, WriteDeadLetters,
-                              WriteEmbeddings)
+from transforms.write import (DELETED_SUFFIX, DOCUMENTS_SUFFIX, INDEX_SUFFIX,
+                              WriteDeadLetters, WriteEmbeddings,
+                              WriteSettings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,38 +59,116 @@ class JobConfig:
     precision: str = "float32"
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
+    # Input, identity and incremental runs.
+    input_encoding: str = "utf-8"
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    dedup: bool = False
+    run_id: str = ""
+    model_fingerprint: str = ""
+    previous_index_files: Optional[Sequence[str]] = None  # None: no join
+    reuse_previous: bool = True
+    # Output controls.
+    sequence_dtype: str = "float32"
+    parquet_compression: str = "none"
+    parquet_row_group_rows: int = 0
+    tfrecord_compression: str = "none"
+    write_text: bool = False
+    # Operation.
+    input_bytes: Optional[int] = None
+    progress_interval: float = 60.0
 
     @property
     def chunked(self) -> bool:
         return self.long_text == "chunk"
 
+    @property
+    def write_settings(self) -> WriteSettings:
+        return WriteSettings(
+            self.model_fingerprint, self.sequence_dtype, self.write_text,
+            self.parquet_compression, self.parquet_row_group_rows,
+            self.tfrecord_compression)
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """What rows look like on disk: an index mixes runs only when this is
+        equal (see ``pipeline.manifest.load_previous``)."""
+        return {"format": self.output_format,
+                "tfrecord_compression": self.tfrecord_compression,
+                "outputs": sorted(self.outputs), "chunked": self.chunked,
+                "document_vectors": self.document_vectors,
+                "hidden_size": self.hidden_size,
+                "sequence_dtype": self.sequence_dtype,
+                "write_text": self.write_text}
+
+
+def _track(pcoll: beam.PCollection, label: str, kind: str,
+           progress: ProgressConfig) -> None:
+    _ = pcoll | label >> beam.ParDo(TrackProgress(kind, progress))
+
+
+def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
+                      documents: beam.PCollection,
+                      progress: ProgressConfig) -> tuple[Any, Any]:
+    """Dedup and the incremental join: (documents to embed, index entries
+    of unchanged documents or None)."""
+    duplicates = None
+    if config.dedup:
+        documents, duplicates = documents | "Dedup" >> DropDuplicates()
+        _track(duplicates, "ProgressDuplicates", "documents", progress)
+    if config.previous_index_files is None:
+        return documents, None
+    if duplicates is None:
+        duplicates = pipeline | "NoDuplicates" >> beam.Create([])
+    split = (documents, duplicates) | "Incremental" >> SplitUnchanged(
+        config.previous_index_files, config.model_fingerprint,
+        config.reuse_previous)
+    _ = split[DELETED_TAG] | "WriteDeleted" >> WriteDeleted(
+        config.output + DELETED_SUFFIX)
+    _track(split[UNCHANGED_TAG], "ProgressUnchanged", "documents", progress)
+    return split.to_embed, split[UNCHANGED_TAG]
+
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Adds the embedding job's transforms to ``pipeline``."""
+    progress = ProgressConfig(config.run_id, config.progress_interval,
+                              config.input_bytes)
     documents, read_failures = (
         pipeline | "ReadDocuments" >> ReadDocuments(
             config.inputs, config.input_format, config.id_field,
-            config.text_field))
+            config.text_field, config.input_encoding, config.max_text_chars))
+    documents, unchanged = _select_documents(pipeline, config, documents,
+                                             progress)
+    _track(documents, "ProgressDocuments", "documents", progress)
     tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
         config.vocab, config.do_lower_case, config.max_seq_length,
-        config.long_text, config.chunk_stride)
+        config.long_text, config.chunk_stride, config.write_text)
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
-    handler = BertModelHandler(config.model_dir, config.outputs,
-                               config.precision, config.intra_op_threads,
-                               config.inter_op_threads)
+    handler = RowMetadataModelHandler(
+        config.model_dir, config.outputs, config.precision,
+        config.intra_op_threads, config.inter_op_threads)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,
             config.bucket_boundaries))
+    _track(embeddings, "ProgressEmbeddings", "embeddings", progress)
+    settings = config.write_settings
     _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
         config.output, config.output_format, config.hidden_size,
-        config.outputs, config.num_shards, config.chunked)
+        config.outputs, config.num_shards, config.chunked, settings)
     if config.document_vectors:
         _ = (embeddings
              | "DocumentVectors" >> DocumentVectors()
              | "WriteDocumentVectors" >> WriteEmbeddings(
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
-                 config.hidden_size, ("pooled",), config.num_shards))
+                 config.hidden_size, ("pooled",), config.num_shards,
+                 settings=dataclasses.replace(settings, write_text=False)))
+    entries = (embeddings
+               | "FirstChunks" >> beam.Filter(lambda e: e.chunk_index == 0)
+               | "IndexEntries" >> beam.Map(
+                   entry_of, config.model_fingerprint, config.run_id))
+    if unchanged is not None:
+        entries = (entries, unchanged) | "AllIndexEntries" >> beam.Flatten()
+    _ = entries | "WriteIndex" >> WriteIndex(config.output + INDEX_SUFFIX)
     _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(config.output))

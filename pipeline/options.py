@@ -13,9 +13,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.runtime import PRECISIONS
 from transforms.infer import OUTPUT_KINDS
-from transforms.read import INPUT_FORMATS
+from transforms.read import DEFAULT_MAX_TEXT_CHARS, ENCODINGS, INPUT_FORMATS
 from transforms.tokenize import LONG_TEXT_MODES
-from transforms.write import FORMATS
+from transforms.write import (FORMATS, PARQUET_CODECS, SEQUENCE_DTYPES,
+                              TFRECORD_COMPRESSIONS)
 
 
 def parse_outputs(value: str) -> list[str]:
@@ -50,6 +51,28 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def _share(value: str) -> float:
+    """A fraction in [0, 1]."""
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
 class EmbedOptions(PipelineOptions):
     """Options of ``python -m pipeline.run``."""
 
@@ -63,14 +86,40 @@ class EmbedOptions(PipelineOptions):
         group.add_argument(
             "--input_format", default="auto", choices=INPUT_FORMATS,
             help="text: one document per line; jsonl: one JSON object per "
-                 "line; auto: jsonl for *.jsonl/*.ndjson/*.json, else text.")
+                 "line; csv/tsv: rows with a header row; parquet: rows; "
+                 "auto: by suffix (.jsonl/.ndjson/.json, .csv, .tsv/.tab, "
+                 ".parquet/.pq), else text.")
+        group.add_argument(
+            "--input_encoding", default="utf-8", choices=ENCODINGS,
+            help="Encoding of text, JSONL and CSV/TSV input (a BOM is "
+                 "dropped; UTF-16 takes its byte order from the BOM).")
         group.add_argument(
             "--id_field", default="id",
-            help="JSONL field holding the document id (dots reach nested "
-                 "fields, e.g. meta.id). Missing ids become <file>:<line>.")
+            help="JSONL field or CSV/Parquet column holding the document id "
+                 "(dots reach nested fields, e.g. meta.id). Without one the "
+                 "id is <file name>:<content hash prefix>.")
         group.add_argument(
             "--text_field", default="text",
-            help="JSONL field holding the document text (dots for nesting).")
+            help="JSONL field or CSV/Parquet column holding the document "
+                 "text (dots for nesting).")
+        group.add_argument(
+            "--max_text_chars", type=_positive_int,
+            default=DEFAULT_MAX_TEXT_CHARS,
+            help="Longer texts are dead letters, not embedded.")
+        group.add_argument(
+            "--max_error_rate", type=_share, default=None,
+            help="Fail the run (exit 3, nothing published) when failed / "
+                 "read exceeds this fraction, e.g. 0.01.")
+        group.add_argument(
+            "--dedup", action="store_true",
+            help="Embed exact duplicate texts once (the others are counted "
+                 "as duplicates).")
+        group.add_argument(
+            "--previous_index", default=None,
+            help="An earlier run's manifest, output prefix, or a glob of "
+                 "manifests (the newest successful one is used): documents "
+                 "whose id, content hash and model fingerprint are already "
+                 "there are not embedded again.")
         group.add_argument(
             "--output", default=None,
             help="Output prefix: writes <output>-SSSSS-of-NNNNN.<format>, "
@@ -144,3 +193,24 @@ class EmbedOptions(PipelineOptions):
         group.add_argument(
             "--num_shards", type=int, default=0,
             help="Output files to write (0: let the runner decide).")
+        group.add_argument(
+            "--sequence_dtype", default="float32", choices=SEQUENCE_DTYPES,
+            help="Storage type of sequence_output (float16 halves its "
+                 "size; pooled_output stays float32).")
+        group.add_argument(
+            "--parquet_compression", default="none", choices=PARQUET_CODECS,
+            help="Parquet codec (embeddings compress little; zstd helps "
+                 "most with --write_text).")
+        group.add_argument(
+            "--parquet_row_group_rows", type=_non_negative_int, default=0,
+            help="Rows per Parquet row group (0: about 32 MiB per group).")
+        group.add_argument(
+            "--tfrecord_compression", default="none",
+            choices=TFRECORD_COMPRESSIONS,
+            help="gzip writes *.tfrecord.gz.")
+        group.add_argument(
+            "--write_text", action="store_true",
+            help="Add a text column with each document's text.")
+        group.add_argument(
+            "--progress_interval", type=_seconds, default=60.0,
+            help="Seconds between progress log lines per worker (0: off).")

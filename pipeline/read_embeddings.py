@@ -1,19 +1,29 @@
 """Loading a run's embeddings back into numpy, from Parquet or TFRecord.
 
-    from pipeline.read_embeddings import load_embeddings
-    emb = load_embeddings("out/news-*-of-*.parquet")
+    from pipeline.read_embeddings import load_embeddings, load_index
+    emb = load_embeddings("out/news-*-of-*.parquet")   # one run's files
+    emb = load_index("out/2024-05-02/news-manifest.json")  # current dataset
     emb.ids, emb.pooled_output.shape, emb.sequence_output[0].shape
 
-The format is taken from the file suffix.  Rows come back sorted by id so
-that two runs (or the two formats) compare row for row.
+The format is taken from the file suffix (``.parquet``, ``.tfrecord``,
+``.tfrecord.gz``).  Rows come back sorted by id so that two runs (or the two
+formats) compare row for row.  ``load_embeddings`` refuses a shard set with
+missing shards (``-00001-of-00003`` without ``-00000-``...), the mark of an
+unfinished copy; ``load_index`` follows a run manifest, so it reads only
+complete runs, and after incremental runs it gathers the current rows of
+every document from the runs that hold them.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Optional
+import re
+from typing import Any, Optional
 
 import numpy as np
+
+_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.[^/]*)$")
 
 
 @dataclasses.dataclass
@@ -23,14 +33,39 @@ class Embeddings:
     num_tokens: np.ndarray  # int32 [n]
     truncated: np.ndarray  # bool [n]
     pooled_output: Optional[np.ndarray]  # float32 [n, hidden]
-    sequence_output: Optional[list[np.ndarray]]  # n x float32 [tokens, hidden]
+    # n x [tokens, hidden], float32 or float16 as written (--sequence_dtype)
+    sequence_output: Optional[list[np.ndarray]]
     # Chunked runs only (--long_text chunk):
     doc_ids: Optional[list[str]] = None
     chunk_index: Optional[np.ndarray] = None  # int32 [n]
     num_chunks: Optional[np.ndarray] = None  # int32 [n]
+    content_hash: Optional[list[str]] = None
+    model_fingerprint: Optional[list[str]] = None
+    text: Optional[list[Optional[str]]] = None  # --write_text only
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def document_ids(self) -> list[str]:
+        """The document each row belongs to (chunks share it)."""
+        return self.doc_ids if self.doc_ids is not None else self.ids
+
+
+def check_complete(files: list[str]) -> None:
+    """Raises ``ValueError`` when a ``-SSSSS-of-NNNNN`` shard set misses
+    shards."""
+    found: dict[tuple[str, int, str], set[int]] = collections.defaultdict(set)
+    for path in files:
+        match = _SHARD.match(path)
+        if match:
+            prefix, shard, count, suffix = match.groups()
+            found[(prefix, int(count), suffix)].add(int(shard))
+    for (prefix, count, suffix), shards in found.items():
+        missing = sorted(set(range(count)) - shards)
+        if missing:
+            raise ValueError(f"incomplete dataset: {prefix}-*-of-{count:05d}"
+                             f"{suffix} lacks shards {missing[:5]}")
 
 
 def _match(pattern: str) -> list[str]:
@@ -42,15 +77,9 @@ def _match(pattern: str) -> list[str]:
     return files
 
 
-def _sorted(emb: Embeddings) -> Embeddings:
-    """Rows by id, or by (doc_id, chunk_index) for chunked runs."""
-    if emb.doc_ids is not None:
-        key = lambda i: (emb.doc_ids[i], int(emb.chunk_index[i]))  # noqa
-    else:
-        key = emb.ids.__getitem__
-    order = sorted(range(len(emb.ids)), key=key)
-
-    def pick(values):
+def _take(emb: Embeddings, order: list[int]) -> Embeddings:
+    """The rows ``order`` of ``emb``, in that order."""
+    def pick(values: Any) -> Any:
         if values is None:
             return None
         if isinstance(values, list):
@@ -61,8 +90,37 @@ def _sorted(emb: Embeddings) -> Embeddings:
                          for field in dataclasses.fields(emb)})
 
 
+def _sorted(emb: Embeddings) -> Embeddings:
+    """Rows by id, or by (doc_id, chunk_index) for chunked runs."""
+    if emb.doc_ids is not None:
+        key = lambda i: (emb.doc_ids[i], int(emb.chunk_index[i]))  # noqa
+    else:
+        key = emb.ids.__getitem__
+    return _take(emb, sorted(range(len(emb.ids)), key=key))
+
+
+def _concat(parts: list[Embeddings]) -> Embeddings:
+    """The rows of several datasets of one layout, one after the other."""
+    def join(values: list[Any]) -> Any:
+        if any(v is None for v in values):
+            return None
+        if isinstance(values[0], list):
+            return [item for value in values for item in value]
+        return np.concatenate(values)
+
+    return Embeddings(**{
+        field.name: join([getattr(p, field.name) for p in parts])
+        for field in dataclasses.fields(Embeddings)})
+
+
+def _strings(table: Any, name: str) -> Optional[list[Any]]:
+    if name not in table.column_names:
+        return None
+    return table.column(name).to_pylist()
+
+
 def read_parquet(files: list[str]) -> Embeddings:
-    """Reads Parquet files written with ``transforms.write.embedding_schema``."""
+    """Reads Parquet files of ``transforms.write.embedding_schema`` rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
@@ -94,49 +152,139 @@ def read_parquet(files: list[str]) -> Embeddings:
         chunk_index=(table.column("chunk_index").to_numpy().astype(np.int32)
                      if chunked else None),
         num_chunks=(table.column("num_chunks").to_numpy().astype(np.int32)
-                    if chunked else None))
+                    if chunked else None),
+        content_hash=_strings(table, "content_hash"),
+        model_fingerprint=_strings(table, "model_fingerprint"),
+        text=_strings(table, "text"))
+
+
+def _bytes(feature: Any, name: str) -> Optional[str]:
+    if name not in feature:
+        return None
+    return feature[name].bytes_list.value[0].decode("utf-8")
+
+
+def _sequence(feature: Any) -> np.ndarray:
+    """A row's sequence matrix: float list, or float16 bytes."""
+    shape = tuple(feature["sequence_shape"].int64_list.value)
+    if _bytes(feature, "sequence_dtype") == "float16":
+        data = feature["sequence_output"].bytes_list.value[0]
+        return np.frombuffer(data, dtype="<f2").astype(np.float16).reshape(
+            shape)
+    return np.array(feature["sequence_output"].float_list.value,
+                    dtype=np.float32).reshape(shape)
 
 
 def read_tfrecord(files: list[str]) -> Embeddings:
-    """Reads TFRecord files of ``tf.train.Example`` embedding rows."""
+    """Reads TFRecord files (gzip for ``.gz``) of ``tf.train.Example`` rows."""
     import tensorflow as tf
-    ids, num_tokens, truncated, pooled, sequence = [], [], [], [], []
-    doc_ids, chunk_index, num_chunks = [], [], []
-    for record in tf.data.TFRecordDataset(files):
+    columns: dict[str, list[Any]] = collections.defaultdict(list)
+    compression = "GZIP" if files[0].endswith(".gz") else ""
+    for record in tf.data.TFRecordDataset(files,
+                                          compression_type=compression):
         feature = tf.train.Example.FromString(record.numpy()).features.feature
-        ids.append(feature["id"].bytes_list.value[0].decode("utf-8"))
-        num_tokens.append(feature["num_tokens"].int64_list.value[0])
-        truncated.append(bool(feature["truncated"].int64_list.value[0]))
+        columns["ids"].append(_bytes(feature, "id"))
+        columns["num_tokens"].append(feature["num_tokens"].int64_list.value[0])
+        columns["truncated"].append(
+            bool(feature["truncated"].int64_list.value[0]))
+        for name in ("content_hash", "model_fingerprint", "text"):
+            columns[name].append(_bytes(feature, name))
         if "doc_id" in feature:
-            doc_ids.append(feature["doc_id"].bytes_list.value[0].decode())
-            chunk_index.append(feature["chunk_index"].int64_list.value[0])
-            num_chunks.append(feature["num_chunks"].int64_list.value[0])
+            columns["doc_ids"].append(_bytes(feature, "doc_id"))
+            columns["chunk_index"].append(
+                feature["chunk_index"].int64_list.value[0])
+            columns["num_chunks"].append(
+                feature["num_chunks"].int64_list.value[0])
         if "pooled_output" in feature:
-            pooled.append(np.array(feature["pooled_output"].float_list.value,
-                                   dtype=np.float32))
+            columns["pooled"].append(np.array(
+                feature["pooled_output"].float_list.value, dtype=np.float32))
         if "sequence_output" in feature:
-            shape = tuple(feature["sequence_shape"].int64_list.value)
-            sequence.append(np.array(
-                feature["sequence_output"].float_list.value,
-                dtype=np.float32).reshape(shape))
+            columns["sequence"].append(_sequence(feature))
+    return _tfrecord_embeddings(columns)
+
+
+def _tfrecord_embeddings(columns: dict[str, list[Any]]) -> Embeddings:
+    chunked = bool(columns["doc_ids"])
+
+    def optional(name: str) -> Optional[list[Any]]:
+        values = columns[name]
+        return values if any(v is not None for v in values) else None
+
     return Embeddings(
-        ids=ids, num_tokens=np.array(num_tokens, dtype=np.int32),
-        truncated=np.array(truncated, dtype=bool),
-        pooled_output=np.stack(pooled) if pooled else None,
-        sequence_output=sequence if sequence else None,
-        doc_ids=doc_ids or None,
-        chunk_index=np.array(chunk_index, np.int32) if doc_ids else None,
-        num_chunks=np.array(num_chunks, np.int32) if doc_ids else None)
+        ids=columns["ids"],
+        num_tokens=np.array(columns["num_tokens"], dtype=np.int32),
+        truncated=np.array(columns["truncated"], dtype=bool),
+        pooled_output=(np.stack(columns["pooled"]) if columns["pooled"]
+                       else None),
+        sequence_output=columns["sequence"] or None,
+        doc_ids=columns["doc_ids"] if chunked else None,
+        chunk_index=(np.array(columns["chunk_index"], np.int32)
+                     if chunked else None),
+        num_chunks=(np.array(columns["num_chunks"], np.int32)
+                    if chunked else None),
+        content_hash=optional("content_hash"),
+        model_fingerprint=optional("model_fingerprint"),
+        text=optional("text"))
+
+
+def read_files(files: list[str]) -> Embeddings:
+    """Rows of ``files`` (all Parquet or all TFRecord), in file order."""
+    if all(f.endswith(".parquet") for f in files):
+        return read_parquet(files)
+    if all(f.endswith((".tfrecord", ".tfrecord.gz")) for f in files):
+        return read_tfrecord(files)
+    raise ValueError(f"files that are not all .parquet or all .tfrecord"
+                     f"[.gz]: {files[:3]}")
 
 
 def load_embeddings(pattern: str) -> Embeddings:
-    """Loads every file matching ``pattern`` (``.parquet`` or ``.tfrecord``)."""
+    """Loads every file matching ``pattern`` (``.parquet`` or
+    ``.tfrecord[.gz]``), sorted by id."""
     files = _match(pattern)
-    if all(f.endswith(".parquet") for f in files):
-        emb = read_parquet(files)
-    elif all(f.endswith(".tfrecord") for f in files):
-        emb = read_tfrecord(files)
-    else:
-        raise ValueError(f"{pattern} matches files that are not all .parquet "
-                         f"or all .tfrecord: {files[:3]}")
-    return _sorted(emb)
+    check_complete(files)
+    return _sorted(read_files(files))
+
+
+def index_entries(manifest: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
+    """run id -> {(document id, content hash)} of a manifest's index."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+    live: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
+    for path in manifest["index"]["keys"]:
+        with FileSystems.open(path) as handle:
+            table = pq.read_table(handle, columns=["id", "content_hash",
+                                                   "run_id"])
+        for doc_id, digest, run_id in zip(*(table.column(i).to_pylist()
+                                            for i in range(3))):
+            live[run_id].add((doc_id, digest))
+    return live
+
+
+def load_index(manifest_path: str, kind: str = "embeddings") -> Embeddings:
+    """The current dataset a run's manifest describes, sorted by id.
+
+    ``kind`` is ``embeddings`` or ``documents`` (document vectors).  Each
+    segment's rows are kept when the index points at that segment's run
+    for the row's document and content, so rows that later runs replaced
+    or deleted are left out.
+    """
+    from pipeline.manifest import SUCCEEDED, read_manifest
+    manifest = read_manifest(manifest_path)
+    if manifest.get("status") != SUCCEEDED or not manifest.get("index"):
+        raise ValueError(f"{manifest_path}: the run did not succeed "
+                         f"({manifest.get('failure')})")
+    live = index_entries(manifest)
+    parts = []
+    for segment in manifest["index"]["segments"]:
+        if not segment[kind]:
+            continue
+        emb = read_files(segment[kind])
+        wanted = live.get(segment["run_id"], set())
+        keep = [i for i, pair in enumerate(zip(emb.document_ids,
+                                               emb.content_hash))
+                if pair in wanted]
+        parts.append(_take(emb, keep))
+    if not parts:
+        raise FileNotFoundError(f"{manifest_path}: the index holds no "
+                                f"{kind} rows")
+    return _sorted(_concat(parts))

@@ -1,32 +1,46 @@
 """Entry point: ``python -m pipeline.run --input ... --output ... [--model]``.
 
 The launcher resolves everything the workers need before the pipeline
-starts (model directory, vocabulary, ``do_lower_case``, hidden size), so a
-wrong flag fails in seconds with one clear line instead of on a worker; it
-then runs the pipeline, waits, and prints and writes the run summary.
+starts (model directory, vocabulary, ``do_lower_case``, hidden size, model
+fingerprint, previous index), so a wrong flag fails in seconds with one
+clear line instead of on a worker.  It then runs the pipeline into a staging
+directory, waits, checks the counts (they must reconcile, and the error rate
+must be within ``--max_error_rate``), and only then publishes the files
+under their final names, the summary, and the manifest last (see
+``pipeline.publish``).
+
+Exit codes: 0 success, 1 the run failed (the pipeline raised, publishing
+broke off, or the counts do not reconcile), 2 bad usage, 3 the error rate
+exceeded ``--max_error_rate``.  Nothing is published unless the exit code
+is 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
-                        tokenizer_settings_with_overrides)
+                        resolve_model_path, tokenizer_settings_with_overrides)
+from pipeline.fingerprint import model_fingerprint
 from pipeline.graph import JobConfig, build_pipeline
+from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
+from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
+                               find_previous, load_previous)
 from pipeline.options import EmbedOptions
-from pipeline.summary import (RunSummary, collect_counts, list_outputs,
-                              write_summary)
+from pipeline.publish import clean_stale, new_run_id, staging_prefix
+from pipeline.summary import COUNTERS, RunSummary, collect_counts
 from transforms.read import check_patterns_match
+from transforms.sources import is_compressed
 from transforms.tokenization import load_vocab
-from transforms.write import output_patterns
 
 _LOG = logging.getLogger("pipeline.run")
 
@@ -36,8 +50,20 @@ DEMO_WARNING = (
     "/path/to/bert_zh_L-12_H-768_A-12 for real embeddings.")
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
+
+
 class UsageError(ValueError):
     """A flag is missing or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedJob:
+    """The launcher's view of a job: its config, whether the demo model is
+    used, and the previous index it builds on."""
+    config: JobConfig
+    demo: bool
+    previous: Optional[PreviousIndex] = None
 
 
 def read_analysis_boundaries(path: str) -> Optional[list[int]]:
@@ -53,12 +79,8 @@ def read_analysis_boundaries(path: str) -> Optional[list[int]]:
     return list(bounds) or None
 
 
-def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
-    """Turns flags into a ``JobConfig``; also says if the demo model is used.
-
-    Raises ``UsageError``, ``FileNotFoundError`` or ``ModelFormatError``
-    with a one-line message when something is wrong.
-    """
+def _check_flags(options: EmbedOptions) -> None:
+    """Raises ``UsageError`` for missing or inconsistent flags."""
     if not options.input:
         raise UsageError("--input is required (a file or glob)")
     if not options.output:
@@ -75,7 +97,25 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
                          "(chunks must not skip tokens)")
     if options.document_vectors and "pooled" not in options.outputs:
         raise UsageError("--document_vectors needs pooled in --outputs")
-    check_patterns_match(options.input)
+
+
+def input_size(patterns: Sequence[str]) -> Optional[int]:
+    """Total bytes of the input files, or None when some are compressed
+    (their decompressed size, which progress counts, is unknown)."""
+    files = check_patterns_match(patterns)
+    if any(is_compressed(f.path) for f in files):
+        return None
+    return sum(f.size_in_bytes for f in files)
+
+
+def resolve_job(options: EmbedOptions) -> ResolvedJob:
+    """Turns flags into a ``ResolvedJob``.
+
+    Raises ``UsageError``, ``FileNotFoundError``, ``ModelFormatError`` or
+    ``ManifestError`` with a one-line message when something is wrong.
+    """
+    _check_flags(options)
+    total_bytes = input_size(options.input)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:
         boundaries = read_analysis_boundaries(options.analysis)
@@ -95,6 +135,8 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         raise ModelFormatError(
             f"{model_dir}: the model returns {probed}-wide vectors but its "
             f"word-embedding table is {hidden_size} wide")
+    stride = (options.chunk_stride or options.max_seq_length - 2
+              if options.long_text == "chunk" else None)
     config = JobConfig(
         inputs=list(options.input), output=options.output,
         model_dir=model_dir, vocab=vocab,
@@ -112,33 +154,101 @@ def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
         document_vectors=options.document_vectors,
         precision=options.precision,
         intra_op_threads=options.tf_intra_op_threads or None,
-        inter_op_threads=options.tf_inter_op_threads or None)
-    return config, demo
+        inter_op_threads=options.tf_inter_op_threads or None,
+        input_encoding=options.input_encoding,
+        max_text_chars=options.max_text_chars, dedup=options.dedup,
+        run_id=new_run_id(),
+        model_fingerprint=model_fingerprint(
+            resolve_model_path(model_dir), settings.vocab_path,
+            settings.do_lower_case, options.max_seq_length,
+            options.long_text, stride, options.precision),
+        sequence_dtype=options.sequence_dtype,
+        parquet_compression=options.parquet_compression,
+        parquet_row_group_rows=options.parquet_row_group_rows,
+        tfrecord_compression=options.tfrecord_compression,
+        write_text=options.write_text, input_bytes=total_bytes,
+        progress_interval=options.progress_interval)
+    previous = None
+    if options.previous_index:
+        path = find_previous(options.previous_index, config.output)
+        if path is not None:
+            previous = load_previous(path, config.output, config.layout)
+            config = dataclasses.replace(
+                config, previous_index_files=previous.index_files,
+                reuse_previous=previous.reuse)
+    return ResolvedJob(config, demo, previous)
+
+
+def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
+    """``resolve_job`` as ``(config, demo)``: the job a graph is built from
+    (e.g. by a launcher that submits it without waiting)."""
+    job = resolve_job(options)
+    return job.config, job.demo
+
+
+def _execute(pipeline: beam.Pipeline, active: StagedRun, demo: bool) -> Any:
+    """Runs the pipeline; on an exception keeps a failed manifest in the
+    staging directory and raises ``RunFailed``."""
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
+    except Exception as err:
+        message = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+        summary = RunSummary(dict.fromkeys(COUNTERS, 0), 0, 0.0,
+                             active.config.model_dir, demo, {},
+                             active.config.run_id,
+                             active.config.model_fingerprint,
+                             failure=f"pipeline failed: {message}")
+        try:
+            active.keep_failed(summary)
+        except Exception:  # reporting must not hide the pipeline's error
+            _LOG.exception("Could not record the failed run")
+        raise RunFailed(
+            f"the pipeline failed, nothing was published ({message}); "
+            f"staged files: {active.staging_dir}") from err
 
 
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
-    """Runs the job and returns its summary (also printed and written)."""
+    """Runs the job and returns its summary (also printed and written).
+
+    Raises ``RunFailed`` when the pipeline raises.  A run whose counts do
+    not reconcile or whose error rate is over ``--max_error_rate`` returns
+    a summary with ``status == "failed"`` and publishes nothing.
+    """
     pipeline_options = PipelineOptions(argv)
-    config, demo = resolve_config(pipeline_options.view_as(EmbedOptions))
-    if demo:
+    options = pipeline_options.view_as(EmbedOptions)
+    job = resolve_job(options)
+    config = job.config
+    if job.demo:
         print(DEMO_WARNING, file=sys.stderr)
+    clean_stale(config.output, config.run_id)
+    active = StagedRun(config, job.previous, utc_now(),
+                       staging_prefix(config.output, config.run_id))
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options)
-    build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    elapsed = time.perf_counter() - started
+    build_pipeline(pipeline, dataclasses.replace(
+        config, output=active.staged_prefix))
+    result = _execute(pipeline, active, job.demo)
     counts, loads = collect_counts(result)
     summary = RunSummary(
-        counts=counts, model_loads=loads, elapsed_seconds=round(elapsed, 3),
-        model_dir=config.model_dir, demo_model=demo,
-        outputs=list_outputs(output_patterns(config.output,
-                                             config.output_format)))
-    summary_path = config.output + "-summary.json"
-    write_summary(summary, summary_path)
-    print(summary.format())
+        counts=counts, model_loads=loads,
+        elapsed_seconds=round(time.perf_counter() - started, 3),
+        model_dir=config.model_dir, demo_model=job.demo, outputs={},
+        run_id=config.run_id, model_fingerprint=config.model_fingerprint,
+        previous_index=job.previous.manifest if job.previous else None)
+    summary.failure = failure_of(summary, options.max_error_rate)
+    if summary.failure:
+        summary_path = active.keep_failed(summary)
+        print(summary.format())
+        print(f"nothing published; staged files kept in "
+              f"{active.staging_dir}")
+    else:
+        summary_path, manifest_path = active.publish(summary)
+        print(summary.format())
+        print(f"manifest:           {manifest_path}")
     print(f"summary:            {summary_path}")
-    if demo:
+    if job.demo:
         print(DEMO_WARNING, file=sys.stderr)
     return summary
 
@@ -159,7 +269,8 @@ def print_help() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI wrapper: exit 0 on success, 2 on bad usage, 1 on failure."""
+    """CLI wrapper: exit 0 on success, 1 on a failed run, 2 on bad usage,
+    3 when the error rate exceeds ``--max_error_rate``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print_help()
@@ -171,10 +282,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(ours).setLevel(logging.INFO)
     try:
         summary = run(args)
-    except (UsageError, FileNotFoundError, ModelFormatError) as err:
+    except (UsageError, FileNotFoundError, ModelFormatError,
+            ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0 if summary.reconciled else 1
+        return EXIT_USAGE
+    except RunFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if summary.status != FAILED:
+        return EXIT_OK
+    print(f"error: {summary.failure}", file=sys.stderr)
+    return EXIT_FAILED if not summary.reconciled else EXIT_ERROR_RATE
 
 
 if __name__ == "__main__":

@@ -1,26 +1,30 @@
 """The run summary: counts from Beam metrics, rates, and output files.
 
-Every document read is accounted for:
-``read = embedded + skipped_empty + failed``; the summary says whether the
-counts reconcile, prints a few lines for people and writes JSON for machines
-(``<output>-summary.json``).
+Every document read is accounted for exactly once:
+``read = embedded + skipped_empty + duplicates + unchanged + failed``.  The
+summary says whether the counts reconcile, prints a few lines for people and
+is written as JSON for machines (``<output>-summary.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
 from transforms.records import METRICS_NAMESPACE
 
-COUNTERS = ("documents_read", "documents_embedded", "documents_skipped_empty",
-            "documents_failed", "documents_truncated", "tokens_embedded",
-            "tokens_computed",
-            "documents_chunked", "chunks", "chunks_embedded", "chunks_failed")
+# The parts of documents_read: each document read ends in exactly one.
+OUTCOMES = ("documents_embedded", "documents_skipped_empty",
+            "documents_duplicates", "documents_unchanged", "documents_failed")
+
+COUNTERS = ("documents_read",) + OUTCOMES + (
+    "documents_truncated", "documents_new", "documents_changed",
+    "documents_deleted", "bytes_read", "tokens_embedded", "tokens_computed",
+    "documents_chunked", "chunks", "chunks_embedded", "chunks_failed")
 
 # RunInference records one model-load latency per load: its count is the
 # number of model loads over all workers.
@@ -36,19 +40,30 @@ class RunSummary:
     model_dir: str
     demo_model: bool
     outputs: dict[str, list[str]]
+    run_id: str = ""
+    model_fingerprint: str = ""
+    previous_index: Optional[str] = None
+    status: str = "succeeded"
+    failure: Optional[str] = None
 
     @property
     def reconciled(self) -> bool:
         c = self.counts
-        return c["documents_read"] == (c["documents_embedded"]
-                                       + c["documents_skipped_empty"]
-                                       + c["documents_failed"])
+        return c["documents_read"] == sum(c[k] for k in OUTCOMES)
+
+    @property
+    def error_rate(self) -> float:
+        """Share of the documents read that failed."""
+        read = self.counts["documents_read"]
+        return self.counts["documents_failed"] / read if read else 0.0
 
     @property
     def padding_share(self) -> float:
         """Share of the tokens the model computed that were padding."""
         computed = self.counts["tokens_computed"]
-        return 1 - self.counts["tokens_embedded"] / computed if computed else 0.0
+        if not computed:
+            return 0.0
+        return 1 - self.counts["tokens_embedded"] / computed
 
     @property
     def documents_per_second(self) -> float:
@@ -58,8 +73,22 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         record["reconciled"] = self.reconciled
+        record["error_rate"] = round(self.error_rate, 6)
         record["documents_per_second"] = round(self.documents_per_second, 3)
         return record
+
+    def _incremental_lines(self) -> list[str]:
+        c = self.counts
+        if self.previous_index is None:
+            return []
+        lines = [f"previous index:     {self.previous_index}",
+                 f"  new: {c['documents_new']}, changed: "
+                 f"{c['documents_changed']}, deleted since: "
+                 f"{c['documents_deleted']}"]
+        if c["documents_embedded"] == 0 and c["documents_unchanged"]:
+            lines.append(f"no new embeddings: all {c['documents_unchanged']}"
+                         " documents are unchanged")
+        return lines
 
     def format(self) -> str:
         """A short human-readable report."""
@@ -69,7 +98,10 @@ class RunSummary:
             f"  embedded:         {c['documents_embedded']} "
             f"({c['documents_truncated']} truncated)",
             f"  skipped (empty):  {c['documents_skipped_empty']}",
+            f"  duplicates:       {c['documents_duplicates']}",
+            f"  unchanged:        {c['documents_unchanged']}",
             f"  failed:           {c['documents_failed']}",
+        ] + self._incremental_lines() + [
             f"tokens embedded:    {c['tokens_embedded']} "
             f"({self.padding_share:.0%} padding in model calls)",
         ]
@@ -90,7 +122,9 @@ class RunSummary:
                              + (", ".join(files) or "none"))
         if not self.reconciled:
             lines.append("WARNING: counts do not add up: read != embedded + "
-                         "skipped + failed")
+                         "skipped + duplicates + unchanged + failed")
+        if self.failure:
+            lines.append(f"RUN FAILED: {self.failure}")
         return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from model import load as model_load
 from pipeline.read_embeddings import load_embeddings
 from pipeline.run import main, run
 from tests.conftest import E2E_TEXTS
+from transforms.identity import content_hash
 from transforms.tokenization import BertWordPieceTokenizer
 
 MAX_SEQ = 32
@@ -159,7 +160,9 @@ def test_plain_text_ids_and_pooled_only(tmp_path, tiny_model_dir):
     summary = _run(corpus, tmp_path / "out" / "emb", tiny_model_dir,
                    "--outputs", "pooled")
     emb = load_embeddings(str(tmp_path / "out" / "emb-*.parquet"))
-    assert emb.ids == ["lines.txt:1", "lines.txt:3"]
+    # Ids derived from the file name and the content, not the line number.
+    assert emb.ids == sorted(f"lines.txt:{content_hash(t)[:16]}"
+                             for t in ("今天天气很好。", "客服回复很及时。"))
     assert emb.sequence_output is None and emb.pooled_output.shape == (2, 32)
     assert summary.counts["documents_skipped_empty"] == 1
 
@@ -234,7 +237,9 @@ def test_model_loaded_once_per_process_with_two_processes(
     assert summary.counts["documents_embedded"] == 120
     assert 1 <= summary.model_loads <= 2
     emb = load_embeddings(str(tmp_path / "out" / "emb-*.parquet"))
-    assert sorted(emb.ids) == sorted(f"many.txt:{i}" for i in range(1, 121))
+    assert sorted(emb.ids) == sorted(
+        f"many.txt:{content_hash(f'第{i}篇文档，多进程测试。')[:16]}"
+        for i in range(120))
 
 
 def test_models_that_do_not_fit_fail_before_the_run(tmp_path, tiny_model_dir,

@@ -84,6 +84,7 @@ def test_pooled_only_schema_has_no_sequence_column(tmp_path):
     schema = embedding_schema(4, pooled=True, sequence=False)
     batch = to_record_batch(rows, schema)
     assert batch.schema.names == ["id", "num_tokens", "truncated",
+                                  "content_hash", "model_fingerprint",
                                   "pooled_output"]
 
 

@@ -47,18 +47,21 @@ class MeanOfChunks(beam.CombineFn):
         return (total / count).astype(np.float32), count, tokens
 
 
-def _document_row(item: tuple[str, tuple[np.ndarray, int, int]]
+def _document_row(item: tuple[tuple[str, str], tuple[np.ndarray, int, int]]
                   ) -> DocumentEmbedding:
-    doc_id, (mean, count, tokens) = item
+    (doc_id, digest), (mean, count, tokens) = item
     return DocumentEmbedding(doc_id, tokens, False, mean, None, doc_id, 0,
-                             count)
+                             count, content_hash=digest)
 
 
 class DocumentVectors(beam.PTransform):
     """Chunk embeddings in, one ``DocumentEmbedding`` per document out.
 
     The output rows carry the document id as ``id``, the mean pooled vector
-    as ``pooled_output`` and the tokens of all chunks as ``num_tokens``.
+    as ``pooled_output``, the tokens of all chunks as ``num_tokens`` and the
+    document's ``content_hash``.  Chunks are grouped by document id and
+    content hash, so two different texts that share an id are not averaged
+    together.
     """
 
     def expand(self, chunks: beam.PCollection) -> beam.PCollection:
@@ -66,6 +69,7 @@ class DocumentVectors(beam.PTransform):
         # the (large) sequence output.
         return (chunks
                 | "KeyByDocument" >> beam.Map(
-                    lambda c: (c.doc_id, (c.pooled_output, c.num_tokens)))
+                    lambda c: ((c.doc_id, c.content_hash),
+                               (c.pooled_output, c.num_tokens)))
                 | "MeanOfChunks" >> beam.CombinePerKey(MeanOfChunks())
                 | "ToRow" >> beam.Map(_document_row))

@@ -1,57 +1,65 @@
 """Reading documents: file patterns in, ``Document`` elements out.
 
-Each matched file is read line by line (plain text: one document per line;
-JSONL: one JSON object per line), through Beam's file systems, so local
-paths, ``gs://`` paths and gzip/bzip2 files all work.  A line that cannot be
-decoded or parsed becomes a ``DeadLetter`` instead of failing the run.
+Each matched file is read through Beam's file systems (local paths,
+``gs://`` paths, gzip/bzip2 files by suffix) and split into records by its
+format (``transforms.sources``: plain text, JSONL, CSV/TSV, Parquet).  A
+record becomes a ``Document`` with an id (``--id_field``, or one derived
+from the file name and the content, see ``transforms.identity``) and a
+content hash.  A record that cannot be used (undecodable bytes, malformed
+JSON or CSV, a missing or non-string text field, a text over
+``--max_text_chars``) becomes a ``DeadLetter`` instead of failing the run;
+so does the rest of a file that breaks off (a truncated gzip stream).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.identity import content_hash, derived_id
 from transforms.records import METRICS_NAMESPACE, DeadLetter, Document
+from transforms.sources import (ENCODINGS, INPUT_FORMATS, RawRecord,
+                                detect_format, iter_records)
 
-INPUT_FORMATS = ("auto", "text", "jsonl")
+__all__ = ["INPUT_FORMATS", "ENCODINGS", "DEAD_LETTER_TAG", "ReadDocuments",
+           "RecordParser", "check_patterns_match", "detect_format",
+           "get_field"]
 
 DEAD_LETTER_TAG = "dead_letter"
 
-_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-_UTF8_BOM = "\ufeff"
+# Longest text (in characters) embedded by default; longer ones are dead
+# letters (--max_text_chars).
+DEFAULT_MAX_TEXT_CHARS = 1_000_000
 
 
-def detect_format(path: str, input_format: str) -> str:
-    """The concrete format of ``path``: ``text`` or ``jsonl``.
-
-    ``auto`` looks at the file name, ignoring a compression suffix.
-    """
-    if input_format != "auto":
-        return input_format
-    name = path.lower()
-    for suffix in (".gz", ".bz2", ".deflate", ".zst", ".lzo"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return "jsonl" if name.endswith(_JSONL_SUFFIXES) else "text"
+def max_line_bytes(max_text_chars: int) -> int:
+    """Longest input line kept in memory: room for a JSONL line whose text is
+    at the size cap with every character escaped (``\\uXXXX``), at least
+    1 MiB."""
+    return max(8 * max_text_chars, 1 << 20)
 
 
-def check_patterns_match(patterns: Sequence[str]) -> None:
-    """Fails fast, before any worker starts, when a pattern matches no file."""
+def check_patterns_match(patterns: Sequence[str]) -> list[FileMetadata]:
+    """The files ``patterns`` match; fails fast, before any worker starts,
+    when a pattern matches none."""
     results = FileSystems.match(list(patterns))
     empty = [r.pattern for r in results if not r.metadata_list]
     if empty:
         raise FileNotFoundError(
             "--input matched no files: " + ", ".join(empty))
+    return [m for r in results for m in r.metadata_list]
 
 
 def get_field(record: dict, dotted: str) -> Any:
-    """``record['a']['b']`` for ``dotted='a.b'``; ``KeyError`` if absent."""
+    """``record[dotted]`` if that key exists (CSV columns may contain dots),
+    else ``record['a']['b']`` for ``dotted='a.b'``; ``KeyError`` if absent."""
+    if dotted in record:
+        return record[dotted]
     value: Any = record
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -60,98 +68,157 @@ def get_field(record: dict, dotted: str) -> Any:
     return value
 
 
-class _ParseFile(beam.DoFn):
-    """Turns one matched file into ``Document`` and ``DeadLetter`` elements."""
+def _has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds unpaired surrogates (``"\\udc80"`` in JSON),
+    which no output format can store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
-    def __init__(self, input_format: str, id_field: str, text_field: str):
-        self._input_format = input_format
-        self._id_field = id_field
-        self._text_field = text_field
-        self._read = beam.metrics.Metrics.counter(
-            METRICS_NAMESPACE, "documents_read")
-        self._failed = beam.metrics.Metrics.counter(
-            METRICS_NAMESPACE, "documents_failed")
 
-    def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
-        path = readable.metadata.path
-        fmt = detect_format(path, self._input_format)
-        with readable.open() as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                if fmt == "jsonl" and not raw.strip():
-                    continue  # blank separator lines are not JSONL records
-                self._read.inc()
-                item = self._parse_line(path, line_no, raw, fmt)
-                if isinstance(item, DeadLetter):
-                    self._failed.inc()
-                    yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
-                else:
-                    yield item
+class RecordParser:
+    """Turns a ``RawRecord`` into a ``Document`` or a ``DeadLetter``.
 
-    def _parse_line(self, path: str, line_no: int, raw: bytes,
-                    fmt: str) -> Document | DeadLetter:
-        """A ``Document``, or a ``DeadLetter`` saying why the line is bad."""
-        excerpt = raw[:400].decode("utf-8", errors="replace")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return DeadLetter("read", f"not valid UTF-8: {err.reason} at "
-                              f"byte {err.start}", path, line_no, "", excerpt)
-        if line_no == 1 and text.startswith(_UTF8_BOM):
-            text = text[1:]
-        text = text.rstrip("\r\n")
-        default_id = f"{os.path.basename(path)}:{line_no}"
+    Plain Python, so every bad-input rule is testable without a pipeline.
+    """
+
+    def __init__(self, id_field: str = "id", text_field: str = "text",
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+        self.id_field = id_field
+        self.text_field = text_field
+        self.max_text_chars = max_text_chars
+
+    def parse(self, path: str, fmt: str,
+              record: RawRecord) -> Document | DeadLetter:
+        """The record as a document, or a dead letter saying why not."""
+        if record.error:
+            return DeadLetter("read", record.error, path, record.line, "",
+                              record.excerpt)
         if fmt == "text":
-            return Document(default_id, text, path, line_no)
-        return self._parse_json(path, line_no, text, default_id)
+            return self._document(path, record, None, record.text)
+        fields = record.fields
+        if fields is None:
+            try:
+                fields = json.loads(record.text)
+            except ValueError as err:
+                return self._dead(path, record, f"malformed JSON: {err}")
+            if not isinstance(fields, dict):
+                return self._dead(path, record, "JSON line is not an object")
+        return self._from_fields(path, record, fields)
 
-    def _parse_json(self, path: str, line_no: int, text: str,
-                    default_id: str) -> Document | DeadLetter:
+    def _from_fields(self, path: str, record: RawRecord,
+                     fields: dict) -> Document | DeadLetter:
+        doc_id = None
         try:
-            record = json.loads(text)
-        except ValueError as err:
-            return DeadLetter("read", f"malformed JSON: {err}", path, line_no,
-                              "", text)
-        if not isinstance(record, dict):
-            return DeadLetter("read", "JSON line is not an object", path,
-                              line_no, "", text)
-        doc_id = default_id
-        try:
-            raw_id = get_field(record, self._id_field)
-            if raw_id is not None:
+            raw_id = get_field(fields, self.id_field)
+            if raw_id is not None and raw_id != "":
                 doc_id = str(raw_id)
         except KeyError:
             pass
         try:
-            body = get_field(record, self._text_field)
+            body = get_field(fields, self.text_field)
         except KeyError:
-            return DeadLetter("read", f"missing text field "
-                              f"'{self._text_field}'", path, line_no, doc_id,
-                              text)
+            return self._dead(path, record, f"missing text field "
+                              f"'{self.text_field}'", doc_id)
         if not isinstance(body, str):
-            return DeadLetter("read", f"text field '{self._text_field}' is "
-                              f"{type(body).__name__}, not a string", path,
-                              line_no, doc_id, text)
-        return Document(doc_id, body, path, line_no)
+            return self._dead(path, record, f"text field '{self.text_field}' "
+                              f"is {type(body).__name__}, not a string",
+                              doc_id)
+        return self._document(path, record, doc_id, body)
+
+    def _document(self, path: str, record: RawRecord, doc_id: str | None,
+                  text: str) -> Document | DeadLetter:
+        if len(text) > self.max_text_chars:
+            return self._dead(path, record, f"text of {len(text)} characters "
+                              f"is over --max_text_chars "
+                              f"{self.max_text_chars}", doc_id, text)
+        if _has_surrogates(text) or (doc_id and _has_surrogates(doc_id)):
+            return self._dead(path, record, "text or id holds unpaired "
+                              "surrogate escapes", "", text)
+        digest = content_hash(text)
+        return Document(doc_id or derived_id(path, digest), text, path,
+                        record.line, digest, record.nbytes)
+
+    @staticmethod
+    def _dead(path: str, record: RawRecord, reason: str,
+              doc_id: str | None = None, excerpt: str = "") -> DeadLetter:
+        if not excerpt:
+            excerpt = record.text if record.text is not None else json.dumps(
+                record.fields, ensure_ascii=False, default=str)
+        return DeadLetter("read", reason, path, record.line, doc_id or "",
+                          excerpt)
+
+
+class _ParseFile(beam.DoFn):
+    """Turns one matched file into ``Document`` and ``DeadLetter`` elements."""
+
+    def __init__(self, input_format: str, parser: RecordParser,
+                 encoding: str):
+        self._input_format = input_format
+        self._parser = parser
+        self._encoding = encoding
+        counter = beam.metrics.Metrics.counter
+        self._read = counter(METRICS_NAMESPACE, "documents_read")
+        self._failed = counter(METRICS_NAMESPACE, "documents_failed")
+        self._bytes = counter(METRICS_NAMESPACE, "bytes_read")
+
+    def process(self, readable: fileio.ReadableFile) -> Iterator[Any]:
+        path = readable.metadata.path
+        fmt = detect_format(path, self._input_format)
+        fields = (self._parser.id_field, self._parser.text_field)
+        line = 0
+        try:
+            with readable.open() as handle:
+                for record in iter_records(
+                        handle, fmt, self._encoding,
+                        max_line_bytes(self._parser.max_text_chars),
+                        readable.metadata.size_in_bytes, fields):
+                    line = record.line
+                    yield self._emit(self._parser.parse(path, fmt, record),
+                                     record.nbytes)
+        except Exception as err:  # a broken file must not stop the run
+            yield self._emit(DeadLetter(
+                "read", f"file unreadable after record {line}: "
+                f"{type(err).__name__}: {err}", path, line + 1), 0)
+
+    def _emit(self, item: Document | DeadLetter, nbytes: int) -> Any:
+        self._read.inc()
+        self._bytes.inc(nbytes)
+        if isinstance(item, DeadLetter):
+            self._failed.inc()
+            return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, item)
+        return item
 
 
 class ReadDocuments(beam.PTransform):
     """Reads documents from file patterns.
 
     Returns a ``DoOutputsTuple`` whose main output holds ``Document`` elements
-    and whose ``dead_letter`` output holds ``DeadLetter`` elements for lines
-    that could not be decoded or parsed.  Documents are reshuffled after
-    reading so that the expensive stages spread over all workers even when
-    the corpus is one big file.
+    and whose ``dead_letter`` output holds ``DeadLetter`` elements for
+    records that could not be used.  Documents are reshuffled after reading
+    so that the expensive stages spread over all workers even when the
+    corpus is one big file.
     """
 
     def __init__(self, patterns: Sequence[str], input_format: str = "auto",
-                 id_field: str = "id", text_field: str = "text"):
+                 id_field: str = "id", text_field: str = "text",
+                 encoding: str = "utf-8",
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
         super().__init__()
         if input_format not in INPUT_FORMATS:
             raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
                              f"not {input_format!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, "
+                             f"not {encoding!r}")
+        if max_text_chars < 1:
+            raise ValueError("max_text_chars must be positive")
         self._patterns = list(patterns)
-        self._parse = _ParseFile(input_format, id_field, text_field)
+        self._parse = _ParseFile(
+            input_format, RecordParser(id_field, text_field, max_text_chars),
+            encoding)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Any:
         parsed = (
@@ -164,4 +231,3 @@ class ReadDocuments(beam.PTransform):
                 DEAD_LETTER_TAG, main="documents"))
         documents = parsed.documents | "Spread" >> beam.Reshuffle()
         return documents, parsed[DEAD_LETTER_TAG]
-

@@ -23,11 +23,19 @@ EXCERPT_CHARS = 200
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One input document: its id, its text and where it came from."""
+    """One input document: its id, its text and where it came from.
+
+    ``content_hash`` identifies the text (``transforms.identity``): the
+    incremental join and ``--dedup`` compare it instead of the text.
+    ``nbytes`` is the share of the input file this document consumed, for
+    progress and ETA reporting.
+    """
     id: str
     text: str
     source: str = ""
     line: int = 0
+    content_hash: str = ""
+    nbytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,10 @@ class TokenizedDocument:
     doc_id: str = ""
     chunk_index: int = 0
     num_chunks: int = 1
+    # Carried to the output row (see ``transforms.handler``): the document's
+    # content hash, and its text when the run writes a ``text`` column.
+    content_hash: str = ""
+    text: Optional[str] = None
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +78,13 @@ class DocumentEmbedding:
     doc_id: str = ""
     chunk_index: int = 0
     num_chunks: int = 1
+    content_hash: str = ""
+    text: Optional[str] = None
+
+    @property
+    def document_id(self) -> str:
+        """The id of the document this row belongs to (chunks share it)."""
+        return self.doc_id or self.id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +98,21 @@ class DeadLetter:
     excerpt: str = ""
 
     def to_json(self) -> str:
-        """One JSON line; non-ASCII kept readable, excerpt cut to a safe size."""
+        """One JSON line; non-ASCII kept readable, the excerpt cut to a safe
+        size."""
         record: dict[str, Any] = dataclasses.asdict(self)
         record["excerpt"] = safe_excerpt(self.excerpt)
         return json.dumps(record, ensure_ascii=False)
 
 
 def safe_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
-    """The start of ``text`` with control characters escaped, for error logs."""
+    """The start of ``text`` with control characters escaped, for error logs.
+
+    Unpaired surrogates (a JSON ``"\\udc80"`` escape decodes to one) are
+    escaped too, so the excerpt is always valid UTF-8.
+    """
     head = text[:limit]
     cleaned = "".join(
-            ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in head)
+        ch if ch.isprintable() or ch == " " else repr(ch)[1:-1]
+        for ch in head)
     return cleaned + ("…" if len(text) > limit else "")

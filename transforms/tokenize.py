@@ -5,7 +5,10 @@ vocabulary and ``do_lower_case`` of the model the run uses.  Documents with
 no tokens (empty or whitespace-only lines) are counted and left out.  A
 document longer than ``max_seq_length`` is either truncated and flagged
 (``truncate``), or cut into overlapping windows that are all embedded
-(``chunk``), so that nothing of a long text is silently dropped.
+(``chunk``), so that nothing of a long text is silently dropped.  Each
+output carries the document's content hash, and its text when the run
+writes a ``text`` column (on the first chunk only, to keep long documents
+from repeating it on every chunk row).
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class TokenizeDocuments(beam.DoFn):
 
     def __init__(self, vocab: Sequence[str], do_lower_case: bool,
                  max_seq_length: int, long_text: str = "truncate",
-                 chunk_stride: Optional[int] = None):
+                 chunk_stride: Optional[int] = None,
+                 write_text: bool = False):
         if max_seq_length < 3:
             raise ValueError("max_seq_length must be at least 3 "
                              "([CLS], one token, [SEP])")
@@ -71,6 +75,7 @@ class TokenizeDocuments(beam.DoFn):
         self._do_lower_case = do_lower_case
         self._max_seq_length = max_seq_length
         self._chunk = long_text == "chunk"
+        self._write_text = write_text
         self._tokenizer: BertWordPieceTokenizer | None = None
         counter = beam.metrics.Metrics.counter
         self._skipped = counter(METRICS_NAMESPACE, "documents_skipped_empty")
@@ -108,7 +113,8 @@ class TokenizeDocuments(beam.DoFn):
                 self._truncated.inc()
             return [TokenizedDocument(
                 doc.id, np.asarray(encoded.input_word_ids, np.int32),
-                encoded.truncated, doc.id)]
+                encoded.truncated, doc.id, content_hash=doc.content_hash,
+                text=self._text_of(doc, 0))]
         return self._chunks_of(doc)
 
     def _chunks_of(self, doc: Document) -> Optional[list[TokenizedDocument]]:
@@ -129,5 +135,11 @@ class TokenizeDocuments(beam.DoFn):
         return [TokenizedDocument(
             f"{doc.id}#{index}",
             np.concatenate([cls_id, pieces[start:end], sep_id]), False,
-            doc.id, index, len(spans))
+            doc.id, index, len(spans), doc.content_hash,
+            self._text_of(doc, index))
             for index, (start, end) in enumerate(spans)]
+
+    def _text_of(self, doc: Document, chunk_index: int) -> Optional[str]:
+        """The text for the row's ``text`` column: on the first chunk, and
+        only when the run writes one."""
+        return doc.text if self._write_text and chunk_index == 0 else None

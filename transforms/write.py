@@ -1,28 +1,36 @@
 """Writing embeddings to Parquet or TFRecord, and dead letters to JSONL.
 
-Parquet rows follow ``embedding_schema``: fixed-size float32 lists for the
+Parquet rows follow ``embedding_schema``: fixed-size float lists for the
 pooled vector and a list of fixed-size lists (one per real token) for the
-sequence output.  Rows are turned into Arrow record batches column-wise with
-numpy (no per-float Python work) and written by Beam's
-``WriteToParquetBatched``.  TFRecord rows are ``tf.train.Example`` protos with
+sequence output, plus each row's ``content_hash`` and the run's
+``model_fingerprint`` (and the text with ``--write_text``).  Rows are turned
+into Arrow record batches column-wise with numpy (no per-float Python work)
+and written by Beam's ``WriteToParquetBatched``; each table handed to it is
+one Parquet row group.  TFRecord rows are ``tf.train.Example`` protos with
 the same fields, the sequence flattened and its shape stored beside it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import dataclasses
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.records import DeadLetter, DocumentEmbedding
 
 FORMATS = ("parquet", "tfrecord")
+SEQUENCE_DTYPES = ("float32", "float16")
+PARQUET_CODECS = ("none", "snappy", "zstd", "gzip")
+TFRECORD_COMPRESSIONS = ("none", "gzip")
 
 # Rows buffered before they become one Arrow record batch, and bytes
-# buffered before the batches are handed to the Parquet writer.
+# buffered before the batches are handed to the Parquet writer (one row
+# group) when --parquet_row_group_rows does not fix the row count.
 _ROWS_PER_RECORD_BATCH = 256
 _BYTES_PER_TABLE = 32 * 1024 * 1024
 
@@ -31,9 +39,38 @@ _BYTES_PER_TABLE = 32 * 1024 * 1024
 CHUNK_COLUMNS = ("doc_id", "chunk_index", "num_chunks")
 
 
+@dataclasses.dataclass(frozen=True)
+class WriteSettings:
+    """How rows are stored (the output controls of the job)."""
+    model_fingerprint: str = ""
+    sequence_dtype: str = "float32"
+    write_text: bool = False
+    parquet_compression: str = "none"
+    row_group_rows: int = 0  # 0: row groups of about 32 MiB
+    tfrecord_compression: str = "none"
+
+    def __post_init__(self) -> None:
+        for value, allowed in (
+                (self.sequence_dtype, SEQUENCE_DTYPES),
+                (self.parquet_compression, PARQUET_CODECS),
+                (self.tfrecord_compression, TFRECORD_COMPRESSIONS)):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {allowed}")
+        if self.row_group_rows < 0:
+            raise ValueError("row_group_rows must be >= 0")
+
+
+def file_suffix(file_format: str, tfrecord_compression: str = "none") -> str:
+    """``.parquet``, ``.tfrecord``, or ``.tfrecord.gz`` (gzip TFRecord)."""
+    if file_format == "tfrecord" and tfrecord_compression == "gzip":
+        return ".tfrecord.gz"
+    return "." + file_format
+
+
 def embedding_schema(hidden_size: int, pooled: bool = True,
-                     sequence: bool = True,
-                     chunked: bool = False) -> pa.Schema:
+                     sequence: bool = True, chunked: bool = False,
+                     write_text: bool = False,
+                     sequence_dtype: str = "float32") -> pa.Schema:
     """The Parquet schema of an embeddings file."""
     vector = pa.list_(pa.float32(), hidden_size)
     fields = [pa.field("id", pa.string(), nullable=False)]
@@ -44,28 +81,39 @@ def embedding_schema(hidden_size: int, pooled: bool = True,
     fields += [
         pa.field("num_tokens", pa.int32(), nullable=False),
         pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("model_fingerprint", pa.string(), nullable=False),
     ]
+    if write_text:  # null on chunk rows after the first
+        fields.append(pa.field("text", pa.string(), nullable=True))
     if pooled:
         fields.append(pa.field("pooled_output", vector, nullable=False))
     if sequence:
-        fields.append(pa.field("sequence_output", pa.list_(vector),
+        token = pa.list_(pa.float16() if sequence_dtype == "float16"
+                         else pa.float32(), hidden_size)
+        fields.append(pa.field("sequence_output", pa.list_(token),
                                nullable=False))
     return pa.schema(fields)
 
 
-def _vectors(rows: np.ndarray, hidden_size: int) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+def _vectors(rows: np.ndarray, hidden_size: int,
+             dtype: Any = np.float32) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(rows, dtype=dtype).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, hidden_size)
 
 
-def to_record_batch(rows: Sequence[DocumentEmbedding],
-                    schema: pa.Schema) -> pa.RecordBatch:
+def to_record_batch(rows: Sequence[DocumentEmbedding], schema: pa.Schema,
+                    model_fingerprint: str = "") -> pa.RecordBatch:
     """Column-wise conversion of embedding rows into one Arrow batch."""
     hidden = _hidden_size(schema)
     columns: dict[str, pa.Array] = {
         "id": pa.array([r.id for r in rows], pa.string()),
         "num_tokens": pa.array([r.num_tokens for r in rows], pa.int32()),
         "truncated": pa.array([r.truncated for r in rows], pa.bool_()),
+        "content_hash": pa.array([r.content_hash for r in rows],
+                                 pa.string()),
+        "model_fingerprint": pa.array([model_fingerprint] * len(rows),
+                                      pa.string()),
     }
     if "doc_id" in schema.names:
         columns["doc_id"] = pa.array([r.doc_id for r in rows], pa.string())
@@ -73,14 +121,17 @@ def to_record_batch(rows: Sequence[DocumentEmbedding],
                                           pa.int32())
         columns["num_chunks"] = pa.array([r.num_chunks for r in rows],
                                          pa.int32())
+    if "text" in schema.names:
+        columns["text"] = pa.array([r.text for r in rows], pa.string())
     if "pooled_output" in schema.names:
         columns["pooled_output"] = _vectors(
             np.stack([r.pooled_output for r in rows]), hidden)
     if "sequence_output" in schema.names:
+        dtype = schema.field("sequence_output").type.value_type.value_type
         lengths = np.array([r.sequence_output.shape[0] for r in rows])
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         tokens = _vectors(np.concatenate([r.sequence_output for r in rows]),
-                          hidden)
+                          hidden, dtype.to_pandas_dtype())
         columns["sequence_output"] = pa.ListArray.from_arrays(
             pa.array(offsets), tokens)
     return pa.RecordBatch.from_arrays(
@@ -98,23 +149,39 @@ def _hidden_size(schema: pa.Schema) -> int:
 
 
 class _ToArrowTables(beam.DoFn):
-    """Buffers embedding rows into bounded Arrow tables for the writer."""
+    """Buffers embedding rows into Arrow tables, one per Parquet row group.
 
-    def __init__(self, schema: pa.Schema):
+    A table holds ``row_group_rows`` rows when that is set, else about
+    32 MiB; the last table of a bundle may be smaller.
+    """
+
+    def __init__(self, schema: pa.Schema, model_fingerprint: str = "",
+                 row_group_rows: int = 0):
         self._schema = schema
+        self._fingerprint = model_fingerprint
+        self._group_rows = row_group_rows
+        self._batch_rows = (min(row_group_rows, _ROWS_PER_RECORD_BATCH)
+                            if row_group_rows else _ROWS_PER_RECORD_BATCH)
         self._rows: list[DocumentEmbedding] = []
         self._batches: list[pa.RecordBatch] = []
         self._bytes = 0
+        self._buffered = 0
 
     def start_bundle(self) -> None:
-        self._rows, self._batches, self._bytes = [], [], 0
+        self._rows, self._batches, self._bytes, self._buffered = [], [], 0, 0
 
     def process(self, row: DocumentEmbedding) -> Iterator[pa.Table]:
         self._rows.append(row)
-        if len(self._rows) >= _ROWS_PER_RECORD_BATCH:
+        self._buffered += 1
+        if len(self._rows) >= self._batch_rows:
             self._flush_rows()
-        if self._bytes >= _BYTES_PER_TABLE:
+        if self._table_full():
             yield self._take_table()
+
+    def _table_full(self) -> bool:
+        if self._group_rows:
+            return self._buffered >= self._group_rows
+        return self._bytes >= _BYTES_PER_TABLE
 
     def finish_bundle(self) -> Iterator[Any]:
         self._flush_rows()
@@ -123,22 +190,30 @@ class _ToArrowTables(beam.DoFn):
 
     def _flush_rows(self) -> None:
         if self._rows:
-            batch = to_record_batch(self._rows, self._schema)
+            batch = to_record_batch(self._rows, self._schema,
+                                    self._fingerprint)
             self._batches.append(batch)
             self._bytes += batch.nbytes
             self._rows = []
 
     def _take_table(self) -> pa.Table:
+        self._flush_rows()
         table = pa.Table.from_batches(self._batches, schema=self._schema)
-        self._batches, self._bytes = [], 0
+        self._batches, self._bytes, self._buffered = [], 0, 0
         return table
 
 
-def to_tf_example(row: DocumentEmbedding, chunked: bool = False) -> bytes:
+def to_tf_example(row: DocumentEmbedding, chunked: bool = False,
+                  model_fingerprint: str = "",
+                  sequence_dtype: str = "float32",
+                  write_text: bool = False) -> bytes:
     """A serialized ``tf.train.Example`` with the Parquet schema's fields.
 
     ``sequence_output`` is stored flat with ``sequence_shape`` =
-    ``[num_tokens, hidden]`` so that a reader can restore the matrix.
+    ``[num_tokens, hidden]`` so that a reader can restore the matrix.  A
+    float32 sequence is a float list; a float16 one (TFRecord has no 16-bit
+    float list) is one bytes value of little-endian float16, with
+    ``sequence_dtype`` = ``float16`` beside it.
     """
     import tensorflow as tf
     feature = tf.train.Feature
@@ -151,20 +226,39 @@ def to_tf_example(row: DocumentEmbedding, chunked: bool = False) -> bytes:
             value=[value.encode("utf-8")]))
 
     features = {"id": text(row.id), "num_tokens": ints(row.num_tokens),
-                "truncated": ints(int(row.truncated))}
+                "truncated": ints(int(row.truncated)),
+                "content_hash": text(row.content_hash),
+                "model_fingerprint": text(model_fingerprint)}
     if chunked:
         features.update(doc_id=text(row.doc_id),
                         chunk_index=ints(row.chunk_index),
                         num_chunks=ints(row.num_chunks))
+    if write_text and row.text is not None:
+        features["text"] = text(row.text)
     if row.pooled_output is not None:
         features["pooled_output"] = feature(float_list=tf.train.FloatList(
             value=row.pooled_output))
     if row.sequence_output is not None:
-        features["sequence_output"] = feature(float_list=tf.train.FloatList(
-            value=row.sequence_output.reshape(-1)))
-        features["sequence_shape"] = ints(*row.sequence_output.shape)
+        features.update(_sequence_features(row.sequence_output,
+                                           sequence_dtype))
     example = tf.train.Example(features=tf.train.Features(feature=features))
     return example.SerializeToString()
+
+
+def _sequence_features(sequence: np.ndarray, dtype: str) -> dict[str, Any]:
+    import tensorflow as tf
+    feature = tf.train.Feature
+    shape = feature(int64_list=tf.train.Int64List(value=sequence.shape))
+    if dtype == "float16":
+        data = np.ascontiguousarray(sequence, dtype="<f2").tobytes()
+        return {"sequence_output": feature(bytes_list=tf.train.BytesList(
+                    value=[data])),
+                "sequence_dtype": feature(bytes_list=tf.train.BytesList(
+                    value=[b"float16"])),
+                "sequence_shape": shape}
+    return {"sequence_output": feature(float_list=tf.train.FloatList(
+                value=sequence.reshape(-1))),
+            "sequence_shape": shape}
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -175,31 +269,43 @@ class WriteEmbeddings(beam.PTransform):
 
     def __init__(self, output_prefix: str, file_format: str,
                  hidden_size: int, outputs: Sequence[str],
-                 num_shards: int = 0, chunked: bool = False):
+                 num_shards: int = 0, chunked: bool = False,
+                 settings: Optional[WriteSettings] = None):
         super().__init__()
         if file_format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, "
                              f"not {file_format!r}")
+        self._settings = settings or WriteSettings()
         self._prefix = output_prefix
         self._format = file_format
-        self._schema = embedding_schema(hidden_size, "pooled" in outputs,
-                                        "sequence" in outputs, chunked)
+        self._schema = embedding_schema(
+            hidden_size, "pooled" in outputs, "sequence" in outputs, chunked,
+            self._settings.write_text, self._settings.sequence_dtype)
         self._num_shards = num_shards
         self._chunked = chunked
 
     def expand(self, rows: beam.PCollection) -> Any:
-        suffix = "." + self._format
+        s = self._settings
+        suffix = file_suffix(self._format, s.tfrecord_compression)
         if self._format == "parquet":
             return (rows
-                    | "ToArrow" >> beam.ParDo(_ToArrowTables(self._schema))
+                    | "ToArrow" >> beam.ParDo(_ToArrowTables(
+                        self._schema, s.model_fingerprint, s.row_group_rows))
                     | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                        self._prefix, self._schema, file_name_suffix=suffix,
+                        self._prefix, self._schema,
+                        codec=s.parquet_compression, file_name_suffix=suffix,
                         num_shards=self._num_shards))
+        compression = (CompressionTypes.GZIP
+                       if s.tfrecord_compression == "gzip"
+                       else CompressionTypes.UNCOMPRESSED)
         return (rows
-                | "ToExample" >> beam.Map(to_tf_example, self._chunked)
+                | "ToExample" >> beam.Map(
+                    to_tf_example, self._chunked, s.model_fingerprint,
+                    s.sequence_dtype, s.write_text)
                 | "WriteTFRecord" >> beam.io.WriteToTFRecord(
                     self._prefix, file_name_suffix=suffix,
-                    num_shards=self._num_shards))
+                    num_shards=self._num_shards,
+                    compression_type=compression))
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -217,13 +323,22 @@ class WriteDeadLetters(beam.PTransform):
 
 
 DOCUMENTS_SUFFIX = "-documents"
+INDEX_SUFFIX = "-index/part"
+DELETED_SUFFIX = "-deleted"
+SUMMARY_SUFFIX = "-summary.json"
+MANIFEST_SUFFIX = "-manifest.json"
 
 
-def output_patterns(prefix: str, file_format: str) -> dict[str, str]:
-    """Glob patterns of the files a run with ``prefix`` writes."""
+def output_patterns(prefix: str, file_format: str,
+                    tfrecord_compression: str = "none") -> dict[str, str]:
+    """Glob patterns of the files a run with ``prefix`` writes (the summary
+    and the manifest are single files, named by their suffixes)."""
+    ext = file_suffix(file_format, tfrecord_compression)
+    shards = "[0-9]*-of-[0-9]*"
     return {
-        "embeddings": f"{prefix}-[0-9]*-of-[0-9]*.{file_format}",
-        "documents": f"{prefix}{DOCUMENTS_SUFFIX}-*-of-*.{file_format}",
-        "errors": f"{prefix}-errors-*.jsonl",
+        "embeddings": f"{prefix}-{shards}{ext}",
+        "documents": f"{prefix}{DOCUMENTS_SUFFIX}-{shards}{ext}",
+        "errors": f"{prefix}-errors-{shards}.jsonl",
+        "index": f"{prefix}{INDEX_SUFFIX}-{shards}.parquet",
+        "deleted": f"{prefix}{DELETED_SUFFIX}-{shards}.jsonl",
     }
-

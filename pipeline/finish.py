@@ -1,0 +1,136 @@
+"""After the pipeline: check the run, then publish it or keep it as failed.
+
+A run that completed is published only when its counts reconcile and its
+error rate is within ``--max_error_rate``; then its staged files, summary
+and manifest (last) are renamed to their final names (``pipeline.publish``).
+Otherwise the summary and a manifest saying ``failed`` are written into the
+staging directory, which stays for inspection, and nothing is published.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Optional
+
+from pipeline.graph import JobConfig
+from pipeline.manifest import (FAILED, PreviousIndex, index_segments,
+                               live_run_ids, run_manifest)
+from pipeline.publish import (discard, final_name, publish, staging_dir,
+                              write_json)
+from pipeline.summary import RunSummary, list_outputs, write_summary
+from transforms.write import (FORMATS, MANIFEST_SUFFIX, SUMMARY_SUFFIX,
+                              TFRECORD_COMPRESSIONS, output_patterns)
+
+
+class RunFailed(RuntimeError):
+    """The pipeline raised (nothing was published) or publishing broke off
+    (no manifest: the output is not a complete run)."""
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def failure_of(summary: RunSummary, max_error_rate: Optional[float]
+               ) -> Optional[str]:
+    """Why a run that completed must not be published, or None."""
+    if not summary.reconciled:
+        return ("counts do not add up: read != embedded + skipped + "
+                "duplicates + unchanged + failed")
+    if max_error_rate is not None and summary.error_rate > max_error_rate:
+        return (f"error rate {summary.error_rate:.2%} "
+                f"({summary.counts['documents_failed']} of "
+                f"{summary.counts['documents_read']} documents failed) "
+                f"exceeds --max_error_rate {max_error_rate:.2%}")
+    return None
+
+
+def all_output_patterns(output: str) -> list[str]:
+    """Every file name a run at ``output`` may have published, whatever its
+    format, so that a re-run replaces all of them."""
+    patterns = {p for fmt in FORMATS for compression in TFRECORD_COMPRESSIONS
+                for p in output_patterns(output, fmt, compression).values()}
+    return sorted(patterns) + [output + SUMMARY_SUFFIX]
+
+
+@dataclasses.dataclass
+class StagedRun:
+    """A run whose pipeline wrote under ``staged_prefix``."""
+    config: JobConfig  # with the final output prefix
+    previous: Optional[PreviousIndex]
+    started_at: str
+    staged_prefix: str
+
+    @property
+    def staging_dir(self) -> str:
+        return staging_dir(self.config.output, self.config.run_id)
+
+    def staged_outputs(self) -> dict[str, list[str]]:
+        """The staged files, by kind (``transforms.write.output_patterns``)."""
+        return list_outputs(output_patterns(
+            self.staged_prefix, self.config.output_format,
+            self.config.tfrecord_compression))
+
+    def final(self, paths: list[str]) -> list[str]:
+        """The published names of staged files."""
+        return [final_name(p, self.staged_prefix, self.config.output)
+                for p in paths]
+
+    def _manifest(self, summary: RunSummary, files: dict[str, Any],
+                  index: Optional[dict[str, Any]]) -> dict[str, Any]:
+        return run_manifest(self.config, summary, self.started_at,
+                            utc_now(), files, self.previous, index)
+
+    def keep_failed(self, summary: RunSummary) -> str:
+        """Writes the summary and a failed manifest into the staging
+        directory and returns the summary's path; publishes nothing."""
+        summary.status = FAILED
+        summary.outputs = self.staged_outputs()
+        summary_path = self.staged_prefix + SUMMARY_SUFFIX
+        write_summary(summary, summary_path)
+        write_json(self._manifest(summary, summary.outputs, None),
+                   self.staged_prefix + MANIFEST_SUFFIX)
+        return summary_path
+
+    def _index(self, staged: dict[str, list[str]]) -> dict[str, Any]:
+        """The manifest's index: this run's entries and the segments (runs
+        whose files still hold live rows)."""
+        live, entries = live_run_ids(staged["index"])
+        own = {"run_id": self.config.run_id, "output": self.config.output,
+               "format": self.config.output_format,
+               "embeddings": self.final(staged["embeddings"]),
+               "documents": self.final(staged["documents"])}
+        return {"documents": entries, "keys": self.final(staged["index"]),
+                "segments": index_segments(own, self.previous, live)}
+
+    def publish(self, summary: RunSummary) -> tuple[str, str]:
+        """Publishes the staged files, the summary and the manifest (last);
+        returns the final summary and manifest paths.
+
+        Raises ``RunFailed`` when renaming breaks off.
+        """
+        staged = self.staged_outputs()
+        summary.outputs = {k: self.final(v) for k, v in staged.items()}
+        summary_path = self.staged_prefix + SUMMARY_SUFFIX
+        manifest_path = self.staged_prefix + MANIFEST_SUFFIX
+        files: dict[str, Any] = dict(summary.outputs)
+        files["summary"] = self.final([summary_path])[0]
+        write_summary(summary, summary_path)
+        write_json(self._manifest(summary, files, self._index(staged)),
+                   manifest_path)
+        every = [p for paths in staged.values() for p in paths]
+        try:
+            final = publish(every + [summary_path, manifest_path],
+                            self.staged_prefix, self.config.output,
+                            all_output_patterns(self.config.output),
+                            manifest_path)
+        except Exception as err:
+            raise RunFailed(
+                f"publishing failed ({type(err).__name__}: {err}): "
+                f"{self.config.output} has no manifest, so it is not a "
+                "complete run; run the job again") from err
+        discard(self.staging_dir)
+        return final[-2], final[-1]
