@@ -1,0 +1,203 @@
+"""The pipeline on Beam's portable runner, with SDK workers in other processes.
+
+This is the same engine layout as a Flink or Spark cluster, all on this
+machine and with nothing to download:
+
+* a **worker pool** process (``apache_beam.runners.worker.worker_pool_main``)
+  that starts each SDK worker as a separate ``python`` process when the
+  runner asks for one (``--environment_type EXTERNAL``);
+* a **job service**: either a separate process
+  (``apache_beam.runners.portability.local_job_service_main``, reached at
+  ``--job_endpoint localhost:PORT``; the launcher only submits the job over
+  the Job API) or embedded in the launcher (``--job_endpoint embed``);
+* the launcher, ``pipeline.run.run([...])``, in this test process.
+
+The workers import the project from ``PYTHONPATH`` (a real cluster installs
+it in the worker image).  Each run must write exactly what the DirectRunner
+writes for the same input, count the same, and load the model in a worker
+process, not in this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from model import load as model_load
+from pipeline.read_embeddings import load_embeddings
+from pipeline.run import run
+from pipeline.summary import COUNTERS, RunSummary
+from tests.conftest import E2E_TEXTS, ROOT
+
+MAX_SEQ = 32
+START_TIMEOUT_S = 60.0
+_POOL_ADDRESS = re.compile(r"Started worker pool servicer at port: (\S+)")
+
+# worker_pool_main logs its address at INFO, which is only printed once
+# logging has a handler; port 0 lets the OS pick a free port.
+_POOL_COMMAND = (
+    "import logging; logging.basicConfig(level=logging.INFO); "
+    "from apache_beam.runners.worker import worker_pool_main; "
+    "worker_pool_main.main(['--service_port', '0'])")
+
+
+def _service_env() -> dict[str, str]:
+    """Environment of the services and of the workers they start.
+
+    The pool starts workers as ``python -c ...``, so this interpreter's
+    directory goes first on ``PATH``; ``PYTHONPATH`` makes the project
+    importable in the workers.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
+                                   env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """Starts a service in its own process group, logging to ``log``."""
+    with log.open("wb") as handle:
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT,
+                                env=_service_env(), start_new_session=True)
+
+
+def _stop(process: subprocess.Popen, sig: int) -> None:
+    """Asks a service to exit (it stops its workers), then makes sure."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # the service and any worker it left behind share its group
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _wait_for(found: Callable[[], str | None], process: subprocess.Popen,
+              log: Path) -> str:
+    """Polls ``found`` until it returns a value; fails with the log."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        value = found()
+        if value:
+            return value
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    pytest.fail(f"service did not start: {log.read_text(errors='replace')}")
+
+
+def _pool_address(log: Path) -> Callable[[], str | None]:
+    """Reads the pool's ``host:port`` from its log, once it is there."""
+    def found() -> str | None:
+        match = _POOL_ADDRESS.search(log.read_text(errors="replace"))
+        return match.group(1) if match else None
+    return found
+
+
+def _port_in(path: Path) -> Callable[[], str | None]:
+    """Reads the job service's port file, once it is there."""
+    def found() -> str | None:
+        return path.read_text().strip() if path.exists() else None
+    return found
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A worker pool and a job service, each in its own process."""
+    root = tmp_path_factory.mktemp("portable_services")
+    pool_log, job_log = root / "pool.log", root / "job_service.log"
+    port_file = root / "job_service.port"
+    pool = _start([sys.executable, "-c", _POOL_COMMAND], pool_log)
+    job_service = _start(
+        [sys.executable, "-m",
+         "apache_beam.runners.portability.local_job_service_main",
+         "--port", "0", "--port_file", str(port_file),
+         "--staging_dir", str(root / "staging")], job_log)
+    try:
+        pool_address = _wait_for(_pool_address(pool_log), pool, pool_log)
+        job_port = _wait_for(_port_in(port_file), job_service, job_log)
+        yield {"pool": pool_address, "job_service": f"localhost:{job_port}",
+               "pool_log": str(pool_log)}
+    finally:
+        _stop(pool, signal.SIGINT)
+        _stop(job_service, signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """E2E_TEXTS plus enough short documents for several model batches."""
+    path = tmp_path_factory.mktemp("portable_corpus") / "corpus.jsonl"
+    texts = E2E_TEXTS + [f"第{i}篇文档，客服回复很及时。" for i in range(20)]
+    path.write_text("".join(
+        json.dumps({"id": f"doc-{i}", "text": t}, ensure_ascii=False) + "\n"
+        for i, t in enumerate(texts)), encoding="utf-8")
+    return path
+
+
+def _run_job(corpus: Path, out: Path, model_dir: str,
+             *runner_args: str) -> RunSummary:
+    """``pipeline.run.run`` on the corpus with the tiny model."""
+    return run(["--input", str(corpus), "--output", str(out),
+                "--model", model_dir, "--max_seq_length", str(MAX_SEQ),
+                "--batch_size", "3", *runner_args])
+
+
+@pytest.fixture(scope="module")
+def direct(corpus, tmp_path_factory, tiny_model_dir):
+    """The DirectRunner's summary and output for the corpus."""
+    out = tmp_path_factory.mktemp("portable_direct") / "emb"
+    summary = _run_job(corpus, out, tiny_model_dir, "--runner", "DirectRunner")
+    return summary, load_embeddings(f"{out}-*-of-*.parquet")
+
+
+@pytest.mark.parametrize("job_service", ["process", "embed"])
+def test_portable_runner_matches_direct_runner(
+        job_service, services, corpus, direct, tmp_path, tiny_model_dir):
+    """Same rows, vectors and counts as the DirectRunner; the model was
+    loaded once, in a worker process started by the pool."""
+    endpoint = services["job_service"] if job_service == "process" else "embed"
+    loads_here = model_load.load_count()
+    out = tmp_path / "emb"
+    summary = _run_job(corpus, out, tiny_model_dir,
+                       "--runner", "PortableRunner",
+                       "--job_endpoint", endpoint,
+                       "--environment_type", "EXTERNAL",
+                       "--environment_config", services["pool"])
+    direct_summary, expected = direct
+    got = load_embeddings(f"{out}-*-of-*.parquet")
+
+    assert got.ids == expected.ids
+    assert len(got.ids) == len(set(got.ids)) == \
+        direct_summary.counts["documents_embedded"]
+    np.testing.assert_array_equal(got.num_tokens, expected.num_tokens)
+    np.testing.assert_array_equal(got.truncated, expected.truncated)
+    np.testing.assert_allclose(got.pooled_output, expected.pooled_output,
+                               atol=1e-5)
+    for ours, theirs in zip(got.sequence_output, expected.sequence_output):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+    assert summary.reconciled
+    assert {k: summary.counts[k] for k in COUNTERS} == \
+        {k: direct_summary.counts[k] for k in COUNTERS}
+    # One load, and not in this process: inference ran in a pool worker.
+    assert summary.model_loads == 1
+    assert model_load.load_count() == loads_here
+    assert "Starting worker with command" in \
+        Path(services["pool_log"]).read_text(errors="replace")
