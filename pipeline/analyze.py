@@ -47,7 +47,8 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
 from pipeline.options import EmbedOptions, _positive_int
-from transforms.read import ReadDocuments, check_patterns_match
+from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
+                             check_patterns_match)
 from transforms.records import METRICS_NAMESPACE, Document
 from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
                                      load_vocab)
@@ -122,6 +123,8 @@ class AnalysisConfig:
     input_format: str = "auto"
     id_field: str = "id"
     text_field: str = "text"
+    input_encoding: str = "utf-8"
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     output: Optional[str] = None
 
 
@@ -161,7 +164,8 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
         max_seq_length=shared.max_seq_length, num_buckets=ours.num_buckets,
         coverage=ours.length_coverage, input_format=shared.input_format,
         id_field=shared.id_field, text_field=shared.text_field,
-        output=shared.output)
+        input_encoding=shared.input_encoding,
+        max_text_chars=shared.max_text_chars, output=shared.output)
     return config, demo
 
 
@@ -290,7 +294,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
 
     documents, _ = pipeline | "Read" >> ReadDocuments(
         config.inputs, config.input_format, config.id_field,
-        config.text_field)
+        config.text_field, config.input_encoding, config.max_text_chars)
     source = tfxio.TFExampleBeamRecord(
         physical_format="inmem", telemetry_descriptors=["corpus_analysis"],
         schema=feature_schema())

@@ -108,6 +108,28 @@ def input_size(patterns: Sequence[str]) -> Optional[int]:
     return sum(f.size_in_bytes for f in files)
 
 
+def _check_remote_paths(options: EmbedOptions) -> None:
+    """On Dataflow the workers cannot see this machine's files: the model,
+    inputs and output must be cloud paths, and the demo model (built in a
+    local cache) cannot be used."""
+    from apache_beam.options.pipeline_options import (StandardOptions,
+                                                      TestOptions)
+    runner = str(options.view_as(StandardOptions).runner or "")
+    dry_run = str(options.view_as(TestOptions).dry_run).lower() == "true"
+    if "dataflow" not in runner.lower() or dry_run:
+        return  # a dry run submits nothing: local files are fine there
+    if options.model is None:
+        raise UsageError("--runner DataflowRunner needs --model (a gs:// "
+                         "SavedModel): the demo model lives on this machine")
+    local = [f"{flag} {path}" for flag, paths in (
+        ("--model", [options.model]), ("--input", options.input),
+        ("--output", [options.output])) for path in paths
+        if "://" not in path]
+    if local:
+        raise UsageError("Dataflow workers cannot read local paths: "
+                         + ", ".join(local) + " (use gs://...)")
+
+
 def resolve_job(options: EmbedOptions) -> ResolvedJob:
     """Turns flags into a ``ResolvedJob``.
 
@@ -115,6 +137,7 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
     ``ManifestError`` with a one-line message when something is wrong.
     """
     _check_flags(options)
+    _check_remote_paths(options)
     total_bytes = input_size(options.input)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:

@@ -493,3 +493,16 @@ def test_flex_dockerfile_uses_the_worker_image_and_our_launcher():
     assert f"python{PY.replace('.', '')}-template-launcher-base" in \
         _arg_defaults(lines)["LAUNCHER_IMAGE"]
     assert lines[-1] == 'ENTRYPOINT ["/opt/apache/beam/boot"]'
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "needs --model"),
+    (["--model", "/local/bert"], "--model /local/bert"),
+])
+def test_dataflow_refuses_paths_workers_cannot_read(corpus, flags, message):
+    submitting = [f for f in DATAFLOW if f not in ("--dry_run", "True")]
+    options = PipelineOptions(submitting + ["--input", str(corpus),
+                                            "--output", "gs://bucket/out/emb",
+                                            *flags])
+    with pytest.raises(UsageError, match=message):
+        resolve_config(options.view_as(EmbedOptions))
