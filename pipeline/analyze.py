@@ -46,6 +46,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions)
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
+from pipeline.cli import setup_logging, wants_help
 from pipeline.options import EmbedOptions, _positive_int
 from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
                              check_patterns_match)
@@ -542,12 +543,10 @@ def print_help() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI wrapper: exit 0 on success, 2 on bad usage."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
+    if wants_help(args):
         print_help()
         return 0
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: "
-                               "%(message)s")
+    setup_logging()
     try:
         run(args)
     except (UsageError, FileNotFoundError, ModelFormatError) as err:

@@ -35,6 +35,7 @@ from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
                                find_previous, load_previous)
+from pipeline.cli import setup_logging, wants_help
 from pipeline.options import EmbedOptions
 from pipeline.publish import clean_stale, new_run_id, staging_prefix
 from pipeline.summary import COUNTERS, RunSummary, collect_counts
@@ -295,14 +296,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI wrapper: exit 0 on success, 1 on a failed run, 2 on bad usage,
     3 when the error rate exceeds ``--max_error_rate``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
+    if wants_help(args):
         print_help()
         return 0
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: "
-                               "%(message)s")
-    for ours in ("pipeline", "model", "transforms"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    setup_logging()
     try:
         summary = run(args)
     except (UsageError, FileNotFoundError, ModelFormatError,
