@@ -21,10 +21,9 @@ import apache_beam as beam
 
 from transforms.aggregate import DocumentVectors
 from transforms.dedup import DropDuplicates
-from transforms.handler import RowMetadataModelHandler
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG, SplitUnchanged,
                                     WriteDeleted, WriteIndex, entry_of)
-from transforms.infer import EmbedDocuments
+from transforms.infer import BertModelHandler, EmbedDocuments
 from transforms.progress import ProgressConfig, TrackProgress
 from transforms.read import (DEAD_LETTER_TAG, DEFAULT_MAX_TEXT_CHARS,
                              ReadDocuments)
@@ -143,7 +142,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.vocab, config.do_lower_case, config.max_seq_length,
         config.long_text, config.chunk_stride, config.write_text)
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
-    handler = RowMetadataModelHandler(
+    handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads)
     embeddings, infer_failures = (

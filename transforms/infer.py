@@ -49,7 +49,10 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
 
     ``outputs`` picks which embeddings each result keeps (``pooled``,
     ``sequence``); the other is dropped right after the model call so it
-    does not travel through the rest of the pipeline.
+    does not travel through the rest of the pipeline.  Each result also
+    carries the document's row metadata (chunk fields, content hash, text
+    when the run writes it), so no join of the large embedding rows with
+    the documents is needed after inference.
     """
 
     def __init__(self, model_dir: str,
@@ -91,7 +94,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                 pooled[row] if self._keep_pooled else None,
                 sequence[row, :doc.num_tokens]
                 if self._keep_sequence else None,
-                doc.doc_id, doc.chunk_index, doc.num_chunks))
+                doc.doc_id, doc.chunk_index, doc.num_chunks,
+                doc.content_hash, doc.text))
 
     def get_num_bytes(self, batch: Sequence[TokenizedDocument]) -> int:
         return sum(d.input_word_ids.nbytes for d in batch)

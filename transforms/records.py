@@ -52,7 +52,7 @@ class TokenizedDocument:
     doc_id: str = ""
     chunk_index: int = 0
     num_chunks: int = 1
-    # Carried to the output row (see ``transforms.handler``): the document's
+    # Carried to the output row (see ``BertModelHandler``): the document's
     # content hash, and its text when the run writes a ``text`` column.
     content_hash: str = ""
     text: Optional[str] = None
