@@ -21,8 +21,9 @@ import apache_beam as beam
 
 from transforms.aggregate import DocumentVectors
 from transforms.dedup import DropDuplicates
-from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG, SplitUnchanged,
-                                    WriteDeleted, WriteIndex, entry_of)
+from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
+                                    CompleteDocumentEntries, SplitUnchanged,
+                                    WriteDeleted, WriteIndex)
 from transforms.infer import BertModelHandler, EmbedDocuments
 from transforms.progress import ProgressConfig, TrackProgress
 from transforms.read import (DEAD_LETTER_TAG, DEFAULT_MAX_TEXT_CHARS,
@@ -161,10 +162,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
                  config.hidden_size, ("pooled",), config.num_shards,
                  settings=dataclasses.replace(settings, write_text=False)))
-    entries = (embeddings
-               | "FirstChunks" >> beam.Filter(lambda e: e.chunk_index == 0)
-               | "IndexEntries" >> beam.Map(
-                   entry_of, config.model_fingerprint, config.run_id))
+    entries = embeddings | "IndexEntries" >> CompleteDocumentEntries(
+        config.model_fingerprint, config.run_id, config.chunked)
     if unchanged is not None:
         entries = (entries, unchanged) | "AllIndexEntries" >> beam.Flatten()
     _ = entries | "WriteIndex" >> WriteIndex(config.output + INDEX_SUFFIX)

@@ -24,7 +24,8 @@ OUTCOMES = ("documents_embedded", "documents_skipped_empty",
 COUNTERS = ("documents_read",) + OUTCOMES + (
     "documents_truncated", "documents_new", "documents_changed",
     "documents_deleted", "bytes_read", "tokens_embedded", "tokens_computed",
-    "documents_chunked", "chunks", "chunks_embedded", "chunks_failed")
+    "documents_chunked", "chunks", "chunks_embedded", "chunks_failed",
+    "documents_incomplete")
 
 # RunInference records one model-load latency per load: its count is the
 # number of model loads over all workers.
@@ -108,7 +109,10 @@ class RunSummary:
         if c["chunks"]:
             lines.append(f"chunks:             {c['chunks_embedded']} "
                          f"embedded, {c['chunks_failed']} failed "
-                         f"({c['documents_chunked']} documents chunked)")
+                         f"({c['documents_chunked']} documents chunked"
+                         + (f", {c['documents_incomplete']} with a failed "
+                            "chunk: left out of the index"
+                            if c["documents_incomplete"] else "") + ")")
         lines += [
             f"time:               {self.elapsed_seconds:.1f} s, "
             f"{self.documents_per_second:.1f} documents/s",

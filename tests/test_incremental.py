@@ -242,3 +242,27 @@ def test_previous_index_glob_takes_the_newest_successful_run(tmp_path):
     other = load_previous(str(tmp_path / "d2" / "emb-manifest.json"), "o",
                           {"format": "tfrecord"})
     assert not other.reuse  # another layout: every document is re-embedded
+
+
+def test_index_leaves_out_documents_with_a_missing_chunk():
+    """A chunked document whose later chunk failed is not indexed, so the
+    next incremental run embeds it again instead of calling it unchanged."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from transforms.incremental import CompleteDocumentEntries, IndexEntry
+    from transforms.records import DocumentEmbedding
+
+    def row(doc: str, index: int, count: int) -> DocumentEmbedding:
+        return DocumentEmbedding(f"{doc}#{index}", 5, False, None, None, doc,
+                                 index, count, f"hash-{doc}")
+
+    rows = [row("whole", 0, 2), row("whole", 1, 2),  # both chunks embedded
+            row("broken", 0, 3), row("broken", 2, 3),  # chunk 1 failed
+            row("short", 0, 1)]
+    with BeamPipeline() as p:
+        entries = (p | beam.Create(rows)
+                   | CompleteDocumentEntries("fp", "run-1", chunked=True))
+        assert_that(entries, equal_to([
+            IndexEntry("whole", "hash-whole", "fp", "run-1"),
+            IndexEntry("short", "hash-short", "fp", "run-1")]))

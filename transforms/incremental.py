@@ -184,3 +184,53 @@ class WriteDeleted(beam.PTransform):
                 | "ToJson" >> beam.Map(DeletedDocument.to_json)
                 | "WriteJsonl" >> beam.io.WriteToText(
                     self._prefix, file_name_suffix=".jsonl"))
+
+
+class _KeepComplete(beam.DoFn):
+    """Index entries for documents all of whose chunks were embedded.
+
+    A chunked document whose later chunk's batch failed is left out of the
+    index (and counted as ``documents_incomplete``), so that the next
+    incremental run embeds it again instead of taking it as unchanged.
+    """
+
+    def __init__(self, fingerprint: str, run_id: str):
+        self._fingerprint = fingerprint
+        self._run_id = run_id
+        self._incomplete = beam.metrics.Metrics.counter(
+            METRICS_NAMESPACE, "documents_incomplete")
+
+    def process(self, item: tuple[str, Iterable[tuple[int, str]]]
+                ) -> Iterator[IndexEntry]:
+        doc_id, chunks = item
+        chunks = list(chunks)
+        num_chunks, content_hash = chunks[0]
+        if len(chunks) != num_chunks:
+            self._incomplete.inc()
+            return
+        yield IndexEntry(doc_id, content_hash, self._fingerprint, self._run_id)
+
+
+class CompleteDocumentEntries(beam.PTransform):
+    """Embedding rows in, one ``IndexEntry`` per fully embedded document out.
+
+    Unchunked runs have one row per document: its entry comes straight from
+    the row.  Chunked runs group the (small) chunk keys by document first.
+    """
+
+    def __init__(self, fingerprint: str, run_id: str, chunked: bool):
+        super().__init__()
+        self._fingerprint = fingerprint
+        self._run_id = run_id
+        self._chunked = chunked
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        if not self._chunked:
+            return rows | "Entries" >> beam.Map(
+                entry_of, self._fingerprint, self._run_id)
+        return (rows
+                | "ChunkKeys" >> beam.Map(
+                    lambda r: (r.document_id, (r.num_chunks, r.content_hash)))
+                | "ByDocument" >> beam.GroupByKey()
+                | "KeepComplete" >> beam.ParDo(
+                    _KeepComplete(self._fingerprint, self._run_id)))
