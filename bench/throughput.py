@@ -247,15 +247,9 @@ def _spawn(args: argparse.Namespace, variant: str, corpus: str,
 
 
 def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from model.runtime import cpu_model_name
+    return (f"{cpu_model_name()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}")
 
 
 def _best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -427,15 +427,9 @@ def _warm(timing: Timing) -> float:
 
 def machine_description() -> str:
     """CPU model, core counts, and the software versions that matter."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next(line.split(":", 1)[1].strip() for line in handle
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import tokenizers  # pylint: disable=import-outside-toplevel
-    return (f"{model}; {os.cpu_count()} logical cores, pinned to core(s) "
+    from model.runtime import cpu_model_name
+    return (f"{cpu_model_name()}; {os.cpu_count()} logical cores, pinned to core(s) "
             f"{sorted(os.sched_getaffinity(0))}; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}, numpy {np.__version__}, "
             f"tokenizers {tokenizers.__version__}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 from typing import Optional
 
 _LOG = logging.getLogger(__name__)
@@ -30,13 +31,26 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether the CPU has native bfloat16 instructions."""
+def _cpuinfo() -> str:
+    """``/proc/cpuinfo`` ("" where there is none, e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
+            return handle.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name, for benchmark reports."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether the CPU has native bfloat16 instructions."""
+    flags = _cpuinfo()
     return any(flag in flags for flag in _BF16_CPU_FLAGS)
 
 

@@ -47,7 +47,8 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
 from pipeline.cli import setup_logging, wants_help
-from pipeline.options import EmbedOptions, _positive_int
+from pipeline.options import (EmbedOptions, _positive_int,
+                              lower_case_override)
 from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
                              check_patterns_match)
 from transforms.records import METRICS_NAMESPACE, Document
@@ -145,8 +146,7 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     if shared.max_seq_length < 3:
         raise UsageError("--max_seq_length must be at least 3")
     check_patterns_match(shared.input)
-    override = {"auto": None, "true": True, "false": False}[
-        shared.do_lower_case]
+    override = lower_case_override(shared)
     demo = shared.model is None and shared.vocab_file is None
     if shared.model is None and shared.vocab_file is not None:
         vocab_path = shared.vocab_file

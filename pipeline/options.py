@@ -12,6 +12,7 @@ import argparse
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model.runtime import PRECISIONS
+from transforms.batch import check_bucket_boundaries
 from transforms.infer import OUTPUT_KINDS
 from transforms.read import DEFAULT_MAX_TEXT_CHARS, ENCODINGS, INPUT_FORMATS
 from transforms.tokenize import LONG_TEXT_MODES
@@ -33,15 +34,21 @@ def parse_outputs(value: str) -> list[str]:
 def parse_boundaries(value: str) -> list[int]:
     """``'16,32,64'`` -> ``[16, 32, 64]``: positive, strictly increasing."""
     try:
-        bounds = [int(v) for v in value.split(",") if v.strip()]
+        return check_bucket_boundaries(
+            [int(v) for v in value.split(",") if v.strip()])
     except ValueError as err:
         raise argparse.ArgumentTypeError(
-            f"--bucket_boundaries takes integers: {value!r}") from err
-    if not bounds or any(b < 1 for b in bounds) or bounds != sorted(
-            set(bounds)):
-        raise argparse.ArgumentTypeError(
-            f"--bucket_boundaries must be positive and increasing: {value!r}")
-    return bounds
+            f"--bucket_boundaries takes positive, increasing integers: "
+            f"{value!r}") from err
+
+
+# ``--do_lower_case`` as the tokenizer-settings override it stands for.
+_LOWER_CASE_OVERRIDES = {"auto": None, "true": True, "false": False}
+
+
+def lower_case_override(options: "EmbedOptions") -> bool | None:
+    """``None`` (use the model's ``do_lower_case``), or the forced value."""
+    return _LOWER_CASE_OVERRIDES[options.do_lower_case]
 
 
 def _positive_int(value: str) -> int:

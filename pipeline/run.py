@@ -36,7 +36,8 @@ from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
                                find_previous, load_previous)
 from pipeline.cli import setup_logging, wants_help
-from pipeline.options import EmbedOptions
+from pipeline.options import EmbedOptions, lower_case_override
+from transforms.batch import check_bucket_boundaries
 from pipeline.publish import clean_stale, new_run_id, staging_prefix
 from pipeline.summary import COUNTERS, RunSummary, collect_counts
 from transforms.read import check_patterns_match
@@ -74,10 +75,10 @@ def read_analysis_boundaries(path: str) -> Optional[list[int]]:
         with FileSystems.open(path) as handle:
             report = json.loads(handle.read().decode("utf-8"))
         bounds = report["recommended_bucket_boundaries"]
-    except (OSError, ValueError, KeyError) as err:
+        return check_bucket_boundaries(bounds) if bounds else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--analysis {path}: not a readable analysis "
                          f"report ({type(err).__name__}: {err})") from err
-    return list(bounds) or None
 
 
 def _check_flags(options: EmbedOptions) -> None:
@@ -149,9 +150,8 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
         model_dir = ensure_demo_model()
     else:
         model_dir = options.model
-    overrides = {"auto": None, "true": True, "false": False}
     settings = tokenizer_settings_with_overrides(
-        model_dir, options.vocab_file, overrides[options.do_lower_case])
+        model_dir, options.vocab_file, lower_case_override(options))
     vocab = load_vocab(settings.vocab_path)
     probed = probe_model(model_dir)
     hidden_size = infer_hidden_size(model_dir, len(vocab))

@@ -288,3 +288,17 @@ def test_run_takes_bucket_boundaries_from_an_analysis_report(
     assert summary.counts["documents_embedded"] == len(E2E_TEXTS) - 2
     assert main(base + ["--analysis", str(tmp_path / "missing.json")]) == 2
     assert "not a readable analysis report" in capsys.readouterr().err
+
+
+def test_analysis_report_with_unusable_boundaries_is_a_usage_error(
+        tmp_path, tiny_model_dir, e2e_corpus, capsys):
+    report = tmp_path / "analysis.json"
+    report.write_text(json.dumps({"recommended_bucket_boundaries": [16, 8]}))
+    assert main(["--input", str(e2e_corpus), "--output", str(tmp_path / "o"),
+                 "--model", tiny_model_dir, "--analysis", str(report)]) == 2
+    assert "not a readable analysis report" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse rejects the flag
+        main(["--input", str(e2e_corpus), "--output", str(tmp_path / "o"),
+              "--model", tiny_model_dir, "--bucket_boundaries", "8,8"])
+    assert exited.value.code == 2
+    assert "positive, increasing integers" in capsys.readouterr().err
