@@ -351,10 +351,10 @@ def _median_tokens(texts: list[str], args) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--docs", type=int, default=512)
-    parser.add_argument("--long_docs", type=int, default=48)
+    parser.add_argument("--long_docs", type=int, default=256)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_tokens_per_batch", type=int, default=4096)
+    parser.add_argument("--max_tokens_per_batch", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the three runs; best wall time "

@@ -235,9 +235,16 @@ class BertEncoder(tf.Module):
         """Variable by its Google checkpoint name."""
         return self.weight_variables[key]
 
+    def _matmul(self, a: tf.Tensor, b: tf.Tensor,
+                transpose_b: bool = False) -> tf.Tensor:
+        """Every matrix product of the encoder goes through here, so that a
+        subclass can change how they are computed (``bench.precision``
+        rounds their operands to bfloat16 to estimate its accuracy)."""
+        return tf.matmul(a, b, transpose_b=transpose_b)
+
     def _dense(self, x: tf.Tensor, prefix: str) -> tf.Tensor:
         """``x @ kernel + bias`` for the dense layer stored under ``prefix``."""
-        return tf.matmul(x, self._w(f"{prefix}/kernel")) + self._w(f"{prefix}/bias")
+        return self._matmul(x, self._w(f"{prefix}/kernel")) + self._w(f"{prefix}/bias")
 
     def _norm(self, x: tf.Tensor, prefix: str) -> tf.Tensor:
         """LayerNorm with the gamma/beta stored under ``prefix``."""
@@ -275,9 +282,9 @@ class BertEncoder(tf.Module):
         q = self._split_heads(self._dense(x, f"{prefix}/self/query"), batch, seq_len)
         k = self._split_heads(self._dense(x, f"{prefix}/self/key"), batch, seq_len)
         v = self._split_heads(self._dense(x, f"{prefix}/self/value"), batch, seq_len)
-        scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(cfg.head_size))
+        scores = self._matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(cfg.head_size))
         probs = tf.nn.softmax(scores + mask_bias, axis=-1)
-        context = tf.transpose(tf.matmul(probs, v), [0, 2, 1, 3])
+        context = tf.transpose(self._matmul(probs, v), [0, 2, 1, 3])
         context = tf.reshape(context, [-1, cfg.hidden_size])
         return self._dense(context, f"{prefix}/output/dense")
 

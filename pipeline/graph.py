@@ -49,7 +49,7 @@ class JobConfig:
     output_format: str = "parquet"
     max_seq_length: int = 128
     batch_size: int = 32
-    max_tokens_per_batch: int = 4096
+    max_tokens_per_batch: int = 2048
     bucket_boundaries: Optional[Sequence[int]] = None
     outputs: Sequence[str] = ("pooled", "sequence")
     num_shards: int = 0

@@ -122,3 +122,30 @@ def test_both_formats_read_back_the_same_rows(controlled):
         assert x.dtype == y.dtype == np.float16
         np.testing.assert_allclose(x.astype(np.float32),
                                    y.astype(np.float32), atol=2e-3)
+
+
+def test_parquet_buffer_is_bounded_in_bytes_not_rows():
+    """Long rows are handed to the writer after ~32 MiB, not after 256 rows:
+    one 512-token float32 sequence row is 1.5 MiB, so a row-count limit
+    alone would hold hundreds of MiB per worker."""
+    from transforms import write
+    dofn = write._ToArrowTables(embedding_schema(768))
+    dofn.start_bundle()
+    row_bytes = 512 * 768 * 4 + 768 * 4
+    tables, most_pending = [], 0
+    for i in range(60):
+        row = DocumentEmbedding(
+            f"d{i}", 512, True, np.zeros(768, np.float32),
+            np.full((512, 768), i, np.float32))
+        tables.extend(dofn.process(row))
+        most_pending = max(most_pending, dofn._buffered)
+    tables.extend(t.value for t in dofn.finish_bundle())
+    assert most_pending * row_bytes <= write._BYTES_PER_TABLE + row_bytes
+    assert len(tables) >= 60 * row_bytes // write._BYTES_PER_TABLE
+    assert all(t.nbytes <= write._BYTES_PER_TABLE + 2 * row_bytes
+               for t in tables)
+    written = pa.concat_tables(tables)
+    assert written.column("id").to_pylist() == [f"d{i}" for i in range(60)]
+    first = np.asarray(written.column("sequence_output")[59].values
+                       .flatten()).reshape(512, 768)
+    assert (first == 59).all()

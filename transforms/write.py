@@ -28,10 +28,14 @@ SEQUENCE_DTYPES = ("float32", "float16")
 PARQUET_CODECS = ("none", "snappy", "zstd", "gzip")
 TFRECORD_COMPRESSIONS = ("none", "gzip")
 
-# Rows buffered before they become one Arrow record batch, and bytes
-# buffered before the batches are handed to the Parquet writer (one row
-# group) when --parquet_row_group_rows does not fix the row count.
+# Rows buffered before they become one Arrow record batch (at most this
+# many rows, at most about this many bytes of vectors), and bytes buffered
+# before the batches are handed to the Parquet writer (one row group) when
+# --parquet_row_group_rows does not fix the row count.  The byte limits keep
+# a worker's memory bounded whatever the row size: one 512-token float32
+# sequence row is 1.5 MiB, so 256 such rows would be 384 MiB.
 _ROWS_PER_RECORD_BATCH = 256
+_BYTES_PER_RECORD_BATCH = 8 * 1024 * 1024
 _BYTES_PER_TABLE = 32 * 1024 * 1024
 
 
@@ -148,6 +152,12 @@ def _hidden_size(schema: pa.Schema) -> int:
     raise ValueError("schema has no embedding column")
 
 
+def _vector_bytes(row: DocumentEmbedding) -> int:
+    """Bytes of the row's vectors (what dominates a buffered row's size)."""
+    return sum(v.nbytes for v in (row.pooled_output, row.sequence_output)
+               if v is not None)
+
+
 class _ToArrowTables(beam.DoFn):
     """Buffers embedding rows into Arrow tables, one per Parquet row group.
 
@@ -165,15 +175,19 @@ class _ToArrowTables(beam.DoFn):
         self._rows: list[DocumentEmbedding] = []
         self._batches: list[pa.RecordBatch] = []
         self._bytes = 0
+        self._row_bytes = 0
         self._buffered = 0
 
     def start_bundle(self) -> None:
         self._rows, self._batches, self._bytes, self._buffered = [], [], 0, 0
+        self._row_bytes = 0
 
     def process(self, row: DocumentEmbedding) -> Iterator[pa.Table]:
         self._rows.append(row)
+        self._row_bytes += _vector_bytes(row)
         self._buffered += 1
-        if len(self._rows) >= self._batch_rows:
+        if (len(self._rows) >= self._batch_rows
+                or self._row_bytes >= _BYTES_PER_RECORD_BATCH):
             self._flush_rows()
         if self._table_full():
             yield self._take_table()
@@ -181,7 +195,7 @@ class _ToArrowTables(beam.DoFn):
     def _table_full(self) -> bool:
         if self._group_rows:
             return self._buffered >= self._group_rows
-        return self._bytes >= _BYTES_PER_TABLE
+        return self._bytes + self._row_bytes >= _BYTES_PER_TABLE
 
     def finish_bundle(self) -> Iterator[Any]:
         self._flush_rows()
@@ -194,7 +208,7 @@ class _ToArrowTables(beam.DoFn):
                                     self._fingerprint)
             self._batches.append(batch)
             self._bytes += batch.nbytes
-            self._rows = []
+            self._rows, self._row_bytes = [], 0
 
     def _take_table(self) -> pa.Table:
         self._flush_rows()
