@@ -35,18 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from bench import throughput
 
-ROOT = Path(__file__).resolve().parents[1]
 OFFER_THRESHOLD = 0.999
 
 
@@ -54,9 +51,10 @@ OFFER_THRESHOLD = 0.999
 
 
 def _batches(model_dir: str, docs: int, seed: int, max_seq_length: int,
-             max_tokens: int) -> list[tuple[np.ndarray, np.ndarray,
-                                            np.ndarray]]:
-    """The sampled corpus, tokenized, length-sorted and padded per batch."""
+             max_tokens: int) -> tuple[list[tuple[np.ndarray, np.ndarray,
+                                                  np.ndarray]], str]:
+    """The sampled corpus, tokenized, length-sorted and padded per batch,
+    and a note saying which corpus it is."""
     from model.load import read_tokenizer_settings
     from transforms.batch import cut_batches
     from transforms.infer import pad_batch
@@ -65,7 +63,8 @@ def _batches(model_dir: str, docs: int, seed: int, max_seq_length: int,
     settings = read_tokenizer_settings(model_dir)
     tokenizer = BertWordPieceTokenizer(load_vocab(settings.vocab_path),
                                        do_lower_case=settings.do_lower_case)
-    texts, _ = throughput.sample_corpus(throughput.REAL_CORPUS, docs, seed)
+    texts, note = throughput.sample_corpus(throughput.REAL_CORPUS, docs,
+                                           seed)
     tokenized = []
     for index, text in enumerate(texts):
         encoded = tokenizer.encode(text, max_seq_length)
@@ -74,7 +73,7 @@ def _batches(model_dir: str, docs: int, seed: int, max_seq_length: int,
                 f"d{index}", np.asarray(encoded.input_word_ids, np.int32),
                 encoded.truncated))
     return [pad_batch(batch) for batch in
-            cut_batches(tokenized, 32, max_tokens, None)]
+            cut_batches(tokenized, 32, max_tokens, None)], note
 
 
 def _save_batches(batches, path: str) -> None:
@@ -124,12 +123,7 @@ def _spawn(args: argparse.Namespace, precision: str, batches: str,
            out: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "bench.precision", "--worker", precision,
                "--model", args.model, "--batches", batches, "--out", out]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                          text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{precision} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return throughput.run_worker_process(command, precision)
 
 
 # --- emulated bfloat16 ---------------------------------------------------------
@@ -218,14 +212,15 @@ def orchestrate(args: argparse.Namespace) -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_prec_")
     args.model = args.model or throughput.ensure_bert_base(
         default_cache_dir())
-    batches = _batches(args.model, args.docs, args.seed,
-                       args.max_seq_length, args.max_tokens_per_batch)
+    batches, corpus_note = _batches(args.model, args.docs, args.seed,
+                                    args.max_seq_length,
+                                    args.max_tokens_per_batch)
     batch_file = os.path.join(workdir, "batches.npz")
     _save_batches(batches, batch_file)
     print(f"machine: {cpu_model_name()}, {os.cpu_count()} cores; native "
           f"bfloat16 on this CPU: {cpu_has_fast_bfloat16()}")
     print(f"model:   {args.model}")
-    print(f"corpus:  {throughput.sample_corpus(throughput.REAL_CORPUS, args.docs, args.seed)[1]}; "
+    print(f"corpus:  {corpus_note}; "
           f"{sum(len(b[0]) for b in batches)} non-empty documents in "
           f"{len(batches)} batches, max_seq_length {args.max_seq_length}",
           flush=True)

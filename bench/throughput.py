@@ -238,11 +238,17 @@ def _spawn(args: argparse.Namespace, variant: str, corpus: str,
                "--max_seq_length", str(max_seq), "--batch_size",
                str(args.batch_size), "--max_tokens_per_batch",
                str(args.max_tokens_per_batch)]
+    return run_worker_process(command, variant)
+
+
+def run_worker_process(command: list[str], label: str) -> dict[str, Any]:
+    """Runs a benchmark worker in its own process; returns the JSON object
+    it prints last (its measurements)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{label} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

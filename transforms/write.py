@@ -172,15 +172,17 @@ class _ToArrowTables(beam.DoFn):
         self._group_rows = row_group_rows
         self._batch_rows = (min(row_group_rows, _ROWS_PER_RECORD_BATCH)
                             if row_group_rows else _ROWS_PER_RECORD_BATCH)
-        self._rows: list[DocumentEmbedding] = []
-        self._batches: list[pa.RecordBatch] = []
-        self._bytes = 0
-        self._row_bytes = 0
-        self._buffered = 0
+        self.start_bundle()
 
     def start_bundle(self) -> None:
-        self._rows, self._batches, self._bytes, self._buffered = [], [], 0, 0
+        # Rows not yet in a record batch, and the bytes of their vectors.
+        self._rows: list[DocumentEmbedding] = []
         self._row_bytes = 0
+        # Record batches not yet handed over, their bytes, and the rows
+        # buffered in all (batches and pending rows).
+        self._batches: list[pa.RecordBatch] = []
+        self._bytes = 0
+        self._buffered = 0
 
     def process(self, row: DocumentEmbedding) -> Iterator[pa.Table]:
         self._rows.append(row)
