@@ -2,7 +2,7 @@
 
     python -m bench.throughput [--docs 512] [--max_seq_length 128]
 
-Runs three pipelines over the same corpus and the same BERT-Base-shaped model
+Runs four pipelines over the same corpus and the same BERT-Base-shaped model
 (L12 H768 A12, vocab 21128, random weights), each in its own process so
 that peak RSS is per pipeline, one after the other:
 
@@ -12,14 +12,17 @@ that peak RSS is per pipeline, one after the other:
 2. peer: the same ``RunInference`` with Beam's own length-aware batching
    (``batch_length_fn`` + ``batch_bucket_boundaries``) and padding per
    batch;
-3. ours: ``pipeline.graph.build_pipeline``.
+3. ours without XLA: ``pipeline.graph.build_pipeline`` with ``--xla off``
+   (what XLA adds, side by side);
+4. ours: ``pipeline.graph.build_pipeline`` as a run gets it by default.
 
-All three read the same JSONL, tokenize with the same DoFn and write pooled
+All four read the same JSONL, tokenize with the same DoFn and write pooled
 and sequence outputs with the same Parquet writer, so they differ only in
 batching and inference.  It prints documents/s, real tokens/s, the padding
 share of computed tokens, peak RSS, the ratios ours/baseline and ours/peer,
 and the roofline ratio: our real tokens/s over the matmul-bound limit
-(measured float32 matmul rate / model FLOPs per token).  It also reports how
+(the best float32 matmul rate measured, TensorFlow's or XLA's, over the
+model's FLOPs per token).  It also reports how
 much of our wall time tokenizing and writing take, and our peak RSS at
 ``max_seq_length`` 512 with sequence output on.
 
@@ -53,7 +56,7 @@ REAL_CORPUS = ASSETS / "corpus" / "zh_public_domain.jsonl"
 LONG_CORPUS = ASSETS / "corpus" / "clue_news_web_sample.jsonl"
 
 BASE_VOCAB_SIZE = 21128
-VARIANTS = ("baseline", "peer", "ours")
+VARIANTS = ("baseline", "peer", "ours_noxla", "ours")
 
 
 # --- setup: model and corpus -------------------------------------------------
@@ -112,24 +115,27 @@ def write_jsonl(texts: Iterable[str], path: str) -> None:
 
 
 def matmul_gflops(windows: int = 5, seconds: float = 0.6) -> float:
-    """Float32 matmul rate of this machine with TensorFlow, in GFLOP/s.
+    """Float32 matmul rate of this machine, in GFLOP/s.
 
     A BERT-shaped product ([2048, 768] x [768, 3072]) timed over several
-    short windows; the best window counts, so that noise from other work on
-    the machine lowers the limit less (a higher limit is the stricter one).
+    short windows, both with TensorFlow's own kernel (oneDNN) and compiled
+    by XLA (whose CPU matmul measured a few per cent faster here); the best
+    window of either counts, so that noise from other work on the machine
+    lowers the limit less (a higher limit is the stricter one).
     """
     import tensorflow as tf
     a = tf.random.normal([2048, 768])
     b = tf.random.normal([768, 3072])
-    tf.matmul(a, b).numpy()
     best = 0.0
-    for _ in range(windows):
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            tf.matmul(a, b).numpy()
-            count += 1
-        elapsed = time.perf_counter() - started
-        best = max(best, count * 2 * 2048 * 768 * 3072 / elapsed / 1e9)
+    for matmul in (tf.matmul, tf.function(tf.matmul, jit_compile=True)):
+        matmul(a, b).numpy()
+        for _ in range(windows):
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                matmul(a, b).numpy()
+                count += 1
+            elapsed = time.perf_counter() - started
+            best = max(best, count * 2 * 2048 * 768 * 3072 / elapsed / 1e9)
     return best
 
 
@@ -155,17 +161,19 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from apache_beam.options.pipeline_options import PipelineOptions
     from pipeline.graph import JobConfig, build_pipeline
     from transforms.tokenization import load_vocab
-    from model.load import read_tokenizer_settings
+    from model.load import compile_stats, read_tokenizer_settings
     vocab = load_vocab(read_tokenizer_settings(args.model).vocab_path)
     out = os.path.join(args.workdir, args.worker, "emb")
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner",
                                                       "DirectRunner"]))
-    if args.worker == "ours":
+    ours = args.worker.startswith("ours")
+    if ours:
         build_pipeline(pipeline, JobConfig(
             inputs=[args.corpus], output=out, model_dir=args.model,
             vocab=vocab, do_lower_case=True, hidden_size=768,
             max_seq_length=args.max_seq_length, batch_size=args.batch_size,
-            max_tokens_per_batch=args.max_tokens_per_batch))
+            max_tokens_per_batch=args.max_tokens_per_batch,
+            jit_compile=args.worker == "ours"))
     else:
         beam_baselines.build_beam_variant(pipeline, args.worker, args.corpus, out,
                            args.model, vocab, args.max_seq_length,
@@ -186,9 +194,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         - counters.get("documents_skipped_empty", 0),
         "peak_rss_mib": resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "tokens_computed": (counters.get("tokens_computed", 0)
-                            if args.worker == "ours"
+        "tokens_computed": (counters.get("tokens_computed", 0) if ours
                             else beam_baselines.COMPUTED_TOKENS[0]),
+        "xla_shapes": compile_stats().shapes,
+        "xla_first_calls_s": compile_stats().first_call_seconds,
+        "xla_first_calls_tokens": compile_stats().first_call_tokens,
     }
     measured.update(_real_tokens_and_stages(args, vocab, out, wall))
     return measured
@@ -270,29 +280,39 @@ def _best_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _report(results: dict[str, dict[str, Any]], gflops: float,
             mean_padded: float) -> list[str]:
-    lines = [f"{'variant':<9} {'docs/s':>8} {'real tok/s':>11} "
+    lines = [f"{'variant':<10} {'docs/s':>8} {'real tok/s':>11} "
              f"{'padding':>8} {'peak RSS':>10} {'wall s':>8}"]
-    for name in VARIANTS:
+    names = [n for n in VARIANTS if n in results]
+    for name in names:
         r = results[name]
         padding = 1 - r["tokens_real"] / r["tokens_computed"]
-        lines.append(f"{name:<9} {r['documents'] / r['wall_s']:>8.2f} "
+        lines.append(f"{name:<10} {r['documents'] / r['wall_s']:>8.2f} "
                      f"{r['tokens_real'] / r['wall_s']:>11.1f} "
                      f"{padding:>8.1%} {r['peak_rss_mib']:>7.0f} MiB "
                      f"{r['wall_s']:>8.1f}")
     rate = {n: results[n]["tokens_real"] / results[n]["wall_s"]
-            for n in VARIANTS}
+            for n in names}
     roofline = gflops * 1e9 / flops_per_token(mean_padded)
     ours = results["ours"]
     in_model = ours["tokens_real"] / ours["model_s"]
+    real_share = ours["tokens_real"] / ours["tokens_computed"]
+    steady = real_share * (
+        (ours["tokens_computed"] - ours["xla_first_calls_tokens"])
+        / max(1e-9, ours["model_s"] - ours["xla_first_calls_s"]))
     lines += [
-        f"ours / baseline: {rate['ours'] / rate['baseline']:.2f}x   "
-        f"ours / peer: {rate['ours'] / rate['peer']:.2f}x  (real tokens/s, "
-        f"end to end)",
+        "   ".join(f"ours / {n}: {rate['ours'] / rate[n]:.2f}x"
+                   for n in names if n != "ours")
+        + "  (real tokens/s, end to end)",
+        f"ours: XLA compiled {ours['xla_shapes']} batch shapes; their first "
+        f"calls (compile + run) took {ours['xla_first_calls_s']:.1f} s of "
+        f"the {ours['wall_s']:.1f} s",
         f"roofline: matmul {gflops:.1f} GFLOP/s, "
         f"{flops_per_token(mean_padded) / 1e6:.1f} MFLOP/token -> "
         f"{roofline:.0f} tokens/s; ours end to end = "
         f"{rate['ours'] / roofline:.1%} of it, ours in model calls "
-        f"({in_model:.0f} real tokens/s) = {in_model / roofline:.1%}",
+        f"({in_model:.0f} real tokens/s) = {in_model / roofline:.1%}, "
+        f"ours in model calls after each shape's first "
+        f"({steady:.0f} real tokens/s) = {steady / roofline:.1%}",
         f"ours, share of wall time: model calls "
         f"{ours['model_s'] / ours['wall_s']:.1%}, tokenize "
         f"{ours['tokenize_share']:.1%}, write {ours['write_share']:.1%}, "
@@ -319,7 +339,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     gflops = [matmul_gflops()]
     runs = []
     for round_index in range(args.repeat):
-        for variant in VARIANTS:
+        for variant in args.variants:
             runs.append(_spawn(args, variant, corpus, args.max_seq_length,
                                f"r{round_index}"))
             print(f"  round {round_index + 1}: {variant} "
@@ -362,6 +382,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_tokens_per_batch", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", type=lambda v: v.split(","),
+                        default=list(VARIANTS),
+                        help="comma-separated subset of "
+                             f"{','.join(VARIANTS)} (ours is always run)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of the three runs; best wall time "
                              "per variant is reported")
@@ -373,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--corpus", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
+    args.variants = [v for v in VARIANTS if v in args.variants or v == "ours"]
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_tp_")
     if args.worker:
         print(json.dumps(run_worker(args)))

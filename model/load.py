@@ -21,6 +21,11 @@ Models may be local directories, paths on any TensorFlow file system
 (needs the optional ``tensorflow_hub`` package; a pre-filled
 ``TFHUB_CACHE_DIR`` makes that work offline).
 
+With ``jit_compile`` the call is compiled by XLA (once per input shape),
+which fuses the elementwise work between the matmuls (layer norm, GELU,
+softmax); a model that XLA cannot compile falls back to plain TensorFlow
+with one warning.
+
 ``read_tokenizer_settings`` reads the vocab asset and ``do_lower_case``
 straight from the SavedModel's files, without building the TensorFlow
 graph, so that the launcher can configure tokenization cheaply.  Every error
@@ -58,6 +63,19 @@ _HUB_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 _load_lock = threading.Lock()
 _load_count = 0
+
+
+@dataclasses.dataclass
+class CompileStats:
+    """XLA compilations in this process: input shapes compiled, and the
+    seconds and padded tokens (batch x width) of their first calls
+    (compile plus one run)."""
+    shapes: int = 0
+    first_call_seconds: float = 0.0
+    first_call_tokens: int = 0
+
+
+_compile_stats = CompileStats()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,10 +366,12 @@ class BertSavedModel:
     """A loaded BERT encoder that maps int32 id arrays to numpy embeddings.
 
     ``interface`` says how the SavedModel is called: ``list``, ``dict`` or
-    ``signature`` (see the module docstring).
+    ``signature`` (see the module docstring).  ``jit_compile`` says whether
+    calls go through XLA (it turns False if XLA fails on this model).
     """
 
-    def __init__(self, model_dir: str, restored) -> None:
+    def __init__(self, model_dir: str, restored,
+                 jit_compile: bool = False) -> None:
         """Detect the interface of ``restored``.
 
         Raises:
@@ -364,6 +384,16 @@ class BertSavedModel:
             {"training": False}
             if self.interface != "signature" and _accepts_training(restored)
             else {})
+        self._compiled = None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
+        if jit_compile:
+            import tensorflow as tf
+            self._compiled = tf.function(self._invoke, jit_compile=True,
+                                         reduce_retracing=True)
+
+    @property
+    def jit_compile(self) -> bool:
+        return self._compiled is not None
 
     def _detect(self) -> tuple[str, dict[str, Any]]:
         """The first fitting interface and the input dtypes it expects."""
@@ -397,6 +427,36 @@ class BertSavedModel:
             return self._restored(inputs, **self._training_kwargs)
         return self._restored.signatures["serving_default"](**inputs)
 
+    def _invoke_compiled(self, inputs: dict[str, Any]) -> Any:
+        """Call through XLA; on an XLA error, warn once and go on (this call
+        included) without it.  A new input shape compiles first (about a
+        second for BERT-Base on a CPU), which is logged."""
+        import tensorflow as tf
+        shape = tuple(inputs[INPUT_NAMES[0]].shape)
+        started = time.perf_counter()
+        try:
+            outputs = self._compiled(inputs)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+                tf.errors.InternalError) as err:
+            # Bad input fails here too and keeps XLA on; otherwise XLA
+            # was the problem.
+            outputs = self._invoke(inputs)
+            _LOG.warning("XLA cannot compile %s (%s); running it without "
+                         "XLA", self.model_dir, _one_line(err)[:300])
+            self._compiled = None
+            return outputs
+        if shape not in self._compiled_shapes:
+            seconds = time.perf_counter() - started
+            self._compiled_shapes.add(shape)
+            with _load_lock:
+                _compile_stats.shapes += 1
+                _compile_stats.first_call_seconds += seconds
+                _compile_stats.first_call_tokens += int(np.prod(shape))
+            _LOG.info("XLA compiled the model for input shape %s (first "
+                      "call %.1f s; %d shapes in this model)", list(shape),
+                      seconds, len(self._compiled_shapes))
+        return outputs
+
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(pooled_output [B, H], sequence_output [B, S, H])`` as float32."""
@@ -405,7 +465,8 @@ class BertSavedModel:
         inputs = {name: tf.convert_to_tensor(np.asarray(value),
                                              dtype=self._input_dtypes[name])
                   for name, value in arrays.items()}
-        outputs = self._invoke(inputs)
+        outputs = (self._invoke(inputs) if self._compiled is None
+                   else self._invoke_compiled(inputs))
         if isinstance(outputs, dict):
             pooled, sequence = (outputs[n] for n in OUTPUT_NAMES)
         else:
@@ -414,9 +475,11 @@ class BertSavedModel:
                 np.asarray(sequence, dtype=np.float32))
 
 
-def load_bert_saved_model(model_dir: str) -> BertSavedModel:
+def load_bert_saved_model(model_dir: str,
+                          jit_compile: bool = False) -> BertSavedModel:
     """Restores the SavedModel at ``model_dir`` (local, ``gs://`` or a TF
-    Hub handle) and detects its interface."""
+    Hub handle) and detects its interface; ``jit_compile`` runs it through
+    XLA (see ``BertSavedModel``)."""
     global _load_count
     import tensorflow as tf
     path = resolve_model_path(model_dir)
@@ -427,7 +490,7 @@ def load_bert_saved_model(model_dir: str) -> BertSavedModel:
     except (tf.errors.OpError, ValueError, KeyError) as err:
         raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
                                f"{_one_line(err)}") from err
-    model = BertSavedModel(path, restored)
+    model = BertSavedModel(path, restored, jit_compile)
     with _load_lock:
         _load_count += 1
         count = _load_count
@@ -470,6 +533,13 @@ def probe_model(model_dir: str) -> int:
 def load_count() -> int:
     """How many times this process has loaded a model (for tests and logs)."""
     return _load_count
+
+
+def compile_stats() -> CompileStats:
+    """A copy of this process's XLA compile counts (for benchmarks and
+    logs)."""
+    with _load_lock:
+        return dataclasses.replace(_compile_stats)
 
 
 def infer_hidden_size(model_dir: str, vocab_size: int) -> int:

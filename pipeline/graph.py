@@ -57,6 +57,7 @@ class JobConfig:
     chunk_stride: Optional[int] = None
     document_vectors: bool = False
     precision: str = "float32"
+    jit_compile: bool = True
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
     # Input, identity and incremental runs.
@@ -145,7 +146,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     ).with_outputs(DEAD_LETTER_TAG, main="tokens")
     handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
-        config.intra_op_threads, config.inter_op_threads)
+        config.intra_op_threads, config.inter_op_threads,
+        config.jit_compile, config.max_seq_length)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,

@@ -195,6 +195,13 @@ class EmbedOptions(PipelineOptions):
             help="Model arithmetic: float32, or bfloat16 (oneDNN's automatic "
                  "rewrite; fast only on CPUs with AVX512-BF16/AMX).")
         group.add_argument(
+            "--xla", default="on", choices=("on", "off"),
+            help="Compile the model with XLA, once per batch shape (batch "
+                 "widths are rounded up to steps of 8 tokens, 16 above 128, "
+                 "so few shapes recur): 14-29%% faster per model call on a "
+                 "2-core CPU.  float32 only; a model XLA cannot compile "
+                 "runs without it (logged).")
+        group.add_argument(
             "--tf_intra_op_threads", type=int, default=0,
             help="TensorFlow threads per op (0: the worker's usable cores).")
         group.add_argument(

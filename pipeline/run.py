@@ -176,7 +176,7 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
         num_shards=options.num_shards, long_text=options.long_text,
         chunk_stride=options.chunk_stride,
         document_vectors=options.document_vectors,
-        precision=options.precision,
+        precision=options.precision, jit_compile=options.xla == "on",
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,
         input_encoding=options.input_encoding,

@@ -8,7 +8,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.batch import BatchByLength, cut_batches
+from transforms.batch import (BatchByLength, batch_width, cut_batches,
+                             step_length)
 from transforms.records import TokenizedDocument
 
 
@@ -123,3 +124,55 @@ def test_dofn_with_bucket_boundaries_keeps_buckets_apart():
         ids = batches | beam.FlatMap(lambda b: [d.id for d in b])
         assert_that(mixed, equal_to([]), label="NoMixedBatch")
         assert_that(ids, equal_to([d.id for d in docs]), label="AllKept")
+
+
+def test_step_lengths_bound_the_number_of_widths_and_the_padding():
+    for cap in (128, 512):
+        widths = {step_length(n, cap) for n in range(1, cap + 1)}
+        assert len(widths) == {128: 16, 512: 32}[cap]
+        for n in range(1, cap + 1):
+            width = step_length(n, cap)
+            assert n <= width <= cap
+            # at most 7 tokens up to 128, under an eighth beyond
+            assert width - n <= max(7, n // 8)
+            assert step_length(width, cap) == width  # a width is a step
+    assert [step_length(n, 512) for n in (1, 8, 9, 65, 129, 257)] == \
+        [8, 8, 16, 72, 144, 288]
+
+
+def test_step_length_never_exceeds_max_seq_length_or_shortens():
+    assert step_length(97, 100) == 100  # 104 would pass the cap
+    assert step_length(100, 100) == 100
+    assert step_length(600, 512) == 600  # above the cap: unchanged
+
+
+def test_batch_width_rounds_only_with_pad_to_steps():
+    assert batch_width([3, 11, 5], None) == 11
+    assert batch_width([3, 11, 5], 128) == 16
+
+
+def test_budget_counts_step_widths_when_padding_to_steps():
+    rng = np.random.default_rng(5)
+    docs = [_doc(i, int(n)) for i, n in enumerate(rng.integers(2, 129, 600))]
+    batches = cut_batches(docs, max_docs=32, max_tokens=1024,
+                          pad_to_steps=128)
+    for batch in batches:
+        lengths = [d.num_tokens for d in batch]
+        assert len(batch) * batch_width(lengths, 128) <= 1024
+    assert sorted(d.id for b in batches for d in b) == \
+        sorted(d.id for d in docs)
+    # A 20-token document is 24 wide: 1024 // 24 = 42 per batch, where
+    # unrounded widths fit all 50 (50 x 20 = 1000).
+    twenty = [_doc(i, 20) for i in range(50)]
+    assert _lengths(cut_batches(twenty, 100, 1024, pad_to_steps=128)) == \
+        [[20] * 42, [20] * 8]
+    assert _lengths(cut_batches(twenty, 100, 1024)) == [[20] * 50]
+
+
+def test_dofn_pads_to_steps_when_asked():
+    docs = [_doc(i, 20) for i in range(50)]
+    with BeamTestPipeline() as p:
+        sizes = (p | beam.Create(docs)
+                 | beam.ParDo(BatchByLength(100, 1024, pad_to_steps=128))
+                 | beam.Map(len))
+        assert_that(sizes, equal_to([42, 8]))

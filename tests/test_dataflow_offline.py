@@ -419,7 +419,8 @@ def test_flex_launch_with_template_parameters_builds_the_job(
               "document_vectors": "true", "batch_size": "8",
               "max_tokens_per_batch": "256", "num_shards": "2",
               "precision": "float32", "do_lower_case": "true",
-              "tf_intra_op_threads": "2", "tf_inter_op_threads": "1"}
+              "tf_intra_op_threads": "2", "tf_inter_op_threads": "1",
+              "xla": "off"}
     assert set(values) == {p["name"] for p in metadata["parameters"]} - \
         {"vocab_file"}
     argv = [f"--{k}={v}" for k, v in values.items()] + DATAFLOW + [

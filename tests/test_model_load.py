@@ -96,6 +96,22 @@ class _TrainingArgBert(tf.Module):
         return [pooled, sequence]
 
 
+class _NoXlaBert(tf.Module):
+    """List call whose graph holds string ops, which XLA cannot compile;
+    they add zero, so the outputs are the encoder's."""
+
+    def __init__(self, encoder: BertEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    @tf.function(input_signature=[_specs()])
+    def __call__(self, inputs):
+        pooled, sequence = self.encoder(*inputs)
+        digits = tf.strings.length(tf.strings.as_string(inputs[0]))
+        zero = 0.0 * tf.cast(tf.reduce_max(digits), tf.float32)
+        return [pooled + zero, sequence]
+
+
 class _Doubler(tf.Module):
     """A SavedModel that is not BERT at all."""
 
@@ -139,10 +155,11 @@ def models(tmp_path_factory, weights, encoder, vocab_dir) -> dict[str, str]:
     for training in (False, True):
         keras_like.__call__.get_concrete_function(_specs(), training=training)
     tf.saved_model.save(keras_like, str(root / "training_arg"))
+    tf.saved_model.save(_NoXlaBert(encoder), str(root / "no_xla"))
     doubler = _Doubler()
     tf.saved_model.save(doubler, str(root / "not_bert"),
                         signatures={"serving_default": doubler.__call__})
-    for name in ("dict", "signature", "training_arg", "not_bert"):
+    for name in ("dict", "signature", "training_arg", "no_xla", "not_bert"):
         paths[name] = str(root / name)
     return paths
 
@@ -189,6 +206,58 @@ def test_interfaces_match_reference(models, reference, kind, interface):
     real = mask.astype(bool)
     np.testing.assert_allclose(sequence[real], ref_sequence[real], atol=1e-4,
                                rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "signature",
+                                  "training_arg"])
+def test_xla_compiled_model_matches_reference_and_compiles_per_shape(
+        models, reference, kind):
+    model = load_bert_saved_model(models[kind], jit_compile=True)
+    assert model.jit_compile
+    before = model_load.compile_stats().shapes
+    ids, mask, segments = _batch()
+    for _ in range(2):  # the second call reuses the compiled shape
+        pooled, sequence = model(ids, mask, segments)
+    ref_pooled, ref_sequence = reference(ids, mask, segments)
+    np.testing.assert_allclose(pooled, ref_pooled, atol=1e-4, rtol=0)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(sequence[real], ref_sequence[real], atol=1e-4,
+                               rtol=0)
+    model(ids[:1, :5], mask[:1, :5], segments[:1, :5])  # a new shape
+    assert model.jit_compile
+    assert model_load.compile_stats().shapes - before == 2
+
+
+def test_xla_agrees_with_plain_tensorflow(models):
+    plain = load_bert_saved_model(models["list"])
+    compiled = load_bert_saved_model(models["list"], jit_compile=True)
+    batch = _batch()
+    for got, want in zip(compiled(*batch), plain(*batch)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_model_xla_cannot_compile_runs_without_it(models, reference, caplog):
+    model = load_bert_saved_model(models["no_xla"], jit_compile=True)
+    ids, mask, segments = _batch()
+    with caplog.at_level(logging.WARNING, logger="model.load"):
+        pooled, _ = model(ids, mask, segments)
+    assert not model.jit_compile
+    assert "running it without XLA" in caplog.text
+    np.testing.assert_allclose(pooled, reference(ids, mask, segments)[0],
+                               atol=1e-4, rtol=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="model.load"):
+        model(ids, mask, segments)
+    assert "XLA" not in caplog.text  # warned once
+
+
+def test_bad_input_fails_under_xla_without_turning_it_off(models):
+    model = load_bert_saved_model(models["list"], jit_compile=True)
+    ids, mask, segments = _batch()
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
+                       match="11 and 4|Incompatible shapes"):
+        model(ids, mask[:, :4], segments)  # mask narrower than the ids
+    assert model.jit_compile
 
 
 def test_bert_saved_model_wraps_restored_object(models):

@@ -52,7 +52,8 @@ def _expected(model_dir: str, vocab: list[str]) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, small_vocab):
-    """One Parquet and one TFRecord run over the same corpus."""
+    """Parquet and TFRecord runs over the same corpus (through XLA, the
+    default), and a Parquet run without XLA."""
     root = tmp_path_factory.mktemp("e2e")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(
@@ -61,16 +62,19 @@ def runs(tmp_path_factory, tiny_model_dir, small_vocab):
     parquet = _run(corpus, root / "pq" / "emb", tiny_model_dir)
     tfrecord = _run(corpus, root / "tfr" / "emb", tiny_model_dir,
                     "--format", "tfrecord")
+    _run(corpus, root / "noxla" / "emb", tiny_model_dir, "--xla", "off")
     return {
         "parquet": (parquet, load_embeddings(str(root / "pq" / "emb-*.parquet"))),
         "tfrecord": (tfrecord,
                      load_embeddings(str(root / "tfr" / "emb-*.tfrecord"))),
+        "parquet_noxla": (None, load_embeddings(
+            str(root / "noxla" / "emb-*.parquet"))),
         "expected": _expected(tiny_model_dir, small_vocab),
         "root": root,
     }
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "tfrecord"])
+@pytest.mark.parametrize("fmt", ["parquet", "tfrecord", "parquet_noxla"])
 def test_every_document_once_with_model_outputs(runs, fmt):
     _, emb = runs[fmt]
     expected = runs["expected"]

@@ -31,6 +31,24 @@ def test_pad_batch_pads_to_the_longest_document_only():
     assert ids.dtype == mask.dtype == segments.dtype == np.int32
 
 
+def test_pad_batch_rounds_the_width_to_a_step_when_asked():
+    ids, mask, _ = pad_batch([_doc("a", [101, 5, 102]),
+                              _doc("b", [101, 7, 8, 9, 102])],
+                             pad_to_steps=128)
+    assert ids.shape == mask.shape == (2, 8)
+    np.testing.assert_array_equal(ids[1], [101, 7, 8, 9, 102, 0, 0, 0])
+    np.testing.assert_array_equal(mask.sum(axis=1), [3, 5])
+
+
+def test_model_handler_pads_to_steps_only_under_xla():
+    assert BertModelHandler("/m", jit_compile=True,
+                            max_seq_length=64).pad_to_steps == 64
+    assert BertModelHandler("/m").pad_to_steps is None
+    # TensorFlow's bfloat16 rewrite works on graphs that XLA replaces.
+    assert BertModelHandler("/m", precision="bfloat16", jit_compile=True,
+                            max_seq_length=64).pad_to_steps is None
+
+
 def test_model_handler_rejects_unknown_outputs():
     with pytest.raises(ValueError, match="outputs"):
         BertModelHandler("/nowhere", outputs=("cls",))

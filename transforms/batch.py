@@ -10,6 +10,12 @@ only to its own longest document.
 With ``bucket_boundaries`` (e.g. the ones ``pipeline.analyze`` recommends)
 documents are first split into length buckets and a batch never mixes two
 buckets, so each bucket's batches are padded within that bucket's range.
+
+With ``pad_to_steps`` (set when the model is compiled with XLA, which
+compiles once per input shape) a batch's width is its longest document
+rounded up to a length step (``step_length``), so that a whole corpus
+needs a few dozen shapes instead of one per length; the token budget
+counts the rounded width.
 """
 
 from __future__ import annotations
@@ -45,6 +51,29 @@ def check_bucket_boundaries(boundaries: Optional[Sequence[int]]
     return values
 
 
+def step_length(num_tokens: int, cap: int) -> int:
+    """``num_tokens`` rounded up to a length step, but not beyond ``cap``.
+
+    Steps are 8 tokens up to 128, 16 up to 256, 32 up to 512 and so on
+    (a sixteenth of the power of two at or above the length, at least 8),
+    so rounding adds at most 7 tokens up to 128 and under an eighth beyond,
+    while lengths up to 128 need 16 widths and up to 512 need 32.
+    ``cap`` (the run's ``max_seq_length``) keeps the width within what the
+    model accepts; a length already above it is returned unchanged.
+    """
+    step = max(8, 1 << max(0, (num_tokens - 1).bit_length() - 4))
+    rounded = -(-num_tokens // step) * step
+    return max(num_tokens, min(rounded, cap))
+
+
+def batch_width(lengths: Sequence[int], pad_to_steps: Optional[int]) -> int:
+    """The padded width of a batch: its longest length, rounded up with
+    ``step_length`` when ``pad_to_steps`` (the cap) is set."""
+    longest = max(lengths)
+    return longest if pad_to_steps is None else step_length(longest,
+                                                            pad_to_steps)
+
+
 def bucket_of(num_tokens: int, boundaries: Sequence[int]) -> int:
     """The bucket index of a length: bucket ``i`` is ``[b[i-1], b[i])``.
 
@@ -56,13 +85,15 @@ def bucket_of(num_tokens: int, boundaries: Sequence[int]) -> int:
 
 
 def _cut_sorted(ordered: Sequence[TokenizedDocument], max_docs: int,
-                max_tokens: int) -> list[list[TokenizedDocument]]:
+                max_tokens: int, pad_to_steps: Optional[int]
+                ) -> list[list[TokenizedDocument]]:
     """Cuts length-sorted documents into batches bounded by both limits."""
     batches: list[list[TokenizedDocument]] = []
     current: list[TokenizedDocument] = []
     for doc in ordered:
         # Sorted ascending, so this document is the batch's longest.
-        padded = (len(current) + 1) * doc.num_tokens
+        width = batch_width([doc.num_tokens], pad_to_steps)
+        padded = (len(current) + 1) * width
         if current and (len(current) >= max_docs or padded > max_tokens):
             batches.append(current)
             current = []
@@ -74,13 +105,14 @@ def _cut_sorted(ordered: Sequence[TokenizedDocument], max_docs: int,
 
 def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
                 max_tokens: int,
-                bucket_boundaries: Optional[Sequence[int]] = None
+                bucket_boundaries: Optional[Sequence[int]] = None,
+                pad_to_steps: Optional[int] = None
                 ) -> list[list[TokenizedDocument]]:
     """Sorts ``docs`` by length and cuts them into bounded batches.
 
     A batch never has more than ``max_docs`` documents, and its padded size
-    (documents x longest) never exceeds ``max_tokens`` unless a single
-    document is longer than the budget on its own.  With
+    (documents x ``batch_width``) never exceeds ``max_tokens`` unless a
+    single document is longer than the budget on its own.  With
     ``bucket_boundaries`` each length bucket (see ``bucket_of``) is cut on
     its own, so no batch holds documents of two buckets; batches come out
     bucket by bucket, shortest bucket first.
@@ -88,13 +120,14 @@ def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
     ordered = sorted(docs, key=lambda d: d.num_tokens)
     boundaries = check_bucket_boundaries(bucket_boundaries)
     if boundaries is None:
-        return _cut_sorted(ordered, max_docs, max_tokens)
+        return _cut_sorted(ordered, max_docs, max_tokens, pad_to_steps)
     buckets: dict[int, list[TokenizedDocument]] = {}
     for doc in ordered:  # stays sorted within each bucket
         buckets.setdefault(bucket_of(doc.num_tokens, boundaries),
                            []).append(doc)
     return [batch for index in sorted(buckets)
-            for batch in _cut_sorted(buckets[index], max_docs, max_tokens)]
+            for batch in _cut_sorted(buckets[index], max_docs, max_tokens,
+                                     pad_to_steps)]
 
 
 class BatchByLength(beam.DoFn):
@@ -103,18 +136,21 @@ class BatchByLength(beam.DoFn):
     Sorting happens within a window of ``sort_window`` documents of one
     bundle; what is left at the end of a bundle is flushed then.  With
     ``bucket_boundaries`` no batch mixes length buckets (see
-    ``cut_batches``).
+    ``cut_batches``); with ``pad_to_steps`` the budget counts widths
+    rounded to length steps, as the model handler then pads them.
     """
 
     def __init__(self, max_docs: int, max_tokens: int,
                  sort_window: int = DEFAULT_SORT_WINDOW,
-                 bucket_boundaries: Optional[Sequence[int]] = None):
+                 bucket_boundaries: Optional[Sequence[int]] = None,
+                 pad_to_steps: Optional[int] = None):
         if max_docs < 1 or max_tokens < 1 or sort_window < 1:
             raise ValueError("max_docs, max_tokens and sort_window must be "
                              "positive")
         self._max_docs = max_docs
         self._max_tokens = max_tokens
         self._boundaries = check_bucket_boundaries(bucket_boundaries)
+        self._pad_to_steps = pad_to_steps
         self._window = max(sort_window, max_docs)
         self._buffer: list[TokenizedDocument] = []
 
@@ -133,6 +169,6 @@ class BatchByLength(beam.DoFn):
 
     def _drain(self) -> list[list[TokenizedDocument]]:
         batches = cut_batches(self._buffer, self._max_docs, self._max_tokens,
-                              self._boundaries)
+                              self._boundaries, self._pad_to_steps)
         self._buffer = []
         return batches

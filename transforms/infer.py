@@ -4,8 +4,10 @@ Built on Beam's RunInference: ``BertModelHandler`` tells it how to load the
 SavedModel (once per worker process, through RunInference's ``Shared``
 handle) and how to run one batch.  Batches come from ``BatchByLength``
 (documents of similar length together), each is padded only to its own
-longest document, and padding rows are cut off again before the results
-leave the handler, so ``sequence_output`` holds real tokens only.
+longest document (rounded up to a length step when the model runs under
+XLA, so that few shapes are compiled), and padding is cut off again before
+the results leave the handler, so ``sequence_output`` holds real tokens
+only.
 """
 
 from __future__ import annotations
@@ -19,23 +21,26 @@ from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
 
 from model.load import BertSavedModel, load_bert_saved_model
 from model.runtime import PRECISIONS, configure_tensorflow
-from transforms.batch import BatchByLength
+from transforms.batch import BatchByLength, batch_width
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
                                 DocumentEmbedding, TokenizedDocument)
 
 OUTPUT_KINDS = ("pooled", "sequence")
 
 
-def pad_batch(docs: Sequence[TokenizedDocument]
+def pad_batch(docs: Sequence[TokenizedDocument],
+              pad_to_steps: Optional[int] = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``input_word_ids``, ``input_mask``, ``segment_ids`` for a batch.
 
-    All three are int32 ``[batch, longest]``: ids zero-padded (``[PAD]`` is
+    All three are int32 ``[batch, width]``: ids zero-padded (``[PAD]`` is
     id 0), mask one on real tokens, segments all zero (one-sentence input).
+    The width is the longest document, rounded up to a length step when
+    ``pad_to_steps`` is set (see ``transforms.batch.batch_width``).
     """
     lengths = np.fromiter((d.num_tokens for d in docs), dtype=np.int64,
                           count=len(docs))
-    width = int(lengths.max())
+    width = batch_width(lengths.tolist(), pad_to_steps)
     ids = np.zeros((len(docs), width), dtype=np.int32)
     for row, doc in enumerate(docs):
         ids[row, :doc.num_tokens] = doc.input_word_ids
@@ -53,13 +58,20 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     carries the document's row metadata (chunk fields, content hash, text
     when the run writes it), so no join of the large embedding rows with
     the documents is needed after inference.
+
+    ``jit_compile`` runs the model through XLA (float32 only: TensorFlow's
+    bfloat16 rewrite works on graphs XLA does not see); batch widths are
+    then rounded up to length steps capped at ``max_seq_length``
+    (``pad_to_steps``), which the batcher must use too.
     """
 
     def __init__(self, model_dir: str,
                  outputs: Sequence[str] = OUTPUT_KINDS,
                  precision: str = "float32",
                  intra_op_threads: Optional[int] = None,
-                 inter_op_threads: Optional[int] = None):
+                 inter_op_threads: Optional[int] = None,
+                 jit_compile: bool = False,
+                 max_seq_length: int = 512):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
@@ -76,16 +88,18 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
             METRICS_NAMESPACE, "tokens_computed")
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
+        self._jit_compile = jit_compile and precision == "float32"
+        self.pad_to_steps = max_seq_length if self._jit_compile else None
 
     def load_model(self) -> BertSavedModel:
         configure_tensorflow(*self._threads, precision=self._precision)
-        return load_bert_saved_model(self._model_dir)
+        return load_bert_saved_model(self._model_dir, self._jit_compile)
 
     def run_inference(self, batch: Sequence[TokenizedDocument],
                       model: BertSavedModel,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        ids, mask, segments = pad_batch(batch)
+        ids, mask, segments = pad_batch(batch, self.pad_to_steps)
         pooled, sequence = model(ids, mask, segments)
         self._computed.inc(ids.size)
         for row, doc in enumerate(batch):
@@ -159,8 +173,10 @@ class EmbedDocuments(beam.PTransform):
                  bucket_boundaries: Optional[Sequence[int]] = None):
         super().__init__()
         self._handler = model_handler
-        self._batching = BatchByLength(batch_size, max_tokens_per_batch,
-                                       bucket_boundaries=bucket_boundaries)
+        self._batching = BatchByLength(
+            batch_size, max_tokens_per_batch,
+            bucket_boundaries=bucket_boundaries,
+            pad_to_steps=model_handler.pad_to_steps)
 
     def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
         results, failures = (
