@@ -51,18 +51,22 @@ def lower_case_override(options: "EmbedOptions") -> bool | None:
     return _LOWER_CASE_OVERRIDES[options.do_lower_case]
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
+def _at_least(low: float, kind: type, name: str):
+    """An argparse type: a ``kind`` number not below ``low``; ``name`` is
+    what argparse calls it in its "invalid ... value" message."""
+    def parse(value: str):
+        number = kind(value)
+        if number < low:
+            raise argparse.ArgumentTypeError(
+                f"must be >= {low:g}, got {value}")
+        return number
+    parse.__name__ = name
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+_positive_int = _at_least(1, int, "positive int")
+_non_negative_int = _at_least(0, int, "non-negative int")
+_seconds = _at_least(0, float, "seconds")
 
 
 def _share(value: str) -> float:
@@ -70,13 +74,6 @@ def _share(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
-
-
-def _seconds(value: str) -> float:
-    number = float(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
 
 
