@@ -387,8 +387,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="comma-separated subset of "
                              f"{','.join(VARIANTS)} (ours is always run)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of the three runs; best wall time "
-                             "per variant is reported")
+                        help="rounds of the runs of every variant; best "
+                             "wall time per variant is reported")
     parser.add_argument("--model", default=None,
                         help="SavedModel (default: BERT-Base, random)")
     parser.add_argument("--workdir", default=None)
