@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from model.xla_cache import CompileCache
+
 _LOG = logging.getLogger(__name__)
 
 _VOCAB_ATTR = "vocab_file"
@@ -63,6 +65,8 @@ _HUB_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 _load_lock = threading.Lock()
 _load_count = 0
+# One XLA compile at a time in this process (see _invoke_compiled).
+_compile_lock = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -367,11 +371,14 @@ class BertSavedModel:
 
     ``interface`` says how the SavedModel is called: ``list``, ``dict`` or
     ``signature`` (see the module docstring).  ``jit_compile`` says whether
-    calls go through XLA (it turns False if XLA fails on this model).
+    calls go through XLA (it turns False if XLA fails on this model); what
+    XLA compiles is published to ``compile_cache`` for later runs (see
+    ``model.xla_cache``).
     """
 
     def __init__(self, model_dir: str, restored,
-                 jit_compile: bool = False) -> None:
+                 jit_compile: bool = False,
+                 compile_cache: Optional[CompileCache] = None) -> None:
         """Detect the interface of ``restored``.
 
         Raises:
@@ -386,10 +393,16 @@ class BertSavedModel:
             else {})
         self._compiled = None
         self._compiled_shapes: set[tuple[int, ...]] = set()
+        self._compile_cache = compile_cache
         if jit_compile:
             import tensorflow as tf
+            # One trace for every batch shape (XLA still compiles each
+            # shape), so that the traced function, and with it the compile
+            # cache's key, does not depend on which shape came first.
+            spec = {name: tf.TensorSpec([None, None], dtype, name=name)
+                    for name, dtype in self._input_dtypes.items()}
             self._compiled = tf.function(self._invoke, jit_compile=True,
-                                         reduce_retracing=True)
+                                         input_signature=[spec])
 
     @property
     def jit_compile(self) -> bool:
@@ -428,14 +441,28 @@ class BertSavedModel:
         return self._restored.signatures["serving_default"](**inputs)
 
     def _invoke_compiled(self, inputs: dict[str, Any]) -> Any:
-        """Call through XLA; on an XLA error, warn once and go on (this call
-        included) without it.  A new input shape compiles first (about a
-        second for BERT-Base on a CPU), which is logged."""
-        import tensorflow as tf
+        """Call through XLA.  A new input shape compiles first (about a
+        second for BERT-Base on a CPU, logged); compiles run one at a time
+        in this process, so that the compile cache only ever publishes
+        whole entries."""
         shape = tuple(inputs[INPUT_NAMES[0]].shape)
-        started = time.perf_counter()
+        if shape in self._compiled_shapes:
+            return self._call_xla(inputs)
+        with _compile_lock:
+            if shape in self._compiled_shapes:
+                return self._call_xla(inputs)
+            started = time.perf_counter()
+            outputs = self._call_xla(inputs)
+            if self._compiled is not None:
+                self._record_compile(shape, time.perf_counter() - started)
+            return outputs
+
+    def _call_xla(self, inputs: dict[str, Any]) -> Any:
+        """The compiled call; on an XLA error, warn once and go on (this
+        call included) without XLA."""
+        import tensorflow as tf
         try:
-            outputs = self._compiled(inputs)
+            return self._compiled(inputs)
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
                 tf.errors.InternalError) as err:
             # Bad input fails here too and keeps XLA on; otherwise XLA
@@ -445,17 +472,19 @@ class BertSavedModel:
                          "XLA", self.model_dir, _one_line(err)[:300])
             self._compiled = None
             return outputs
-        if shape not in self._compiled_shapes:
-            seconds = time.perf_counter() - started
-            self._compiled_shapes.add(shape)
-            with _load_lock:
-                _compile_stats.shapes += 1
-                _compile_stats.first_call_seconds += seconds
-                _compile_stats.first_call_tokens += int(np.prod(shape))
-            _LOG.info("XLA compiled the model for input shape %s (first "
-                      "call %.1f s; %d shapes in this model)", list(shape),
-                      seconds, len(self._compiled_shapes))
-        return outputs
+
+    def _record_compile(self, shape: tuple[int, ...], seconds: float) -> None:
+        """Counts a new shape's first call and publishes what it compiled."""
+        self._compiled_shapes.add(shape)
+        with _load_lock:
+            _compile_stats.shapes += 1
+            _compile_stats.first_call_seconds += seconds
+            _compile_stats.first_call_tokens += int(np.prod(shape))
+        published = (self._compile_cache.publish()
+                     if self._compile_cache is not None else 0)
+        _LOG.info("XLA compiled the model for input shape %s (first call "
+                  "%.1f s; %d shapes in this model; %d new cache entries)",
+                  list(shape), seconds, len(self._compiled_shapes), published)
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -475,11 +504,13 @@ class BertSavedModel:
                 np.asarray(sequence, dtype=np.float32))
 
 
-def load_bert_saved_model(model_dir: str,
-                          jit_compile: bool = False) -> BertSavedModel:
+def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
+                          compile_cache: Optional[CompileCache] = None
+                          ) -> BertSavedModel:
     """Restores the SavedModel at ``model_dir`` (local, ``gs://`` or a TF
     Hub handle) and detects its interface; ``jit_compile`` runs it through
-    XLA (see ``BertSavedModel``)."""
+    XLA (see ``BertSavedModel``), publishing what it compiles to
+    ``compile_cache`` when given."""
     global _load_count
     import tensorflow as tf
     path = resolve_model_path(model_dir)
@@ -490,7 +521,7 @@ def load_bert_saved_model(model_dir: str,
     except (tf.errors.OpError, ValueError, KeyError) as err:
         raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
                                f"{_one_line(err)}") from err
-    model = BertSavedModel(path, restored, jit_compile)
+    model = BertSavedModel(path, restored, jit_compile, compile_cache)
     with _load_lock:
         _load_count += 1
         count = _load_count

@@ -48,10 +48,18 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512_bf16``, ...); empty where
+    ``/proc/cpuinfo`` has none."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def cpu_has_fast_bfloat16() -> bool:
     """Whether the CPU has native bfloat16 instructions."""
-    flags = _cpuinfo()
-    return any(flag in flags for flag in _BF16_CPU_FLAGS)
+    return not cpu_flags().isdisjoint(_BF16_CPU_FLAGS)
 
 
 def configure_tensorflow(intra_op_threads: Optional[int] = None,

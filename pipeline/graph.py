@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
+from model import xla_cache
 from transforms.aggregate import DocumentVectors
 from transforms.dedup import DropDuplicates
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
@@ -58,6 +59,7 @@ class JobConfig:
     document_vectors: bool = False
     precision: str = "float32"
     jit_compile: bool = True
+    xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
     # Input, identity and incremental runs.
@@ -147,7 +149,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads,
-        config.jit_compile, config.max_seq_length)
+        config.jit_compile, config.max_seq_length, config.xla_cache_dir)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,

@@ -201,6 +201,15 @@ class EmbedOptions(PipelineOptions):
                  "only; a model XLA cannot compile runs without it "
                  "(logged).")
         group.add_argument(
+            "--xla_cache_dir", default="auto",
+            help="Where XLA-compiled executables are kept for later runs "
+                 "(the next run of a scheduled job loads them instead of "
+                 "compiling: about half the compile time saved).  auto: "
+                 "xla/ under $BERT_ZH_EMBED_CACHE or ~/.cache/bert_zh_embed "
+                 "on each worker; none: off; or a local or gs:// path "
+                 "shared by workers (split by TensorFlow version and CPU "
+                 "kind, entries published whole).")
+        group.add_argument(
             "--tf_intra_op_threads", type=int, default=0,
             help="TensorFlow threads per op (0: the worker's usable cores).")
         group.add_argument(

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from model import xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
 from pipeline.fingerprint import model_fingerprint
@@ -140,6 +141,11 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
     """
     _check_flags(options)
     _check_remote_paths(options)
+    if options.xla == "on" and options.precision == "float32":
+        # Now, before this process first uses TensorFlow: a DirectRunner
+        # runs the model in this process, and TensorFlow reads its XLA
+        # flags once, when its runtime starts.
+        xla_cache.process_cache(options.xla_cache_dir)
     total_bytes = input_size(options.input)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:
@@ -177,6 +183,7 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
         chunk_stride=options.chunk_stride,
         document_vectors=options.document_vectors,
         precision=options.precision, jit_compile=options.xla == "on",
+        xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,
         input_encoding=options.input_encoding,

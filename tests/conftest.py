@@ -6,9 +6,12 @@ vocabulary made from the characters the test documents use.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Caches (the demo model, XLA executables) go to a directory of this test
+# session, never the user's: tests must not depend on earlier runs.
+os.environ["BERT_ZH_EMBED_CACHE"] = tempfile.mkdtemp(
+    prefix="bert_zh_embed_test_cache_")
+atexit.register(shutil.rmtree, os.environ["BERT_ZH_EMBED_CACHE"],
+                ignore_errors=True)
 
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 

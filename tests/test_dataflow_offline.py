@@ -400,6 +400,10 @@ def test_flex_template_parameters_are_job_flags(metadata):
         assert re.fullmatch(pattern, str(actions[name].default))
         assert not re.fullmatch(pattern, "0")
         assert not re.fullmatch(pattern, "-3")
+    (cache,) = params["xla_cache_dir"]["regexes"]
+    for value, ok in (("auto", True), ("none", True), ("gs://b-1/xla", True),
+                      ("gs://b-1", True), ("/local/xla", False)):
+        assert bool(re.fullmatch(cache, value)) == ok, value
     (outputs,) = params["outputs"]["regexes"]
     for value, ok in (("pooled", True), ("pooled,sequence", True),
                       ("sequence", True), ("pooled,", False), ("cls", False)):
@@ -420,7 +424,7 @@ def test_flex_launch_with_template_parameters_builds_the_job(
               "max_tokens_per_batch": "256", "num_shards": "2",
               "precision": "float32", "do_lower_case": "true",
               "tf_intra_op_threads": "2", "tf_inter_op_threads": "1",
-              "xla": "off"}
+              "xla": "off", "xla_cache_dir": "gs://my-bucket/xla"}
     assert set(values) == {p["name"] for p in metadata["parameters"]} - \
         {"vocab_file"}
     argv = [f"--{k}={v}" for k, v in values.items()] + DATAFLOW + [

@@ -19,6 +19,7 @@ import numpy as np
 from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
+from model import xla_cache
 from model.load import BertSavedModel, load_bert_saved_model
 from model.runtime import PRECISIONS, configure_tensorflow
 from transforms.batch import BatchByLength, batch_width
@@ -62,7 +63,9 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     ``jit_compile`` runs the model through XLA (float32 only: TensorFlow's
     bfloat16 rewrite works on graphs XLA does not see); batch widths are
     then rounded up to length steps capped at ``max_seq_length``
-    (``pad_to_steps``), which the batcher must use too.
+    (``pad_to_steps``), which the batcher must use too, and compiled
+    executables are shared with later runs through ``xla_cache_dir``
+    (``auto``, ``none`` or a path: see ``model.xla_cache``).
     """
 
     def __init__(self, model_dir: str,
@@ -71,7 +74,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                  intra_op_threads: Optional[int] = None,
                  inter_op_threads: Optional[int] = None,
                  jit_compile: bool = False,
-                 max_seq_length: int = 512):
+                 max_seq_length: int = 512,
+                 xla_cache_dir: str = xla_cache.OFF):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
@@ -90,10 +94,19 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._keep_sequence = "sequence" in outputs
         self._jit_compile = jit_compile and precision == "float32"
         self.pad_to_steps = max_seq_length if self._jit_compile else None
+        self._xla_cache_dir = xla_cache_dir
 
     def load_model(self) -> BertSavedModel:
+        cache = None
+        if self._jit_compile:
+            # Before configure_tensorflow: TensorFlow reads its XLA flags
+            # when its runtime starts.
+            cache = xla_cache.process_cache(self._xla_cache_dir)
+            if cache is not None:
+                cache.load_entries()
         configure_tensorflow(*self._threads, precision=self._precision)
-        return load_bert_saved_model(self._model_dir, self._jit_compile)
+        return load_bert_saved_model(self._model_dir, self._jit_compile,
+                                     cache)
 
     def run_inference(self, batch: Sequence[TokenizedDocument],
                       model: BertSavedModel,
