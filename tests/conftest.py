@@ -23,10 +23,16 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Caches (the demo model, XLA executables) go to a directory of this test
 # session, never the user's: tests must not depend on earlier runs.
-os.environ["BERT_ZH_EMBED_CACHE"] = tempfile.mkdtemp(
-    prefix="bert_zh_embed_test_cache_")
-atexit.register(shutil.rmtree, os.environ["BERT_ZH_EMBED_CACHE"],
-                ignore_errors=True)
+# (Subprocesses of the tests, and a second import of this module, inherit
+# the session's directory.)
+_TEST_CACHE_PREFIX = os.path.join(tempfile.gettempdir(),
+                                  "bert_zh_embed_test_cache_")
+if not os.environ.get("BERT_ZH_EMBED_CACHE", "").startswith(
+        _TEST_CACHE_PREFIX):
+    os.environ["BERT_ZH_EMBED_CACHE"] = tempfile.mkdtemp(
+        prefix=os.path.basename(_TEST_CACHE_PREFIX))
+    atexit.register(shutil.rmtree, os.environ["BERT_ZH_EMBED_CACHE"],
+                    ignore_errors=True)
 
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
 
