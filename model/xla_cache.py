@@ -109,14 +109,15 @@ def _entries(directory: str) -> list[str]:
                   if name.endswith(_ENTRY_SUFFIX) and not name.startswith("."))
 
 
-def _place(source: str, target: str) -> bool:
+def _place(source: str, target: str, link: bool) -> bool:
     """Puts a copy of the complete file ``source`` at ``target`` so that
     readers of ``target`` never see part of it; False if ``target`` already
-    exists (another process got there first)."""
+    exists (another process got there first).  ``link`` allows a hard link
+    where both are local: only for files nobody writes again."""
     import tensorflow as tf
     if tf.io.gfile.exists(target):
         return False
-    if _is_local(source) and _is_local(target):
+    if link and _is_local(source) and _is_local(target):
         try:
             os.link(source, target)
             return True
@@ -155,8 +156,10 @@ class CompileCache:
         try:
             for name in _entries(self.directory):
                 if name not in self._known:
+                    # A copy: TensorFlow may rewrite a staging file it
+                    # cannot load, and must not do so through a link.
                     _place(f"{self.directory}/{name}",
-                           os.path.join(self.staging, name))
+                           os.path.join(self.staging, name), link=False)
                     self._known.add(name)
                     count += 1
         except Exception as err:  # pylint: disable=broad-except
@@ -181,8 +184,9 @@ class CompileCache:
                 if name in self._known:
                     continue
                 self._known.add(name)
+                # TensorFlow writes each entry once, so a link is safe.
                 if _place(os.path.join(self.staging, name),
-                          f"{self.directory}/{name}"):
+                          f"{self.directory}/{name}", link=True):
                     count += 1
         except Exception as err:  # pylint: disable=broad-except
             self._warn_once(f"cannot write the XLA compile cache "
@@ -209,9 +213,12 @@ def _point_tensorflow_at(staging: str) -> None:
     from tensorflow.python import pywrap_tfe
     before = os.environ.get("TF_XLA_FLAGS")
     os.environ["TF_XLA_FLAGS"] = f"{before or ''} {_FLAG}={staging}".strip()
+    # Any getter of an XLA flag parses them all from the environment, once.
+    parse_now = getattr(pywrap_tfe, "TF_GetXlaConstantFoldingDisabled", None)
+    if parse_now is None:
+        return  # left set: TensorFlow parses it when its runtime starts
     try:
-        # Any getter parses all XLA flags from the environment, once.
-        pywrap_tfe.TF_GetXlaConstantFoldingDisabled()
+        parse_now()
     finally:
         if before is None:
             del os.environ["TF_XLA_FLAGS"]

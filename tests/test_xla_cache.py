@@ -124,6 +124,21 @@ def test_load_entries_seeds_staging_once_and_skips_temporary_files(tmp_path):
     assert cache.publish() == 0  # already shared
 
 
+def test_staging_copies_are_not_links_and_published_entries_are(tmp_path):
+    """TensorFlow may rewrite a staging file (one it failed to load): that
+    must never change a shared entry in place.  Its new entries are written
+    once, so publishing may link them."""
+    shared, staging = tmp_path / "shared", tmp_path / "staging"
+    loaded = _entry(shared, "1__1")
+    staging.mkdir()
+    cache = CompileCache(str(shared), str(staging))
+    cache.load_entries()
+    assert not os.path.samefile(staging / loaded.name, loaded)
+    new = _entry(staging, "2__2")
+    assert cache.publish() == 1
+    assert os.path.samefile(shared / new.name, new)
+
+
 def test_an_unusable_cache_warns_once_and_never_fails(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -153,6 +168,26 @@ def test_no_cache_when_off_or_when_tf_xla_flags_names_one(
     monkeypatch.setenv("TF_XLA_FLAGS",
                        "--tf_xla_persistent_cache_directory=/their/own")
     assert xla_cache.process_cache(str(tmp_path)) is None
+
+
+_SET_UP = """
+import os, sys
+from model import xla_cache
+cache = xla_cache.process_cache(sys.argv[1])
+print(cache is not None, os.environ.get("TF_XLA_FLAGS"))
+"""
+
+
+@pytest.mark.parametrize("flags", [None, "--tf_xla_auto_jit=-1"])
+def test_the_cache_flag_is_not_left_for_child_processes(tmp_path, flags):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_XLA_FLAGS", None)
+    if flags:
+        env["TF_XLA_FLAGS"] = flags
+    done = subprocess.run([sys.executable, "-c", _SET_UP, str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.split() == ["True", str(flags)]
 
 
 def _raise(error):
