@@ -147,8 +147,8 @@ class CompileCache:
         self._failed = False
 
     def load_entries(self) -> int:
-        """Copies (or links) the shared entries into staging, once; returns
-        how many.  An unreadable cache is logged and left unused."""
+        """Copies the shared entries into staging, once; returns how many.
+        An unreadable cache is logged and left unused."""
         if self._loaded:
             return 0
         self._loaded = True

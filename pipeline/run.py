@@ -41,6 +41,7 @@ from pipeline.options import EmbedOptions, lower_case_override
 from transforms.batch import check_bucket_boundaries
 from pipeline.publish import clean_stale, new_run_id, staging_prefix
 from pipeline.summary import COUNTERS, RunSummary, collect_counts
+from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
 from transforms.tokenization import load_vocab
@@ -141,7 +142,7 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
     """
     _check_flags(options)
     _check_remote_paths(options)
-    if options.xla == "on" and options.precision == "float32":
+    if xla_applies(options.xla == "on", options.precision):
         # Now, before this process first uses TensorFlow: a DirectRunner
         # runs the model in this process, and TensorFlow reads its XLA
         # flags once, when its runtime starts.

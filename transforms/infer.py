@@ -49,6 +49,12 @@ def pad_batch(docs: Sequence[TokenizedDocument],
     return ids, mask, np.zeros_like(ids)
 
 
+def xla_applies(jit_compile: bool, precision: str) -> bool:
+    """Whether a run compiles the model with XLA: float32 only, since
+    TensorFlow's bfloat16 rewrite works on graphs XLA does not see."""
+    return jit_compile and precision == "float32"
+
+
 class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                                     BertSavedModel]):
     """RunInference handler for a TF Hub–style BERT SavedModel.
@@ -92,7 +98,7 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
             METRICS_NAMESPACE, "tokens_computed")
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
-        self._jit_compile = jit_compile and precision == "float32"
+        self._jit_compile = xla_applies(jit_compile, precision)
         self.pad_to_steps = max_seq_length if self._jit_compile else None
         self._xla_cache_dir = xla_cache_dir
 
