@@ -24,7 +24,11 @@ Models may be local directories, paths on any TensorFlow file system
 With ``jit_compile`` the call is compiled by XLA (once per input shape),
 which fuses the elementwise work between the matmuls (layer norm, GELU,
 softmax); a model that XLA cannot compile falls back to plain TensorFlow
-with one warning.
+with one warning.  Inputs are checked before TensorFlow sees them (rank,
+shapes, dtypes, and ids within the model's embedding tables, whose sizes
+``read_model_limits`` reads from the variables): TensorFlow's own kernels do
+not reject every bad input on every CPU, and a bad input must never pass
+for an XLA failure.
 
 ``read_tokenizer_settings`` reads the vocab asset and ``do_lower_case``
 straight from the SavedModel's files, without building the TensorFlow
@@ -65,8 +69,16 @@ _HUB_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 _load_lock = threading.Lock()
 _load_count = 0
-# One XLA compile at a time in this process (see _invoke_compiled).
-_compile_lock = threading.Lock()
+# One XLA compile at a time in this process (see _invoke_compiled);
+# re-entrant, since a failed compile probes XLA while holding it.
+_compile_lock = threading.RLock()
+
+
+def _xla_errors() -> tuple[type, ...]:
+    """The TensorFlow errors an XLA compile or run raises."""
+    import tensorflow as tf
+    return (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
+            tf.errors.InternalError)
 
 
 @dataclasses.dataclass
@@ -91,6 +103,25 @@ class TokenizerSettings:
 
 class ModelFormatError(ValueError):
     """The path is not a BERT SavedModel with a supported interface."""
+
+
+class ModelInputError(ValueError):
+    """Arrays handed to the model are not a valid BERT batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLimits:
+    """Sizes of the model's embedding tables, which bound its inputs; None
+    where the model does not name the table (see ``read_model_limits``).
+
+    ``vocab_size`` bounds ``input_word_ids``, ``type_vocab_size`` bounds
+    ``segment_ids``, ``max_positions`` bounds the sequence length;
+    ``position_table`` names the position table (for messages).
+    """
+    vocab_size: Optional[int] = None
+    type_vocab_size: Optional[int] = None
+    max_positions: Optional[int] = None
+    position_table: Optional[str] = None
 
 
 def _one_line(text: Any) -> str:
@@ -225,6 +256,17 @@ def _variables_reader(model_dir: str):
     return tf.compat.v1.train.NewCheckpointReader(prefix)
 
 
+def _checkpoint_object_graph(reader):
+    """The checkpoint's own object graph (which names every variable's
+    checkpoint key and full name), or None when it has none."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+    if not reader.has_tensor(_OBJECT_GRAPH_KEY):
+        return None
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
+    return graph
+
+
 def _read_lower_case_flag(model_dir: str) -> Optional[bool]:
     """Value of the ``do_lower_case`` variable nearest the root, if any.
 
@@ -232,15 +274,13 @@ def _read_lower_case_flag(model_dir: str) -> Optional[bool]:
     checkpoint key is exact wherever in the model it is attached.
     """
     import tensorflow as tf
-    from tensorflow.core.protobuf import trackable_object_graph_pb2
     try:
         reader = _variables_reader(model_dir)
     except (tf.errors.OpError, ValueError):
         return None  # a model without variables
-    if not reader.has_tensor(_OBJECT_GRAPH_KEY):
+    graph = _checkpoint_object_graph(reader)
+    if graph is None:
         return None
-    graph = trackable_object_graph_pb2.TrackableObjectGraph()
-    graph.ParseFromString(reader.get_tensor(_OBJECT_GRAPH_KEY))
     for node_id, name in _breadth_first(graph.nodes, lambda n: n.children):
         if name != _LOWER_CASE_ATTR:
             continue
@@ -366,25 +406,89 @@ def _describe(restored) -> str:
             f"{', '.join(signatures) or 'none'}")
 
 
+def _value_range(values: np.ndarray) -> str:
+    """``"from MIN to MAX"`` of an array, for error messages."""
+    return f"from {values.min()} to {values.max()}"
+
+
+def check_inputs(arrays: dict[str, Any], limits: ModelLimits = ModelLimits(),
+                 dtypes: Optional[dict[str, Any]] = None
+                 ) -> dict[str, np.ndarray]:
+    """``arrays`` (keyed by ``INPUT_NAMES``) as numpy arrays, once they
+    are a valid BERT batch; else ``ModelInputError`` with one line.
+
+    Checked, in this order: each is 2-D; all three have one shape; batch
+    and sequence length are at least 1; the dtypes are integers; the
+    sequence fits the position table; ids lie in ``[0, vocab_size)``,
+    segment ids in ``[0, type_vocab_size)`` and mask values in {0, 1}.
+    Limits the model does not state (None) are not checked, but values
+    must still fit the model's input ``dtypes`` (TensorFlow dtypes).
+    TensorFlow itself does not reject all of these on every CPU (oneDNN
+    broadcasts a narrower mask without a word), so the wrapper must.
+    """
+    values = {name: np.asarray(arrays[name]) for name in INPUT_NAMES}
+    for name, value in values.items():
+        if value.ndim != 2:
+            raise ModelInputError(
+                f"{name} must be a 2-D [batch, seq_length] array, got shape "
+                f"{list(value.shape)}")
+    shapes = {value.shape for value in values.values()}
+    if len(shapes) != 1:
+        raise ModelInputError(
+            f"{', '.join(INPUT_NAMES)} must have one shape, got "
+            + ", ".join(f"{name} {list(v.shape)}"
+                        for name, v in values.items()))
+    batch, width = shapes.pop()
+    if batch == 0 or width == 0:
+        raise ModelInputError(f"empty input of shape [{batch}, {width}]: "
+                              "batch and sequence length must be at least 1")
+    for name, value in values.items():
+        if not np.issubdtype(value.dtype, np.integer):
+            raise ModelInputError(f"{name} must hold integers, got "
+                                  f"{value.dtype}")
+    if limits.max_positions is not None and width > limits.max_positions:
+        raise ModelInputError(
+            f"sequence length {width} exceeds the model's "
+            f"{limits.max_positions} positions")
+    bounds = {"input_word_ids": (limits.vocab_size, "the model's vocabulary"),
+              "segment_ids": (limits.type_vocab_size,
+                              "the model's token types"),
+              "input_mask": (2, "mask values are 0 and 1")}
+    for name, (limit, what) in bounds.items():
+        value = values[name]
+        if limit is None and dtypes is not None and dtypes[name].is_integer:
+            limit = int(dtypes[name].max) + 1
+            what = f"the model's {dtypes[name].name} input"
+        if value.min() < 0 or (limit is not None and value.max() >= limit):
+            allowed = f"[0, {limit})" if limit is not None else "[0, ...)"
+            raise ModelInputError(
+                f"{name} must lie in {allowed} ({what}), got values "
+                f"{_value_range(value)}")
+    return values
+
+
 class BertSavedModel:
     """A loaded BERT encoder that maps int32 id arrays to numpy embeddings.
 
     ``interface`` says how the SavedModel is called: ``list``, ``dict`` or
     ``signature`` (see the module docstring).  ``jit_compile`` says whether
-    calls go through XLA (it turns False if XLA fails on this model); what
-    XLA compiles is published to ``compile_cache`` for later runs (see
-    ``model.xla_cache``).
+    calls go through XLA (it turns False if XLA cannot compile this model);
+    what XLA compiles is published to ``compile_cache`` for later runs (see
+    ``model.xla_cache``).  ``limits`` (see ``read_model_limits``) bound the
+    inputs each call accepts (see ``check_inputs``).
     """
 
     def __init__(self, model_dir: str, restored,
                  jit_compile: bool = False,
-                 compile_cache: Optional[CompileCache] = None) -> None:
+                 compile_cache: Optional[CompileCache] = None,
+                 limits: ModelLimits = ModelLimits()) -> None:
         """Detect the interface of ``restored``.
 
         Raises:
           ModelFormatError: none of the supported interfaces fits.
         """
         self.model_dir = model_dir
+        self.limits = limits
         self._restored = restored
         self.interface, self._input_dtypes = self._detect()
         self._training_kwargs = (
@@ -394,6 +498,8 @@ class BertSavedModel:
         self._compiled = None
         self._compiled_shapes: set[tuple[int, ...]] = set()
         self._compile_cache = compile_cache
+        # Whether XLA compiles this model at all (None: not known yet).
+        self._xla_compiles: Optional[bool] = None
         if jit_compile:
             import tensorflow as tf
             # One trace for every batch shape (XLA still compiles each
@@ -458,24 +564,50 @@ class BertSavedModel:
             return outputs
 
     def _call_xla(self, inputs: dict[str, Any]) -> Any:
-        """The compiled call; on an XLA error, warn once and go on (this
-        call included) without XLA."""
-        import tensorflow as tf
+        """The compiled call of a checked input.
+
+        On an XLA error, whether XLA compiles this model at all is decided
+        on a minimal well-formed batch, never on the failed input: if it
+        does not, warn once and go on (this call included) without XLA; if
+        it does, this input is the problem, so raise ``ModelInputError``
+        and keep XLA on.
+        """
         try:
             return self._compiled(inputs)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError,
-                tf.errors.InternalError) as err:
-            # Bad input fails here too and keeps XLA on; otherwise XLA
-            # was the problem.
-            outputs = self._invoke(inputs)
+        except _xla_errors() as err:
+            if self._xla_compiles_model():
+                shape = list(inputs[INPUT_NAMES[0]].shape)
+                raise ModelInputError(
+                    f"XLA compiles {self.model_dir} but fails on input shape "
+                    f"{shape}: {_one_line(err)[:300]}") from err
             _LOG.warning("XLA cannot compile %s (%s); running it without "
                          "XLA", self.model_dir, _one_line(err)[:300])
             self._compiled = None
-            return outputs
+            return self._invoke(inputs)
+
+    def _xla_compiles_model(self) -> bool:
+        """Whether XLA compiles and runs this model on a minimal
+        well-formed batch (one row of two tokens: id 0, mask 1, segment 0);
+        found out once per model, under the compile lock since it compiles
+        too."""
+        import tensorflow as tf
+        with _compile_lock:
+            if self._xla_compiles is None:
+                probe = {name: tf.zeros([1, 2], dtype)
+                         for name, dtype in self._input_dtypes.items()}
+                probe["input_mask"] = tf.ones(
+                    [1, 2], self._input_dtypes["input_mask"])
+                try:
+                    self._compiled(probe)
+                    self._xla_compiles = True
+                except _xla_errors():
+                    self._xla_compiles = False
+            return self._xla_compiles
 
     def _record_compile(self, shape: tuple[int, ...], seconds: float) -> None:
         """Counts a new shape's first call and publishes what it compiled."""
         self._compiled_shapes.add(shape)
+        self._xla_compiles = True
         with _load_lock:
             _compile_stats.shapes += 1
             _compile_stats.first_call_seconds += seconds
@@ -488,10 +620,17 @@ class BertSavedModel:
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(pooled_output [B, H], sequence_output [B, S, H])`` as float32."""
+        """``(pooled_output [B, H], sequence_output [B, S, H])`` as float32.
+
+        Raises ``ModelInputError`` (one line) for arrays that are not a
+        valid batch for this model (see ``check_inputs``), before
+        TensorFlow sees them.
+        """
         import tensorflow as tf
-        arrays = dict(zip(INPUT_NAMES, (input_word_ids, input_mask, segment_ids)))
-        inputs = {name: tf.convert_to_tensor(np.asarray(value),
+        arrays = check_inputs(
+            dict(zip(INPUT_NAMES, (input_word_ids, input_mask, segment_ids))),
+            self.limits, self._input_dtypes)
+        inputs = {name: tf.convert_to_tensor(value,
                                              dtype=self._input_dtypes[name])
                   for name, value in arrays.items()}
         outputs = (self._invoke(inputs) if self._compiled is None
@@ -521,7 +660,8 @@ def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
     except (tf.errors.OpError, ValueError, KeyError) as err:
         raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
                                f"{_one_line(err)}") from err
-    model = BertSavedModel(path, restored, jit_compile, compile_cache)
+    model = BertSavedModel(path, restored, jit_compile, compile_cache,
+                           read_model_limits(path))
     with _load_lock:
         _load_count += 1
         count = _load_count
@@ -543,7 +683,8 @@ def probe_model(model_dir: str) -> int:
     path = resolve_model_path(model_dir)
     _read_saved_model_proto(path)
     try:
-        model = BertSavedModel(path, tf.saved_model.load(path))
+        model = BertSavedModel(path, tf.saved_model.load(path),
+                               limits=read_model_limits(path))
     except (tf.errors.OpError, KeyError) as err:
         raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
                                f"{_one_line(err)}") from err
@@ -573,6 +714,83 @@ def compile_stats() -> CompileStats:
         return dataclasses.replace(_compile_stats)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    """A 2-D variable of the checkpoint: its checkpoint key, the variable's
+    own name (empty where the checkpoint does not record it) and shape."""
+    key: str
+    full_name: str
+    shape: tuple[int, ...]
+
+    def mentions(self, word: str) -> bool:
+        """Whether the key or the variable name contains ``word``."""
+        return word in f"{self.key} {self.full_name}".lower()
+
+
+# Roles of the embedding tables, and the words that name each (in the
+# checkpoint key or the variable name): Google/TF Hub/Hugging Face names
+# are word_embeddings, position_embedding(s), token_type/type_embeddings.
+_TABLE_ROLES = {"word": ("word",), "position": ("position",),
+                "type": ("type", "segment")}
+
+
+def _embedding_tables(model_dir: str) -> list[_Table]:
+    """The checkpoint's 2-D variables whose key or name mentions
+    embeddings, read from the variables' index (nothing is restored or
+    run), so the launcher can check the model cheaply."""
+    import tensorflow as tf
+    _read_saved_model_proto(model_dir)  # a clear error for a non-model dir
+    try:
+        reader = _variables_reader(model_dir)
+        shapes = reader.get_variable_to_shape_map()
+        graph = _checkpoint_object_graph(reader)
+    except (tf.errors.OpError, ValueError) as err:
+        raise ModelFormatError(f"{model_dir}: cannot read the SavedModel's "
+                               f"variables: {_one_line(err)}") from err
+    full_names = ({a.checkpoint_key: a.full_name for node in graph.nodes
+                   for a in node.attributes} if graph is not None else {})
+    tables = [_Table(key, full_names.get(key, ""), tuple(shape))
+              for key, shape in shapes.items() if len(shape) == 2]
+    return [t for t in tables if t.mentions("embedding")]
+
+
+def _role_of(table: _Table) -> Optional[str]:
+    """The one role (``_TABLE_ROLES``) a table's names point to, or None
+    when they point to none or to several."""
+    roles = [role for role, words in _TABLE_ROLES.items()
+             if any(table.mentions(w) for w in words)]
+    return roles[0] if len(roles) == 1 else None
+
+
+def read_model_limits(model_dir: str) -> ModelLimits:
+    """The sizes of the model's word, token-type and position tables (their
+    first dimensions), read from the SavedModel's variables without
+    restoring or running it.
+
+    A table is known by its name; a role that no table (or several tables
+    of different sizes) claims stays None, so that checks which need it are
+    skipped rather than guessed.
+    """
+    model_dir = resolve_model_path(model_dir)
+    by_role: dict[str, list[_Table]] = collections.defaultdict(list)
+    for table in _embedding_tables(model_dir):
+        role = _role_of(table)
+        if role is not None:
+            by_role[role].append(table)
+
+    def rows(role: str) -> Optional[int]:
+        sizes = {t.shape[0] for t in by_role[role]}
+        return int(sizes.pop()) if len(sizes) == 1 else None
+
+    positions = rows("position")
+    position_table = None
+    if positions is not None:
+        table = by_role["position"][0]
+        position_table = (f"{table.full_name or table.key} "
+                          f"{list(table.shape)}")
+    return ModelLimits(rows("word"), rows("type"), positions, position_table)
+
+
 def infer_hidden_size(model_dir: str, vocab_size: int) -> int:
     """The model's hidden size, read from its word-embedding table's shape.
 
@@ -581,20 +799,12 @@ def infer_hidden_size(model_dir: str, vocab_size: int) -> int:
     vocabulary does not fit the model) or several disagreeing candidates is
     an error.
     """
-    import tensorflow as tf
     model_dir = resolve_model_path(model_dir)
-    _read_saved_model_proto(model_dir)  # a clear error for a non-model dir
-    try:
-        shapes = _variables_reader(model_dir).get_variable_to_shape_map()
-    except (tf.errors.OpError, ValueError) as err:
-        raise ModelFormatError(f"{model_dir}: cannot read the SavedModel's "
-                               f"variables: {_one_line(err)}") from err
-    tables = [(name, shape) for name, shape in shapes.items()
-              if len(shape) == 2 and "embedding" in name.lower()]
-    candidates = {shape[1] for _, shape in tables if shape[0] == vocab_size}
+    tables = _embedding_tables(model_dir)
+    candidates = {t.shape[1] for t in tables if t.shape[0] == vocab_size}
     if len(candidates) == 1:
         return int(candidates.pop())
-    listed = "; ".join(sorted(f"{name} {list(shape)}" for name, shape in tables))
+    listed = "; ".join(sorted(f"{t.key} {list(t.shape)}" for t in tables))
     if not candidates:
         raise ModelFormatError(
             f"{model_dir}: the vocabulary has {vocab_size} entries but no "

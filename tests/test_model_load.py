@@ -25,9 +25,11 @@ import tensorflow as tf
 from model import load as model_load
 from model.bert import BertConfig, BertEncoder
 from model.export import export_bert_saved_model
-from model.load import (BertSavedModel, ModelFormatError, TokenizerSettings,
-                        infer_hidden_size, is_hub_handle, load_bert_saved_model,
-                        read_tokenizer_settings, resolve_model_path,
+from model.load import (BertSavedModel, ModelFormatError, ModelInputError,
+                        ModelLimits, TokenizerSettings, infer_hidden_size,
+                        is_hub_handle, load_bert_saved_model,
+                        read_model_limits, read_tokenizer_settings,
+                        resolve_model_path,
                         tokenizer_settings_with_overrides)
 from tests.bert_reference import ReferenceBert
 from tests.conftest import SPECIALS
@@ -251,13 +253,137 @@ def test_model_xla_cannot_compile_runs_without_it(models, reference, caplog):
     assert "XLA" not in caplog.text  # warned once
 
 
-def test_bad_input_fails_under_xla_without_turning_it_off(models):
-    model = load_bert_saved_model(models["list"], jit_compile=True)
+def _bad_batch(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_batch()`` spoilt one way; every kind is one the wrapper rejects
+    itself, whatever TensorFlow on this CPU would do with it."""
     ids, mask, segments = _batch()
-    with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
-                       match="11 and 4|Incompatible shapes"):
-        model(ids, mask[:, :4], segments)  # mask narrower than the ids
+    if kind == "rank_3":
+        return ids[None], mask[None], segments[None]
+    if kind == "rank_1":
+        return ids[0], mask[0], segments[0]
+    if kind == "narrow_mask":  # plain TF with oneDNN broadcasts this
+        return ids, mask[:, :4], segments
+    if kind == "short_segments":
+        return ids, mask, segments[:1]
+    if kind == "empty":
+        return ids[:, :0], mask[:, :0], segments[:, :0]
+    if kind == "float_ids":
+        return ids.astype(np.float32), mask, segments
+    if kind == "float_mask":
+        return ids, mask.astype(np.float64), segments
+    if kind == "id_too_large":
+        ids[0, 3] = TINY.vocab_size
+    elif kind == "negative_id":
+        ids[1, 2] = -1
+    elif kind == "mask_value_2":
+        mask[0, 0] = 2
+    elif kind == "segment_too_large":
+        segments[0, 1] = TINY.type_vocab_size
+    elif kind == "too_long":  # one column beyond the position table
+        width = TINY.max_position_embeddings + 1
+        ids, mask, segments = (np.resize(a, (2, width))
+                               for a in (ids, mask, segments))
+    else:
+        raise AssertionError(kind)
+    return ids, mask, segments
+
+
+BAD_INPUTS = {
+    "rank_3": "input_word_ids must be a 2-D [batch, seq_length] array, got "
+              "shape [1, 2, 11]",
+    "rank_1": "must be a 2-D",
+    "narrow_mask": "input_mask [2, 4]",
+    "short_segments": "segment_ids [1, 11]",
+    "empty": "empty input of shape [2, 0]",
+    "float_ids": "input_word_ids must hold integers, got float32",
+    "float_mask": "input_mask must hold integers, got float64",
+    "id_too_large": f"input_word_ids must lie in [0, {TINY.vocab_size})",
+    "negative_id": "input_word_ids must lie in",
+    "mask_value_2": "input_mask must lie in [0, 2)",
+    "segment_too_large": f"segment_ids must lie in [0, {TINY.type_vocab_size})",
+    "too_long": f"sequence length {TINY.max_position_embeddings + 1} exceeds "
+                f"the model's {TINY.max_position_embeddings} positions",
+}
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["plain", "xla"])
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_is_our_error_and_keeps_xla_on(models, reference, caplog,
+                                                 kind, jit_compile):
+    """Our own one-line error on every CPU, before TensorFlow runs; under
+    XLA the bad input neither turns XLA off nor reaches its fallback, and
+    the next good batch still runs through XLA."""
+    model = load_bert_saved_model(models["list"], jit_compile=jit_compile)
+    before = model_load.compile_stats().shapes
+    with caplog.at_level(logging.WARNING, logger="model.load"):
+        with pytest.raises(ModelInputError) as err:
+            model(*_bad_batch(kind))
+    _assert_single_line_error(err, BAD_INPUTS[kind])
+    assert "XLA" not in caplog.text
+    assert model.jit_compile == jit_compile
+    assert model_load.compile_stats().shapes == before  # nothing compiled
+    batch = _batch()
+    pooled, _ = model(*batch)
+    assert model.jit_compile == jit_compile
+    np.testing.assert_allclose(pooled, reference(*batch)[0], atol=1e-4,
+                               rtol=0)
+
+
+def test_xla_failure_on_an_input_it_cannot_check_keeps_xla_on(models,
+                                                              caplog):
+    """Limits unknown (nothing to check a too-long batch against): XLA
+    fails on it, but it compiles a well-formed batch of this model, so the
+    input is blamed and XLA stays on."""
+    model = BertSavedModel(models["list"], tf.saved_model.load(models["list"]),
+                           jit_compile=True, limits=ModelLimits())
+    with caplog.at_level(logging.WARNING, logger="model.load"):
+        with pytest.raises(ModelInputError) as err:
+            model(*_bad_batch("too_long"))
+    _assert_single_line_error(err, "XLA compiles", "fails on input shape "
+                              f"[2, {TINY.max_position_embeddings + 1}]")
     assert model.jit_compile
+    assert "without XLA" not in caplog.text
+    model(*_batch())
+    assert model.jit_compile
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "signature",
+                                  "training_arg"])
+def test_read_model_limits(models, kind):
+    limits = read_model_limits(models[kind])
+    assert (limits.vocab_size, limits.type_vocab_size,
+            limits.max_positions) == (TINY.vocab_size, TINY.type_vocab_size,
+                                      TINY.max_position_embeddings)
+    assert "position_embeddings" in limits.position_table
+    assert load_bert_saved_model(models[kind]).limits == limits
+
+
+class _KerasStyleTables(tf.Module):
+    """Tables under Keras-style attribute paths that do not say what they
+    are (``layer_with_weights-N/embeddings``); only the variables' own
+    names do, as in TF Hub's Keras BERT encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for index, (name, rows) in enumerate([
+                ("word_embeddings", 50), ("position_embedding", 40),
+                ("type_embeddings", 3), ("dense", 8)]):
+            layer = tf.Module()
+            layer.embeddings = tf.Variable(tf.zeros([rows, 8]),
+                                           name=f"{name}/embeddings")
+            setattr(self, f"layer_with_weights-{index}", layer)
+
+
+def test_read_model_limits_from_variable_names_and_unknown(tmp_path):
+    tf.saved_model.save(_KerasStyleTables(), str(tmp_path / "keras_style"))
+    limits = read_model_limits(str(tmp_path / "keras_style"))
+    assert (limits.vocab_size, limits.type_vocab_size,
+            limits.max_positions) == (50, 3, 40)
+    assert limits.position_table.startswith("position_embedding/embeddings")
+    unnamed = tf.Module()
+    unnamed.table = tf.Variable(tf.zeros([40, 8]), name="table")
+    tf.saved_model.save(unnamed, str(tmp_path / "unnamed"))
+    assert read_model_limits(str(tmp_path / "unnamed")) == ModelLimits()
 
 
 def test_bert_saved_model_wraps_restored_object(models):
