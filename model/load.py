@@ -105,6 +105,12 @@ class ModelFormatError(ValueError):
     """The path is not a BERT SavedModel with a supported interface."""
 
 
+class SequenceLengthError(ModelFormatError):
+    """The run's ``max_seq_length`` is longer than the model's position
+    table (a usage error: launchers exit 2 on it, as on other
+    ``ModelFormatError``s)."""
+
+
 class ModelInputError(ValueError):
     """Arrays handed to the model are not a valid BERT batch."""
 
@@ -789,6 +795,27 @@ def read_model_limits(model_dir: str) -> ModelLimits:
         position_table = (f"{table.full_name or table.key} "
                           f"{list(table.shape)}")
     return ModelLimits(rows("word"), rows("type"), positions, position_table)
+
+
+def check_max_seq_length(model_dir: str, max_seq_length: int,
+                         flag: str = "--max_seq_length") -> ModelLimits:
+    """The model's limits, once ``max_seq_length`` fits its position table.
+
+    Launchers call this before any work: a longer setting would make every
+    longer document fail at inference.  A model whose position table is
+    not known by name is not checked.
+
+    Raises:
+      SequenceLengthError: ``max_seq_length`` exceeds the model's positions.
+    """
+    limits = read_model_limits(model_dir)
+    positions = limits.max_positions
+    if positions is not None and max_seq_length > positions:
+        raise SequenceLengthError(
+            f"{flag} {max_seq_length} exceeds the model's {positions} "
+            f"positions (position table {limits.position_table} in "
+            f"{model_dir}); use {flag} {positions} or less")
+    return limits
 
 
 def infer_hidden_size(model_dir: str, vocab_size: int) -> int:

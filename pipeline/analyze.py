@@ -46,6 +46,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions)
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
+from model.load import check_max_seq_length
 from pipeline.cli import setup_logging, wants_help
 from pipeline.options import (EmbedOptions, _positive_int,
                               lower_case_override)
@@ -156,6 +157,8 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
         if demo:
             from model.demo import ensure_demo_model
             model_dir = ensure_demo_model()
+        # The run's length limit must be one the model can take.
+        check_max_seq_length(model_dir, shared.max_seq_length)
         settings = tokenizer_settings_with_overrides(
             model_dir, shared.vocab_file, override)
         vocab_path, do_lower_case = settings.vocab_path, settings.do_lower_case

@@ -31,6 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from model import xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
+from model.load import check_max_seq_length
 from pipeline.fingerprint import model_fingerprint
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
@@ -157,6 +158,8 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
         model_dir = ensure_demo_model()
     else:
         model_dir = options.model
+    # Before any work: a longer setting fails every longer document.
+    check_max_seq_length(model_dir, options.max_seq_length)
     settings = tokenizer_settings_with_overrides(
         model_dir, options.vocab_file, lower_case_override(options))
     vocab = load_vocab(settings.vocab_path)

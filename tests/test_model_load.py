@@ -26,7 +26,8 @@ from model import load as model_load
 from model.bert import BertConfig, BertEncoder
 from model.export import export_bert_saved_model
 from model.load import (BertSavedModel, ModelFormatError, ModelInputError,
-                        ModelLimits, TokenizerSettings, infer_hidden_size,
+                        ModelLimits, SequenceLengthError, TokenizerSettings,
+                        check_max_seq_length, infer_hidden_size,
                         is_hub_handle, load_bert_saved_model,
                         read_model_limits, read_tokenizer_settings,
                         resolve_model_path,
@@ -384,6 +385,66 @@ def test_read_model_limits_from_variable_names_and_unknown(tmp_path):
     unnamed.table = tf.Variable(tf.zeros([40, 8]), name="table")
     tf.saved_model.save(unnamed, str(tmp_path / "unnamed"))
     assert read_model_limits(str(tmp_path / "unnamed")) == ModelLimits()
+    # Nothing known: nothing to exceed.
+    check_max_seq_length(str(tmp_path / "unnamed"), 4096)
+
+
+def test_max_seq_length_beyond_the_position_table(models):
+    positions = TINY.max_position_embeddings
+    assert check_max_seq_length(models["list"], positions).max_positions == \
+        positions
+    for too_long in (positions + 1, 2 * positions):
+        with pytest.raises(SequenceLengthError) as err:
+            check_max_seq_length(models["list"], too_long)
+        _assert_single_line_error(
+            err, f"--max_seq_length {too_long} exceeds the model's "
+            f"{positions} positions", f"use --max_seq_length {positions}")
+
+
+def test_handler_refuses_a_longer_max_seq_length(models):
+    from transforms.infer import BertModelHandler
+    positions = TINY.max_position_embeddings
+    assert BertModelHandler(models["list"],
+                            max_seq_length=positions).load_model()
+    for jit_compile in (False, True):
+        handler = BertModelHandler(models["list"], jit_compile=jit_compile,
+                                   max_seq_length=positions + 1)
+        with pytest.raises(ValueError, match=f"max_seq_length {positions + 1}"
+                           f" exceeds the model's {positions} positions"):
+            handler.load_model()
+
+
+@pytest.mark.parametrize("extra", [[], ["--long_text", "chunk"]],
+                         ids=["truncate", "chunk"])
+def test_cli_rejects_max_seq_length_beyond_the_model(models, tmp_path,
+                                                     capsys, extra):
+    from pipeline.run import main
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("w1 w2 w3\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["--input", str(corpus), "--output", str(out / "emb"),
+                 "--model", models["list"], "--max_seq_length", "128",
+                 *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [err]
+    assert err.startswith("error: --max_seq_length 128 exceeds the model's "
+                          f"{TINY.max_position_embeddings} positions (")
+    assert not out.exists()
+
+
+def test_analyze_rejects_max_seq_length_beyond_the_model(models, tmp_path,
+                                                         capsys):
+    from pipeline.analyze import main
+    corpus = tmp_path / "in.txt"
+    corpus.write_text("w1 w2 w3\n", encoding="utf-8")
+    assert main(["--input", str(corpus), "--model", models["list"],
+                 "--max_seq_length", "128",
+                 "--output", str(tmp_path / "report.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith("error: --max_seq_length 128 exceeds the model's")
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_bert_saved_model_wraps_restored_object(models):

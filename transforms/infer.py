@@ -99,10 +99,15 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
         self._jit_compile = xla_applies(jit_compile, precision)
+        self._max_seq_length = max_seq_length
         self.pad_to_steps = max_seq_length if self._jit_compile else None
         self._xla_cache_dir = xla_cache_dir
 
     def load_model(self) -> BertSavedModel:
+        """Loads the model once per worker process; raises ``ValueError``
+        when ``max_seq_length`` exceeds the model's position table (the
+        launcher checks this first; this guards graphs built without it),
+        since every longer batch would fail."""
         cache = None
         if self._jit_compile:
             # Before configure_tensorflow: TensorFlow reads its XLA flags
@@ -111,8 +116,14 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
             if cache is not None:
                 cache.load_entries()
         configure_tensorflow(*self._threads, precision=self._precision)
-        return load_bert_saved_model(self._model_dir, self._jit_compile,
-                                     cache)
+        model = load_bert_saved_model(self._model_dir, self._jit_compile,
+                                      cache)
+        positions = model.limits.max_positions
+        if positions is not None and self._max_seq_length > positions:
+            raise ValueError(
+                f"max_seq_length {self._max_seq_length} exceeds the model's "
+                f"{positions} positions ({model.model_dir})")
+        return model
 
     def run_inference(self, batch: Sequence[TokenizedDocument],
                       model: BertSavedModel,
