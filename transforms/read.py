@@ -1,20 +1,25 @@
 """Reading documents: file patterns in, ``Document`` elements out.
 
 Each matched file is read through Beam's file systems (local paths,
-``gs://`` paths, gzip/bzip2 files by suffix) and split into records by its
-format (``transforms.sources``: plain text, JSONL, CSV/TSV, Parquet).  A
-record becomes a ``Document`` with an id (``--id_field``, or one derived
-from the file name and the content, see ``transforms.identity``) and a
-content hash.  A record that cannot be used (undecodable bytes, malformed
-JSON or CSV, a missing or non-string text field, a text over
-``--max_text_chars``) becomes a ``DeadLetter`` instead of failing the run;
-so does the rest of a file that breaks off (a truncated gzip stream).
+``gs://`` paths; a directory stands for the files directly inside it),
+decompressed by suffix and split into records by its format
+(``transforms.sources``: plain text, JSONL, CSV/TSV, Parquet).  A record
+becomes a ``Document`` with an id (``--id_field``, or one derived from the
+file name and the content, see ``transforms.identity``) and a content hash.
+A record that cannot be used (undecodable or mis-decoded bytes, malformed
+JSON or CSV, a missing or non-string text field, an id that is neither a
+string nor an integer, a text over ``--max_text_chars``) becomes a
+``DeadLetter`` instead of failing the run; so does the rest of a file that
+breaks off (a truncated or corrupt compressed stream).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Sequence
+import logging
+import os
+import posixpath
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -22,13 +27,17 @@ from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.identity import content_hash, derived_id
+from transforms.misdecoding import MISDECODED
 from transforms.records import METRICS_NAMESPACE, DeadLetter, Document
 from transforms.sources import (ENCODINGS, INPUT_FORMATS, RawRecord,
-                                detect_format, iter_records)
+                                compressed_fault, decompressed,
+                                detect_format, is_compressed, iter_records)
 
 __all__ = ["INPUT_FORMATS", "ENCODINGS", "DEAD_LETTER_TAG", "ReadDocuments",
            "RecordParser", "check_patterns_match", "detect_format",
-           "get_field"]
+           "get_field", "match_input"]
+
+_LOG = logging.getLogger("transforms.read")
 
 DEAD_LETTER_TAG = "dead_letter"
 
@@ -44,15 +53,85 @@ def max_line_bytes(max_text_chars: int) -> int:
     return max(8 * max_text_chars, 1 << 20)
 
 
+_GLOB_CHARS = "*?["
+# How a run's manifest is named: ``<output>-manifest.json``
+# (``transforms.write.MANIFEST_SUFFIX``, not imported: write imports TF).
+_MANIFEST_SUFFIX = "-manifest.json"
+
+
+def _directory(pattern: str) -> Optional[str]:
+    """The directory ``pattern`` names, or None when it names files.
+
+    A pattern without glob characters is a directory when it ends with a
+    slash, is a local directory, or (on object stores, which have no
+    directories) matches no object of that name.
+    """
+    if any(char in pattern for char in _GLOB_CHARS):
+        return None
+    if pattern.endswith(("/", "\\")):
+        return pattern.rstrip("/\\") or pattern
+    if "://" not in pattern:
+        return pattern if os.path.isdir(pattern) else None
+    return None if FileSystems.match([pattern])[0].metadata_list else pattern
+
+
+def _run_outputs(files: list[FileMetadata]) -> list[str]:
+    """The name prefixes (``emb-``) of earlier runs' outputs among ``files``:
+    each run that published there left ``<prefix>manifest.json``."""
+    prefixes = []
+    for meta in files:
+        name = posixpath.basename(meta.path.replace("\\", "/"))
+        if not name.endswith(_MANIFEST_SUFFIX):
+            continue
+        try:
+            with FileSystems.open(meta.path) as handle:
+                manifest = json.loads(handle.read(1 << 24).decode("utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours: read it like any other file
+        if isinstance(manifest, dict) and "manifest_version" in manifest \
+                and "run_id" in manifest:
+            prefixes.append(name[:-len("manifest.json")])
+    return prefixes
+
+
+def match_input(pattern: str) -> list[FileMetadata]:
+    """The files one ``--input`` pattern stands for.
+
+    A file or glob matches as Beam matches it.  A directory stands for the
+    files directly inside it (not those in subdirectories: ``dir/**`` reads
+    those), less hidden ones (``.name``, ``_name``: ``.DS_Store``,
+    ``_SUCCESS``) and the outputs of runs published there (``<output>-*``
+    next to a manifest), so ``--input corpus/`` reads the corpus and
+    nothing else.
+    """
+    directory = _directory(pattern)
+    if directory is None:
+        return FileSystems.match([pattern])[0].metadata_list
+    listing = FileSystems.match(
+        [FileSystems.join(directory, "*")])[0].metadata_list
+    outputs = tuple(_run_outputs(listing))
+    kept = []
+    for meta in listing:
+        name = posixpath.basename(meta.path.replace("\\", "/"))
+        if name and not name.startswith((".", "_")) and not (
+                outputs and name.startswith(outputs)):
+            kept.append(meta)
+    if len(kept) < len(listing):
+        _LOG.info("%s: reading %d of its %d files (skipping hidden files "
+                  "and earlier runs' outputs)", pattern, len(kept),
+                  len(listing))
+    return kept
+
+
 def check_patterns_match(patterns: Sequence[str]) -> list[FileMetadata]:
-    """The files ``patterns`` match; fails fast, before any worker starts,
-    when a pattern matches none."""
-    results = FileSystems.match(list(patterns))
-    empty = [r.pattern for r in results if not r.metadata_list]
+    """The files ``patterns`` stand for (``match_input``); fails fast,
+    before any worker starts, when a pattern stands for none."""
+    matched = [(pattern, match_input(pattern)) for pattern in patterns]
+    empty = [pattern for pattern, files in matched if not files]
     if empty:
         raise FileNotFoundError(
             "--input matched no files: " + ", ".join(empty))
-    return [m for r in results for m in r.metadata_list]
+    return [meta for _, files in matched for meta in files]
 
 
 def get_field(record: dict, dotted: str) -> Any:
@@ -66,6 +145,33 @@ def get_field(record: dict, dotted: str) -> Any:
             raise KeyError(dotted)
         value = value[part]
     return value
+
+
+# Floats up to this size hold every integer exactly.
+_EXACT_FLOAT_INT = 2**53
+
+
+def id_text(value: Any) -> Optional[str]:
+    """The document id a field value gives: a string as it is, an integer
+    (or a float with an integral value, as pandas writes integer columns
+    with gaps) as its decimal digits, None for null or "" (the id is then
+    derived).  ``TypeError`` (saying what the value is) for anything else:
+    booleans, objects, arrays, fractions, dates..., whose text form would
+    be an id nobody can look up."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer() \
+            and abs(value) <= _EXACT_FLOAT_INT:
+        return str(int(value))
+    kind = {bool: "a boolean", dict: "an object", list: "an array",
+            float: "a number with a fraction or out of range"}.get(
+                type(value), type(value).__name__)
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    if len(shown) > 40:
+        shown = shown[:40] + "…"
+    raise TypeError(f"is {kind} ({shown}), not a string or an integer")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -110,13 +216,13 @@ class RecordParser:
 
     def _from_fields(self, path: str, record: RawRecord,
                      fields: dict) -> Document | DeadLetter:
-        doc_id = None
         try:
-            raw_id = get_field(fields, self.id_field)
-            if raw_id is not None and raw_id != "":
-                doc_id = str(raw_id)
+            doc_id = id_text(get_field(fields, self.id_field))
         except KeyError:
-            pass
+            doc_id = None
+        except TypeError as err:
+            return self._dead(path, record,
+                              f"id field '{self.id_field}' {err}")
         try:
             body = get_field(fields, self.text_field)
         except KeyError:
@@ -168,20 +274,48 @@ class _ParseFile(beam.DoFn):
         path = readable.metadata.path
         fmt = detect_format(path, self._input_format)
         fields = (self._parser.id_field, self._parser.text_field)
-        line = 0
+        line = records = misdecoded = 0
         try:
-            with readable.open() as handle:
+            fault = is_compressed(path) and self._corrupt(readable)
+            if fault:
+                yield self._emit(DeadLetter(
+                    "read", f"file unreadable after record 0: {fault} "
+                    "(corrupt compressed data: none of the file is read)",
+                    path, 1), 0)
+                return
+            # Raw bytes: ``decompressed`` notices a stream that breaks off.
+            with self._open(readable) as raw:
                 for record in iter_records(
-                        handle, fmt, self._encoding,
+                        decompressed(raw, path), fmt, self._encoding,
                         max_line_bytes(self._parser.max_text_chars),
                         readable.metadata.size_in_bytes, fields):
                     line = record.line
+                    records += 1
+                    misdecoded += bool(record.error) and \
+                        record.error.startswith(MISDECODED)
                     yield self._emit(self._parser.parse(path, fmt, record),
                                      record.nbytes)
         except Exception as err:  # a broken file must not stop the run
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
             yield self._emit(DeadLetter(
-                "read", f"file unreadable after record {line}: "
-                f"{type(err).__name__}: {err}", path, line + 1), 0)
+                "read", f"file unreadable after record {line}: {reason}",
+                path, line + 1), 0)
+        if misdecoded:
+            _LOG.warning("%s: %d of %d records look mis-decoded as %s: "
+                         "check --input_encoding", path, misdecoded, records,
+                         self._encoding)
+
+    @staticmethod
+    def _open(readable: fileio.ReadableFile) -> Any:
+        """The file's bytes as stored (``transforms.sources`` decompresses)."""
+        return readable.open(compression_type=CompressionTypes.UNCOMPRESSED)
+
+    def _corrupt(self, readable: fileio.ReadableFile) -> Optional[str]:
+        """Why a compressed file is corrupt (a first pass through it), as
+        one bounded line; None when it is intact or only cut off."""
+        with self._open(readable) as raw:
+            fault = compressed_fault(raw, readable.metadata.path)
+        return " ".join(fault.split())[:300] if fault else None
 
     def _emit(self, item: Document | DeadLetter, nbytes: int) -> Any:
         self._read.inc()
@@ -224,9 +358,9 @@ class ReadDocuments(beam.PTransform):
         parsed = (
             pbegin
             | "Patterns" >> beam.Create(self._patterns)
-            | "Match" >> fileio.MatchAll()
+            | "Match" >> beam.FlatMap(match_input)
             | "Open" >> fileio.ReadMatches(
-                compression=CompressionTypes.AUTO)
+                compression=CompressionTypes.UNCOMPRESSED)
             | "Parse" >> beam.ParDo(self._parse).with_outputs(
                 DEAD_LETTER_TAG, main="documents"))
         documents = parsed.documents | "Spread" >> beam.Reshuffle()

@@ -1,20 +1,33 @@
 """Input formats: the bytes of one file in, ``RawRecord`` elements out.
 
-One function per format turns an open (already decompressed) file into
-records: plain text and JSONL give one record per line, CSV/TSV one per row
-(named by the header row), Parquet one per row (only the needed columns are
-read).  Text formats are decoded with ``--input_encoding``; a byte-order
-mark is dropped.  Nothing here raises for a bad record: a line with
-undecodable bytes, a malformed CSV row or an over-long line becomes a record
-with ``error`` set, so the reader can turn it into a dead letter and go on.
+One function per format turns an open file into records: plain text and
+JSONL give one record per line, CSV/TSV one per row (named by the header
+row), Parquet one per row (only the needed columns are read).  Compressed
+files are decompressed here (``decompressed``, by suffix), so that a stream
+that breaks off raises instead of ending early.  Text formats are decoded
+with ``--input_encoding``; a byte-order mark at the start of a line is
+dropped.  Nothing here raises for a bad record: a line with undecodable
+bytes, NUL bytes or text that looks mis-decoded, a malformed CSV row or an
+over-long line becomes a record with ``error`` set, so the reader can turn
+it into a dead letter and go on.  What does raise is a fault of the whole
+rest of the file: a broken compressed stream, an unusable CSV header, a file
+that is not Parquet.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import collections
 import csv
 import dataclasses
-from typing import Any, BinaryIO, Iterator, Optional, Sequence
+import gzip
+import lzma
+import zlib
+from typing import (Any, BinaryIO, Callable, Iterator, NamedTuple, Optional,
+                    Sequence)
+
+from transforms.misdecoding import misdecoded
 
 INPUT_FORMATS = ("auto", "text", "jsonl", "csv", "tsv", "parquet")
 ENCODINGS = ("utf-8", "gb18030", "gbk", "big5", "utf-16")
@@ -25,9 +38,17 @@ _ENCODING_NAMES = {"utf-8": "UTF-8", "gb18030": "GB18030", "gbk": "GBK",
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
                    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
                    ".parquet": "parquet", ".pq": "parquet"}
-_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".deflate", ".zst", ".lzo")
+# The suffixes Beam decompresses by, plus ``.lzo``, which it does not (such
+# a file is refused rather than read as text).
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".deflate", ".zst", ".zstd", ".xz",
+                         ".lzma", ".lzo")
+_TRUNCATED = ("Compressed file ended before the end-of-stream marker was "
+              "reached")
 
 _READ_CHUNK = 1 << 20
+# Compressed bytes fed to a decompressor at a time: small, since highly
+# compressible data grows a hundredfold.
+_COMPRESSED_CHUNK = 1 << 16
 # Bytes of an over-long line kept for its dead letter's excerpt.
 _HEAD_BYTES = 1024
 # Parquet rows converted to Python at a time.
@@ -64,7 +85,8 @@ def strip_compression_suffix(path: str) -> str:
 
 
 def is_compressed(path: str) -> bool:
-    """Whether Beam decompresses ``path`` on reading (by its suffix)."""
+    """Whether ``path`` is compressed, by its suffix (``decompressed``
+    reads it)."""
     return strip_compression_suffix(path) != path.lower()
 
 
@@ -78,6 +100,106 @@ def detect_format(path: str, input_format: str) -> str:
         if name.endswith(suffix):
             return fmt
     return "text"
+
+
+class _StreamReader:
+    """Reads a compressed stream through decompressor objects (``.deflate``,
+    ``.zst``): streams written one after another are read in turn, and a
+    stream that ends before its end marker raises ``EOFError`` (Beam's own
+    reader returns what it got and stops, as if the file ended there)."""
+
+    def __init__(self, raw: BinaryIO, new_decompressor: Callable[[], Any]):
+        self._raw = raw
+        self._new = new_decompressor
+        self._decompressor = new_decompressor()
+        self._started = False  # bytes went into the current decompressor
+        self._truncated = False
+        self._out = b""
+
+    def _feed(self, data: bytes) -> None:
+        if self._decompressor.eof:  # the next stream follows
+            self._decompressor, self._started = self._new(), False
+        self._out += self._decompressor.decompress(data)
+        self._started = True
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` decompressed bytes (all that is left if < 0); at a
+        break, what came before it first, then ``EOFError``."""
+        while not self._truncated and (size < 0 or len(self._out) < size):
+            if self._decompressor.eof and self._decompressor.unused_data:
+                self._feed(self._decompressor.unused_data)
+                continue
+            data = self._raw.read(_COMPRESSED_CHUNK)
+            if not data:
+                self._truncated = self._started and \
+                    not self._decompressor.eof
+                break
+            self._feed(data)
+        if self._truncated and not self._out:
+            raise EOFError(_TRUNCATED)
+        cut = len(self._out) if size < 0 else size
+        out, self._out = self._out[:cut], self._out[cut:]
+        return out
+
+    def close(self) -> None:
+        """Closing is left to the owner of the raw file."""
+
+
+def _zstd_decompressor() -> Any:
+    import zstandard  # a dependency of Beam, imported only when needed
+    # Beam's window limit: larger windows are refused, not held in memory.
+    return zstandard.ZstdDecompressor(
+        max_window_size=2**31).decompressobj()
+
+
+def decompressed(raw: BinaryIO, path: str) -> BinaryIO:
+    """``raw`` (the bytes of file ``path``) decompressed by the suffix of
+    ``path``, or ``raw`` itself for other files.
+
+    Unlike Beam's reader, a stream cut off before its end raises
+    ``EOFError`` (Python's own ``gzip``, ``bz2`` and ``lzma`` readers do
+    that, and read streams written one after another), and a corrupt one
+    raises its decompressor's error; either way after the data before the
+    break was returned.
+    """
+    name = path.lower()
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore
+    if name.endswith(".bz2"):
+        return bz2.BZ2File(raw)  # type: ignore
+    if name.endswith((".xz", ".lzma")):
+        return lzma.LZMAFile(raw)  # type: ignore
+    if name.endswith(".deflate"):
+        return _StreamReader(raw, zlib.decompressobj)  # type: ignore
+    if name.endswith((".zst", ".zstd")):
+        return _StreamReader(raw, _zstd_decompressor)  # type: ignore
+    if name.endswith(".lzo"):
+        raise ValueError("LZO-compressed files are not supported")
+    return raw
+
+
+def compressed_fault(raw: BinaryIO, path: str) -> Optional[str]:
+    """Why compressed file ``path`` is corrupt (its data fails the format's
+    checks), reading it through once; None when it is intact or only cut
+    off.
+
+    A cut-off stream decompresses to an exact prefix of the data, so its
+    records up to the break can be read.  A corrupt one cannot be trusted
+    before the point where the decompressor noticed (a gzip CRC is checked
+    only at the end), so the reader checks first and reads none of it.
+    """
+    stream = decompressed(raw, path)
+    try:
+        while stream.read(_READ_CHUNK):
+            pass
+    except EOFError:
+        return None
+    except Exception as err:  # each decompressor has its own error types
+        kind = type(err).__name__
+        if kind == "error":  # zlib.error
+            kind = f"{type(err).__module__}.error"
+        return f"{kind}: {err}"
+    return None
 
 
 def _codec(encoding: str, head: bytes) -> tuple[str, bytes, int]:
@@ -119,11 +241,14 @@ def split_lines(handle: BinaryIO, newline: bytes, max_line_bytes: int,
     set and its full length, and reading goes on after it.
     """
     unit = len(newline)
+    # ``read1`` returns what one read of the stream gave: the decompressed
+    # data before a break comes back before the error does.
+    read = getattr(handle, "read1", handle.read)
     pending, chunk = head, b"-"
     over_head: Optional[bytes] = None
     over_bytes = 0
     while chunk:
-        chunk = handle.read(_READ_CHUNK)
+        chunk = read(_READ_CHUNK)
         data = pending + chunk
         start = 0
         end = _find_newline(data, newline, start)
@@ -152,32 +277,58 @@ def split_lines(handle: BinaryIO, newline: bytes, max_line_bytes: int,
         yield pending, len(pending), False
 
 
-def _decode(raw: bytes, codec: str, encoding: str, first: bool
+class _Line(NamedTuple):
+    """One decoded line: its number, bytes, text without the newline, and
+    why it is unusable (or None)."""
+    number: int
+    nbytes: int
+    text: str
+    error: Optional[str]
+
+
+def _decode(raw: bytes, codec: str, encoding: str
             ) -> tuple[str, Optional[str]]:
-    """(line text without its newline, error or None)."""
+    """(line text without its newline, error or None).
+
+    A byte-order mark at the start of any line is dropped (files joined
+    with ``cat`` keep theirs).  NUL bytes, and text that looks decoded with
+    the wrong encoding (``transforms.misdecoding``), are errors: such a line
+    would embed as garbage.
+    """
     try:
         text, error = raw.decode(codec), None
     except UnicodeDecodeError as err:
         text = raw.decode(codec, errors="replace")
         error = (f"not valid {_ENCODING_NAMES[encoding]}: {err.reason} at "
                  f"byte {err.start}")
-    if first and text.startswith("\ufeff"):
+    text = text.rstrip("\r\n")
+    if text.startswith("\ufeff"):
         text = text[1:]
-    return text.rstrip("\r\n"), error
+    if error is None and "\x00" in text:
+        error = ("line holds NUL bytes: binary data, or UTF-16 text (then "
+                 "check --input_encoding)")
+    if error is None:
+        error = misdecoded(raw, text, codec)
+    return text, error
 
 
 def _lines(handle: BinaryIO, encoding: str, max_line_bytes: int
-           ) -> Iterator[tuple[int, int, str, Optional[str]]]:
-    """``(line number, bytes, text, error)`` for each line of a text file."""
+           ) -> Iterator[_Line]:
+    """The lines of a text file, decoded."""
     head = handle.read(4)
     codec, newline, bom = _codec(encoding, head)
     lines = split_lines(handle, newline, max_line_bytes, head[bom:])
     for line_no, (raw, nbytes, oversized) in enumerate(lines, start=1):
-        text, error = _decode(raw, codec, encoding, line_no == 1)
+        text, error = _decode(raw, codec, encoding)
         if oversized:
-            error = (f"line of {nbytes} bytes is over the {max_line_bytes}-"
+            limit = (f"line of {nbytes} bytes is over the {max_line_bytes}-"
                      "byte limit")
-        yield line_no, nbytes + (bom if line_no == 1 else 0), text, error
+            # A whole file read in the wrong UTF-16 byte order is one line.
+            hint = misdecoded(raw[:len(raw) - len(raw) % len(newline)],
+                              text, codec)
+            error = f"{hint} ({limit})" if hint else limit
+        yield _Line(line_no, nbytes + (bom if line_no == 1 else 0), text,
+                    error)
 
 
 def text_records(handle: BinaryIO, encoding: str, max_line_bytes: int,
@@ -191,64 +342,117 @@ def text_records(handle: BinaryIO, encoding: str, max_line_bytes: int,
             yield RawRecord(line_no, nbytes, text=text)
 
 
+class _RowTooLong(Exception):
+    """The lines of one CSV row add up to more than the row limit."""
+
+
 class _LineFeed:
-    """Feeds decoded lines to ``csv.reader`` and remembers, per row, the
-    bytes consumed and the first decoding error among its lines."""
+    """Feeds decoded lines to ``csv.reader`` one at a time, keeps the lines
+    of the row being read, and takes lines back to be read again."""
 
-    def __init__(self, lines: Iterator[tuple[int, int, str, Optional[str]]]):
+    def __init__(self, lines: Iterator[_Line], max_row_bytes: int):
         self._lines = lines
-        self.nbytes = 0
-        self.error: Optional[str] = None
+        self._again: collections.deque[_Line] = collections.deque()
+        self._max_row_bytes = max_row_bytes
+        self._row: list[_Line] = []
+        self._row_bytes = 0
 
-    def __iter__(self) -> Iterator[str]:
-        for _, nbytes, text, error in self._lines:
-            self.nbytes += nbytes
-            self.error = self.error or error
-            yield text + "\n"
+    def __iter__(self) -> "_LineFeed":
+        return self
 
-    def take(self) -> tuple[int, Optional[str]]:
-        """Bytes and error of the row just read; resets both."""
-        taken = self.nbytes, self.error
-        self.nbytes, self.error = 0, None
-        return taken
+    def __next__(self) -> str:
+        line = self._again.popleft() if self._again else next(self._lines)
+        self._row.append(line)
+        self._row_bytes += line.nbytes
+        if len(self._row) > 1 and self._row_bytes > self._max_row_bytes:
+            raise _RowTooLong  # a quoted field that does not close
+        return line.text + "\n"
+
+    def take(self) -> list[_Line]:
+        """The lines of the row just read (or given up on); starts anew."""
+        row, self._row, self._row_bytes = self._row, [], 0
+        return row
+
+    def read_again(self, lines: list[_Line]) -> None:
+        """Puts ``lines`` back in front of the lines not yet read."""
+        self._again.extendleft(reversed(lines))
+
+
+def _broken_row(problem: str, lines: list[_Line], max_row_bytes: int
+                ) -> str:
+    """What is wrong with a row the csv parser gave up on (``problem``:
+    its error, or ``too long``) that took ``lines``."""
+    if problem == "too long":
+        return (f"a quoted field in it is not closed within {max_row_bytes} "
+                f"bytes (line {lines[-1].number})")
+    if problem == "unexpected end of data":
+        return "a quoted field in it is not closed before the end of the file"
+    if len(lines) == 1:
+        return problem
+    return (f"a quoted field in it is not closed properly ({problem} on line "
+            f"{lines[-1].number})")
 
 
 def csv_records(handle: BinaryIO, encoding: str, max_line_bytes: int,
                 delimiter: str) -> Iterator[RawRecord]:
     """One record per data row, fields named by the header row.
 
-    A row with undecodable bytes, a csv parse error, or a number of fields
-    that differs from the header's is an error record.  Blank lines are
-    skipped.
+    A row with undecodable bytes, a csv parse error (strict quoting), or a
+    number of fields that differs from the header's is an error record.
+    Blank lines are skipped.  A quoted field that does not close (before the
+    end of the file, within ``max_line_bytes``, or properly: a quote
+    followed by more text) makes its row's first line an error record, and
+    the lines it swallowed are read again as rows: a stray quote then costs
+    one row, not the rest of the file.  A header that cannot be read raises
+    ``ValueError``: without column names no row can be read.
     """
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    feed = _LineFeed(_lines(handle, encoding, max_line_bytes))
-    reader = csv.reader(iter(feed), delimiter=delimiter)
+    feed = _LineFeed(_lines(handle, encoding, max_line_bytes),
+                     max_line_bytes)
+    reader = csv.reader(feed, delimiter=delimiter, strict=True)
     header: Optional[list[str]] = None
     while True:
-        start = reader.line_num + 1
+        problem: Optional[str] = None
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as err:
-            nbytes, _ = feed.take()
-            yield RawRecord(start, nbytes, error=f"malformed CSV row: {err}")
+            problem = str(err)
+        except _RowTooLong:
+            problem = "too long"  # an unclosed quoted field
+        lines = feed.take()
+        first = lines[0]
+        if problem is not None:
+            problem = _broken_row(problem, lines, max_line_bytes)
+            if header is None:
+                raise ValueError(f"CSV header (line {first.number}): "
+                                 f"{problem}")
+            error = f"malformed CSV row: {problem}"
+            if len(lines) > 1:  # a quoted field ran on: read those again
+                error += "; the lines after this one are read again as rows"
+                feed.read_again(lines[1:])
+            yield RawRecord(first.number, first.nbytes, error=error,
+                            excerpt=first.text)
             continue
-        nbytes, error = feed.take()
+        nbytes = sum(line.nbytes for line in lines)
+        error = next((line.error for line in lines if line.error), None)
+        if not row and error is None:
+            continue  # a blank line
         if header is None:
+            if error:
+                raise ValueError(f"CSV header (line {first.number}): {error}")
             header = row
-            continue
-        if not row:
             continue
         if error is None and len(row) != len(header):
             error = (f"malformed CSV row: {len(row)} fields, the header has "
                      f"{len(header)}")
         if error:
-            yield RawRecord(start, nbytes, error=error,
+            yield RawRecord(first.number, nbytes, error=error,
                             excerpt=delimiter.join(row))
         else:
-            yield RawRecord(start, nbytes, fields=dict(zip(header, row)))
+            yield RawRecord(first.number, nbytes,
+                            fields=dict(zip(header, row)))
 
 
 def parquet_records(handle: BinaryIO, size: int, fields: Sequence[str]
