@@ -40,7 +40,8 @@ from pipeline.cli import setup_logging, wants_help
 from pipeline.options import EmbedOptions, lower_case_override
 from transforms.batch import check_bucket_boundaries
 from pipeline.publish import clean_stale, new_run_id, staging_prefix
-from pipeline.summary import COUNTERS, RunSummary, collect_counts
+from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
+                              duplicate_id_sample)
 from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
@@ -268,7 +269,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         elapsed_seconds=round(time.perf_counter() - started, 3),
         model_dir=config.model_dir, demo_model=job.demo, outputs={},
         run_id=config.run_id, model_fingerprint=config.model_fingerprint,
-        previous_index=job.previous.manifest if job.previous else None)
+        previous_index=job.previous.manifest if job.previous else None,
+        duplicate_id_sample=duplicate_id_sample(result))
     summary.failure = failure_of(summary, options.max_error_rate)
     if summary.failure:
         summary_path = active.keep_failed(summary)
