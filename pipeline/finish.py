@@ -5,22 +5,28 @@ error rate is within ``--max_error_rate``; then its staged files, summary
 and manifest (last) are renamed to their final names (``pipeline.publish``).
 Otherwise the summary and a manifest saying ``failed`` are written into the
 staging directory, which stays for inspection, and nothing is published.
+The same happens when the staged files do not hold what the counts say
+(``staged_mismatch``: e.g. documents embedded but no embedding file staged),
+and publishing stops before it removes anything when the run no longer
+holds the output's lock (``pipeline.lock``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pipeline.graph import JobConfig
+from pipeline.lock import LockLost, OutputLock
 from pipeline.manifest import (FAILED, PreviousIndex, index_segments,
                                live_run_ids, run_manifest)
 from pipeline.publish import (discard, final_name, publish, staging_dir,
                               write_json)
 from pipeline.summary import RunSummary, list_outputs, write_summary
 from transforms.write import (FORMATS, MANIFEST_SUFFIX, SUMMARY_SUFFIX,
-                              TFRECORD_COMPRESSIONS, output_patterns)
+                              TFRECORD_COMPRESSIONS, output_patterns,
+                              output_regex)
 
 
 class RunFailed(RuntimeError):
@@ -56,6 +62,43 @@ def all_output_patterns(output: str) -> list[str]:
     return sorted(patterns) + [output + SUMMARY_SUFFIX]
 
 
+def parquet_rows(files: Sequence[str]) -> int:
+    """Rows of Parquet files, from their footers (no data is read)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+    rows = 0
+    for path in files:
+        with FileSystems.open(path) as handle:
+            rows += pq.ParquetFile(handle).metadata.num_rows
+    return rows
+
+
+def staged_mismatch(staged: dict[str, list[str]], counts: dict[str, int],
+                    config: JobConfig) -> Optional[str]:
+    """Why the staged files cannot be what the counts say, or None.
+
+    Embedding rows are ``chunks_embedded`` (one per document unchunked);
+    Parquet files tell their row counts from their footers.  The index of
+    an unchunked run holds the embedded and the unchanged documents.
+    """
+    rows = counts["chunks_embedded"]
+    if rows and not staged["embeddings"]:
+        return (f"{rows} rows were embedded but no embedding file was "
+                "staged (the staging directory was removed?)")
+    if config.output_format == "parquet":
+        found = parquet_rows(staged["embeddings"])
+        if found != rows:
+            return (f"the staged embedding files hold {found} rows, the "
+                    f"counts say {rows}")
+    if not config.chunked:
+        entries = counts["documents_embedded"] + counts["documents_unchanged"]
+        found = parquet_rows(staged["index"])
+        if found != entries:
+            return (f"the staged index holds {found} entries, the counts "
+                    f"say {entries} (embedded + unchanged)")
+    return None
+
+
 @dataclasses.dataclass
 class StagedRun:
     """A run whose pipeline wrote under ``staged_prefix``."""
@@ -63,16 +106,21 @@ class StagedRun:
     previous: Optional[PreviousIndex]
     started_at: str
     staged_prefix: str
+    lock: Optional[OutputLock] = None  # checked before publishing
 
     @property
     def staging_dir(self) -> str:
         return staging_dir(self.config.output, self.config.run_id)
 
     def staged_outputs(self) -> dict[str, list[str]]:
-        """The staged files, by kind (``transforms.write.output_patterns``)."""
-        return list_outputs(output_patterns(
-            self.staged_prefix, self.config.output_format,
-            self.config.tfrecord_compression))
+        """The staged files, by kind (``transforms.write.output_patterns``,
+        names of exactly that form)."""
+        patterns = output_patterns(self.staged_prefix,
+                                   self.config.output_format,
+                                   self.config.tfrecord_compression)
+        return {kind: [p for p in paths
+                       if output_regex(patterns[kind]).fullmatch(p)]
+                for kind, paths in list_outputs(patterns).items()}
 
     def final(self, paths: list[str]) -> list[str]:
         """The published names of staged files."""
@@ -110,9 +158,26 @@ class StagedRun:
         """Publishes the staged files, the summary and the manifest (last);
         returns the final summary and manifest paths.
 
-        Raises ``RunFailed`` when renaming breaks off.
+        Raises ``RunFailed``, with nothing published, when the staged
+        files do not match the counts or the lock was lost, and when
+        renaming breaks off.
         """
         staged = self.staged_outputs()
+        mismatch = staged_mismatch(staged, summary.counts, self.config)
+        if mismatch:
+            summary.failure = mismatch
+            try:
+                self.keep_failed(summary)
+            except Exception:  # pylint: disable=broad-except
+                pass  # the staging directory may be gone: say why below
+            raise RunFailed(f"{mismatch}; nothing was published; staged "
+                            f"files: {self.staging_dir}")
+        if self.lock is not None:
+            try:
+                self.lock.check_held()
+            except LockLost as err:
+                raise RunFailed(f"not publishing: this run lost the lock "
+                                f"on its output ({err})") from err
         summary.outputs = {k: self.final(v) for k, v in staged.items()}
         summary_path = self.staged_prefix + SUMMARY_SUFFIX
         manifest_path = self.staged_prefix + MANIFEST_SUFFIX

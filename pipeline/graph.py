@@ -21,7 +21,7 @@ import apache_beam as beam
 
 from model import xla_cache
 from transforms.aggregate import DocumentVectors
-from transforms.dedup import DropDuplicates
+from transforms.dedup import DropDuplicates, KeepLastPerId
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
                                     CompleteDocumentEntries, SplitUnchanged,
                                     WriteDeleted, WriteIndex)
@@ -112,8 +112,10 @@ def _track(pcoll: beam.PCollection, label: str, kind: str,
 def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
                       documents: beam.PCollection,
                       progress: ProgressConfig) -> tuple[Any, Any]:
-    """Dedup and the incremental join: (documents to embed, index entries
-    of unchanged documents or None)."""
+    """One document per id, dedup and the incremental join: (documents to
+    embed, index entries of unchanged documents or None)."""
+    documents, same_id = documents | "UniqueIds" >> KeepLastPerId()
+    _track(same_id, "ProgressSameId", "documents", progress)
     duplicates = None
     if config.dedup:
         documents, duplicates = documents | "Dedup" >> DropDuplicates()

@@ -10,6 +10,14 @@ complete run.  Before renaming, the files of an earlier run at the same
 output (and its manifest first) are removed, so a re-run replaces a
 previous result instead of mixing shard sets.  Staging directories left by
 killed runs are removed by the next run with the same output.
+
+A run touches only its own names: ``<output>-SSSSS-of-NNNNN.<ext>`` with
+Beam's exact shard digits, its ``-documents-``, ``-errors-``, ``-deleted-``
+shards, ``<output>-index/part-*``, its summary and manifest, its lock
+(``pipeline.lock``) and ``<output>.tmp-<run id>`` directories, matched
+strictly (a run at ``out/emb`` never takes ``out/emb-2024-05-02-...`` or
+``out/emb.tmp-foo-index/`` for its own).  ``check_output_prefix`` refuses
+the prefixes whose names would still be ambiguous.
 """
 
 from __future__ import annotations
@@ -20,20 +28,53 @@ import json
 import logging
 import os
 import posixpath
+import re
 import secrets
-from typing import Any
+from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
+
+from pipeline.lock import read_owner
+from transforms.write import DOCUMENTS_SUFFIX, INDEX_SUFFIX, output_regex
 
 _LOG = logging.getLogger("pipeline.publish")
 
 STAGING_MARK = ".tmp-"
+# What new_run_id makes: staging directories are recognised by it exactly.
+RUN_ID_REGEX = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
+GLOB_CHARS = "*?[]"
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
     """``20240501T020000Z-1a2b3c``: UTC start time plus 6 random hex."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def check_output_prefix(output: str) -> None:
+    """Raises ``ValueError`` (one line) for an ``--output`` that cannot be
+    a prefix of this run's files alone.
+
+    Glob characters would make the run's own clean-up patterns match other
+    files; a trailing separator names a directory, so files would be called
+    ``-00000-of-00001.parquet``; and two reserved endings make one run's
+    names another's: ``P-documents`` writes ``P-documents-00000-of-...``,
+    the document vectors of ``P``, and ``P-index/part`` writes ``P``'s
+    index files.
+    """
+    found = sorted({c for c in output if c in GLOB_CHARS})
+    if found:
+        raise ValueError(f"--output {output}: an output prefix must not "
+                         f"hold the glob characters {' '.join(found)}")
+    base = posixpath.basename(output.replace(os.sep, "/"))
+    if base in ("", ".", ".."):
+        raise ValueError(f"--output {output}: give a file name prefix, "
+                         "e.g. out/news/emb, not a directory")
+    for reserved in (DOCUMENTS_SUFFIX, INDEX_SUFFIX):
+        if output.replace(os.sep, "/").endswith(reserved):
+            raise ValueError(f"--output {output}: a prefix ending in "
+                             f"{reserved} names another run's files; choose "
+                             "another name")
 
 
 def staging_dir(output: str, run_id: str) -> str:
@@ -54,20 +95,36 @@ def final_name(path: str, staged_prefix: str, output: str) -> str:
     return output + path[len(staged_prefix):]
 
 
+def staging_run_id(output: str, directory: str) -> Optional[str]:
+    """The run id of ``directory`` if it is a staging directory of a run at
+    ``output`` (``<output>.tmp-<run id>`` exactly), else None."""
+    match = re.fullmatch(re.escape(output + STAGING_MARK)
+                         + f"({RUN_ID_REGEX})", directory.rstrip("/"))
+    return match.group(1) if match else None
+
+
 def clean_stale(output: str, keep_run_id: str = "") -> list[str]:
     """Removes staging directories of earlier runs at ``output``.
 
     Returns the directories removed.  A run killed before publishing leaves
-    only such a directory behind, never files under the final names.
+    only such a directory behind, never files under the final names.  Only
+    directories named exactly ``<output>.tmp-<run id>`` are taken, and
+    never the one of the run holding the output's live lock.
     """
     pattern = f"{output}{STAGING_MARK}*/**"
     files = FileSystems.match([pattern])[0].metadata_list
     start = len(output) + len(STAGING_MARK)
-    found = {m.path[:m.path.index("/", start)] for m in files}
+    found = {m.path[:m.path.index("/", start)] for m in files
+             if "/" in m.path[start:]}
     if "://" not in output:  # local: a directory may hold no file yet
         found.update(p for p in glob.glob(glob.escape(output + STAGING_MARK)
                                           + "*") if os.path.isdir(p))
-    stale = sorted(d for d in found if d != staging_dir(output, keep_run_id))
+    keep = {keep_run_id}
+    owner, stale_why = read_owner(output)
+    if owner is not None and stale_why is None:
+        keep.add(owner.run_id)  # a live run's, whoever calls this
+    stale = sorted(d for d in found
+                   if staging_run_id(output, d) not in keep | {None})
     if stale:
         _LOG.info("Removing staging directories of unfinished runs: %s",
                   ", ".join(stale))
@@ -106,13 +163,22 @@ def _ensure_parent(path: str) -> None:
             pass
 
 
+def own_files(patterns: list[str]) -> list[str]:
+    """The files ``patterns`` (``transforms.write.output_patterns`` globs)
+    match that are really theirs (``output_regex``), not a neighbouring
+    prefix's."""
+    return [m.path for pattern, result in zip(
+                patterns, FileSystems.match(patterns))
+            for m in result.metadata_list
+            if output_regex(pattern).fullmatch(m.path)]
+
+
 def _remove_existing(final_patterns: list[str], manifest: str) -> None:
     """Removes an earlier complete run at the same output: its manifest
     first, so that it is never left describing files that are gone."""
     if FileSystems.exists(manifest):
         FileSystems.delete([manifest])
-    old = [m.path for r in FileSystems.match(final_patterns)
-           for m in r.metadata_list]
+    old = own_files(final_patterns)
     if old:
         _LOG.info("Replacing %d files of an earlier run at this output",
                   len(old))

@@ -245,19 +245,119 @@ def load_embeddings(pattern: str) -> Embeddings:
     return _sorted(read_files(files))
 
 
-def index_entries(manifest: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
-    """run id -> {(document id, content hash)} of a manifest's index."""
+class DatasetError(ValueError):
+    """A manifest's index and the files it points at disagree: the files
+    were replaced or rewritten since, or the index itself is corrupt."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEntries:
+    """A manifest's index: run id -> {(document id, content hash): model
+    fingerprint}."""
+    by_run: dict[str, dict[tuple[str, str], str]]
+
+    def of(self, run_id: str) -> dict[tuple[str, str], str]:
+        return self.by_run.get(run_id, {})
+
+
+def index_entries(manifest: dict[str, Any]) -> IndexEntries:
+    """The entries of a manifest's index; ``DatasetError`` when an id is
+    listed more than once (one id is one document of the dataset)."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
-    live: dict[str, set[tuple[str, str]]] = collections.defaultdict(set)
+    live: dict[str, dict[tuple[str, str], str]] = \
+        collections.defaultdict(dict)
+    seen: set[str] = set()
+    repeated: dict[str, int] = collections.Counter()
     for path in manifest["index"]["keys"]:
         with FileSystems.open(path) as handle:
-            table = pq.read_table(handle, columns=["id", "content_hash",
-                                                   "run_id"])
-        for doc_id, digest, run_id in zip(*(table.column(i).to_pylist()
-                                            for i in range(3))):
-            live[run_id].add((doc_id, digest))
-    return live
+            table = pq.read_table(handle, columns=[
+                "id", "content_hash", "model_fingerprint", "run_id"])
+        for doc_id, digest, fingerprint, run_id in zip(
+                *(column.to_pylist() for column in table.columns)):
+            if doc_id in seen:
+                repeated[path] += 1
+            seen.add(doc_id)
+            live[run_id][(doc_id, digest)] = fingerprint
+    if repeated:
+        path, count = repeated.most_common(1)[0]
+        raise DatasetError(f"{path}: {sum(repeated.values())} index entries "
+                           f"repeat an id ({count} in this file): the index "
+                           "is corrupt or from an older version; re-run")
+    return IndexEntries(dict(live))
+
+
+def _segment_rows(segment: dict[str, Any], kind: str,
+                  wanted: dict[tuple[str, str], str]) -> Embeddings:
+    """The rows of one segment that the index points at, checked: each has
+    the fingerprint the index gives it, none repeats, and none is missing.
+    Raises ``DatasetError`` naming the file and the count otherwise."""
+    parts, found = [], collections.Counter()
+    for path in segment[kind]:
+        try:
+            emb = read_files([path])
+        except (OSError, ValueError) as err:
+            raise DatasetError(
+                f"{path}: a file of run {segment['run_id']} cannot be read "
+                f"({type(err).__name__}): it was removed or replaced since"
+            ) from err
+        keep, wrong = [], 0
+        for i, pair in enumerate(zip(emb.document_ids, emb.content_hash)):
+            if pair not in wanted:
+                continue
+            if emb.model_fingerprint is None or \
+                    emb.model_fingerprint[i] != wanted[pair]:
+                wrong += 1
+                continue
+            keep.append(i)
+        if wrong:
+            raise DatasetError(
+                f"{path}: {wrong} rows have another model fingerprint than "
+                f"the index gives them (run {segment['run_id']}'s files were "
+                "rewritten since, e.g. by a re-run with another model)")
+        part = _take(emb, keep)
+        for key in _row_keys(part):
+            found[key] += 1
+        parts.append(part)
+    repeated = sum(n - 1 for n in found.values() if n > 1)
+    if repeated:
+        raise DatasetError(
+            f"{', '.join(segment[kind][:3])}: {repeated} rows repeat a "
+            f"document (run {segment['run_id']}) that the index lists once")
+    missing = len(set(doc for doc, _ in wanted)
+                  - {key[0] for key in found})
+    if missing:
+        raise DatasetError(
+            f"{', '.join(segment[kind][:3])}: {missing} documents the index "
+            f"puts in run {segment['run_id']} are not in its files")
+    return _concat(parts)
+
+
+def _row_keys(emb: Embeddings) -> list[tuple[str, int]]:
+    """(document id, chunk index) of each row: what is unique in a run."""
+    chunks = (emb.chunk_index if emb.chunk_index is not None
+              else [0] * len(emb))
+    return [(doc, int(i)) for doc, i in zip(emb.document_ids, chunks)]
+
+
+def _check_segment_run(segment: dict[str, Any], own_output: str) -> None:
+    """An earlier run's rows are read only while its output still holds
+    that run: a re-run there replaced them.  Raises ``DatasetError``."""
+    from pipeline.manifest import ManifestError, manifest_path, read_manifest
+    if segment["output"] == own_output:
+        return
+    path = manifest_path(segment["output"])
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as err:
+        raise DatasetError(
+            f"{path}: the run {segment['run_id']} whose files this index "
+            f"reads has no readable manifest any more ({err})") from err
+    if manifest.get("run_id") != segment["run_id"]:
+        raise DatasetError(
+            f"{path}: now run {manifest.get('run_id')}, not run "
+            f"{segment['run_id']} whose rows this index reads: that output "
+            "was re-run, so this index no longer describes its files")
 
 
 def load_index(manifest_path: str, kind: str = "embeddings") -> Embeddings:
@@ -266,7 +366,10 @@ def load_index(manifest_path: str, kind: str = "embeddings") -> Embeddings:
     ``kind`` is ``embeddings`` or ``documents`` (document vectors).  Each
     segment's rows are kept when the index points at that segment's run
     for the row's document and content, so rows that later runs replaced
-    or deleted are left out.
+    or deleted are left out.  Raises ``DatasetError`` when the files do not
+    hold exactly the indexed rows: a row with another model fingerprint
+    than its entry, a document twice or missing, a segment whose output
+    now holds another run.
     """
     from pipeline.manifest import SUCCEEDED, read_manifest
     manifest = read_manifest(manifest_path)
@@ -278,12 +381,9 @@ def load_index(manifest_path: str, kind: str = "embeddings") -> Embeddings:
     for segment in manifest["index"]["segments"]:
         if not segment[kind]:
             continue
-        emb = read_files(segment[kind])
-        wanted = live.get(segment["run_id"], set())
-        keep = [i for i, pair in enumerate(zip(emb.document_ids,
-                                               emb.content_hash))
-                if pair in wanted]
-        parts.append(_take(emb, keep))
+        rows = _segment_rows(segment, kind, live.of(segment["run_id"]))
+        _check_segment_run(segment, manifest["output"])
+        parts.append(rows)
     if not parts:
         raise FileNotFoundError(f"{manifest_path}: the index holds no "
                                 f"{kind} rows")

@@ -11,8 +11,8 @@ under their final names, the summary, and the manifest last (see
 
 Exit codes: 0 success, 1 the run failed (the pipeline raised, publishing
 broke off, or the counts do not reconcile), 2 bad usage, 3 the error rate
-exceeded ``--max_error_rate``.  Nothing is published unless the exit code
-is 0.
+exceeded ``--max_error_rate``, 4 another run holds the output's lock
+(``pipeline.lock``).  Nothing is published unless the exit code is 0.
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
 from pipeline.cli import setup_logging, wants_help
 from pipeline.options import EmbedOptions, lower_case_override
 from transforms.batch import check_bucket_boundaries
-from pipeline.publish import clean_stale, new_run_id, staging_prefix
-from pipeline.summary import COUNTERS, RunSummary, collect_counts
+from pipeline.lock import OutputLock, OutputLocked, OutputNotWritable
+from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
+                              staging_prefix)
+from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
+                              duplicate_id_sample)
 from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
@@ -56,6 +59,7 @@ DEMO_WARNING = (
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
+EXIT_LOCKED = 4  # another run is writing the same --output
 
 
 class UsageError(ValueError):
@@ -90,6 +94,10 @@ def _check_flags(options: EmbedOptions) -> None:
         raise UsageError("--input is required (a file or glob)")
     if not options.output:
         raise UsageError("--output is required (an output prefix)")
+    try:
+        check_output_prefix(options.output)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if options.max_seq_length < 3:
         raise UsageError("--max_seq_length must be at least 3")
     if options.long_text != "chunk" and (options.document_vectors
@@ -135,8 +143,8 @@ def _check_remote_paths(options: EmbedOptions) -> None:
                          + ", ".join(local) + " (use gs://...)")
 
 
-def resolve_job(options: EmbedOptions) -> ResolvedJob:
-    """Turns flags into a ``ResolvedJob``.
+def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
+    """Turns flags into a ``ResolvedJob`` (with ``run_id``, or a new one).
 
     Raises ``UsageError``, ``FileNotFoundError``, ``ModelFormatError`` or
     ``ManifestError`` with a one-line message when something is wrong.
@@ -192,7 +200,7 @@ def resolve_job(options: EmbedOptions) -> ResolvedJob:
         inter_op_threads=options.tf_inter_op_threads or None,
         input_encoding=options.input_encoding,
         max_text_chars=options.max_text_chars, dedup=options.dedup,
-        run_id=new_run_id(),
+        run_id=run_id or new_run_id(),
         model_fingerprint=model_fingerprint(
             resolve_model_path(model_dir), settings.vocab_path,
             settings.do_lower_case, options.max_seq_length,
@@ -249,17 +257,29 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
 
     Raises ``RunFailed`` when the pipeline raises.  A run whose counts do
     not reconcile or whose error rate is over ``--max_error_rate`` returns
-    a summary with ``status == "failed"`` and publishes nothing.
+    a summary with ``status == "failed"`` and publishes nothing.  Raises
+    ``OutputLocked`` when another run holds the output's lock.
     """
     pipeline_options = PipelineOptions(argv)
     options = pipeline_options.view_as(EmbedOptions)
-    job = resolve_job(options)
+    _check_flags(options)
+    run_id = new_run_id()
+    # Taken before the model loads: it proves the output can be written,
+    # and no other run at this output starts (or cleans up) until ours ends.
+    with OutputLock(options.output, run_id) as lock:
+        return _run_locked(pipeline_options, options, run_id, lock)
+
+
+def _run_locked(pipeline_options: PipelineOptions, options: EmbedOptions,
+                run_id: str, lock: OutputLock) -> RunSummary:
+    """``run`` while this run holds the output's lock."""
+    job = resolve_job(options, run_id)
     config = job.config
     if job.demo:
         print(DEMO_WARNING, file=sys.stderr)
     clean_stale(config.output, config.run_id)
     active = StagedRun(config, job.previous, utc_now(),
-                       staging_prefix(config.output, config.run_id))
+                       staging_prefix(config.output, config.run_id), lock)
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, dataclasses.replace(
@@ -271,7 +291,8 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
         elapsed_seconds=round(time.perf_counter() - started, 3),
         model_dir=config.model_dir, demo_model=job.demo, outputs={},
         run_id=config.run_id, model_fingerprint=config.model_fingerprint,
-        previous_index=job.previous.manifest if job.previous else None)
+        previous_index=job.previous.manifest if job.previous else None,
+        duplicate_id_sample=duplicate_id_sample(result))
     summary.failure = failure_of(summary, options.max_error_rate)
     if summary.failure:
         summary_path = active.keep_failed(summary)
@@ -305,7 +326,8 @@ def print_help() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI wrapper: exit 0 on success, 1 on a failed run, 2 on bad usage,
-    3 when the error rate exceeds ``--max_error_rate``."""
+    3 when the error rate exceeds ``--max_error_rate``, 4 when another run
+    holds the output's lock."""
     args = list(sys.argv[1:] if argv is None else argv)
     if wants_help(args):
         print_help()
@@ -314,9 +336,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         summary = run(args)
     except (UsageError, FileNotFoundError, ModelFormatError,
-            ManifestError) as err:
+            ManifestError, OutputNotWritable) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputLocked as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_LOCKED
     except RunFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

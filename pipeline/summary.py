@@ -15,6 +15,7 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 
+from transforms.dedup import ID_SAMPLE_SIZE
 from transforms.records import METRICS_NAMESPACE
 
 # The parts of documents_read: each document read ends in exactly one.
@@ -25,7 +26,7 @@ COUNTERS = ("documents_read",) + OUTCOMES + (
     "documents_truncated", "documents_new", "documents_changed",
     "documents_deleted", "bytes_read", "tokens_embedded", "tokens_computed",
     "documents_chunked", "chunks", "chunks_embedded", "chunks_failed",
-    "documents_incomplete")
+    "documents_incomplete", "duplicate_ids")
 
 # RunInference records one model-load latency per load: its count is the
 # number of model loads over all workers.
@@ -46,6 +47,7 @@ class RunSummary:
     previous_index: Optional[str] = None
     status: str = "succeeded"
     failure: Optional[str] = None
+    duplicate_id_sample: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def reconciled(self) -> bool:
@@ -91,6 +93,15 @@ class RunSummary:
                          " documents are unchanged")
         return lines
 
+    def _duplicate_ids_note(self) -> str:
+        """`` (N ids more than once, the last kept: a, b)`` or nothing."""
+        count = self.counts["duplicate_ids"]
+        if not count:
+            return ""
+        sample = ", ".join(self.duplicate_id_sample)
+        return (f" ({count} ids more than once, the last kept"
+                + (f": {sample})" if sample else ")"))
+
     def format(self) -> str:
         """A short human-readable report."""
         c = self.counts
@@ -99,7 +110,8 @@ class RunSummary:
             f"  embedded:         {c['documents_embedded']} "
             f"({c['documents_truncated']} truncated)",
             f"  skipped (empty):  {c['documents_skipped_empty']}",
-            f"  duplicates:       {c['documents_duplicates']}",
+            f"  duplicates:       {c['documents_duplicates']}"
+            + self._duplicate_ids_note(),
             f"  unchanged:        {c['documents_unchanged']}",
             f"  failed:           {c['documents_failed']}",
         ] + self._incremental_lines() + [
@@ -144,6 +156,18 @@ def collect_counts(result: Any) -> tuple[dict[str, int], int]:
     loads = sum(int(_value(d).count) for d in query["distributions"]
                 if d.key.metric.name.endswith(_LOAD_LATENCY_METRIC))
     return counts, loads
+
+
+def duplicate_id_sample(result: Any) -> list[str]:
+    """A few ids that occurred more than once (``transforms.dedup``),
+    sorted."""
+    query = result.metrics().query(
+        MetricsFilter().with_namespace(METRICS_NAMESPACE)
+        .with_name("duplicate_id_sample"))
+    ids: set[str] = set()
+    for metric in query.get("string_sets", []):
+        ids.update(_value(metric) or ())
+    return sorted(ids)[:ID_SAMPLE_SIZE]
 
 
 def _value(metric: Any) -> Any:

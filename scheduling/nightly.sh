@@ -10,8 +10,8 @@
 #
 # A re-run of the same night (after a crash, or by hand) writes the same
 # prefix again and gives the same result. The exit status is the job's:
-# 0 published, 1 failed, 2 bad usage, 3 error rate over --max_error_rate;
-# nothing is published unless it is 0.
+# 0 published, 1 failed, 2 bad usage, 3 error rate over --max_error_rate,
+# 4 another run is writing the same prefix; nothing is published unless 0.
 set -euo pipefail
 
 PROJECT_DIR="${PROJECT_DIR:-/opt/bert-zh-embed}"

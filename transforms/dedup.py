@@ -1,4 +1,15 @@
-"""``--dedup``: exact duplicate texts within a run are embedded once.
+"""Duplicates: one document per id always; with ``--dedup`` one per text.
+
+Documents sharing an id (a record repeated, or an id reused for another
+text) would give the dataset two rows for one id.  They are grouped by id
+and the **last** one wins: the greatest (source, line), i.e. the latest
+record of a file, and of the files the one whose path sorts last -- a rule
+that does not depend on the order in which workers read.  The others are
+dropped and counted as ``documents_duplicates``; the ids concerned are
+counted (``duplicate_ids``) and a few of them named in the run summary.
+Blank texts are not grouped: they go on to be counted as skipped (empty).
+
+``--dedup``: exact duplicate texts within a run are embedded once.
 
 Documents are grouped by content hash.  In each group one document is kept
 and the others are dropped and counted (``documents_duplicates``).  The
@@ -18,6 +29,65 @@ import apache_beam as beam
 from transforms.records import METRICS_NAMESPACE, Document
 
 DUPLICATE_TAG = "duplicates"
+# How many of the ids that occurred more than once the summary names (and
+# each DoFn instance adds to the sample metric at most).
+ID_SAMPLE_SIZE = 5
+
+
+def pick_latest(docs: Iterable[Document]) -> tuple[Document, list[Document]]:
+    """(the document that wins, the dropped ones) of documents sharing an
+    id: the last by (source, line); the content hash breaks a tie (the same
+    file read twice), so the choice never depends on reading order."""
+    ordered = sorted(docs, key=lambda d: (d.source, d.line, d.content_hash))
+    return ordered[-1], ordered[:-1]
+
+
+class _KeepLastPerId(beam.DoFn):
+    """One id's documents in; the winner out (main output), the dropped
+    ones on the ``duplicates`` output."""
+
+    def __init__(self) -> None:
+        metrics = beam.metrics.Metrics
+        self._duplicates = metrics.counter(METRICS_NAMESPACE,
+                                           "documents_duplicates")
+        self._ids = metrics.counter(METRICS_NAMESPACE, "duplicate_ids")
+        self._sample = metrics.string_set(METRICS_NAMESPACE,
+                                          "duplicate_id_sample")
+        self._named = 0
+
+    def process(self, group: tuple[str, Iterable[Document]]
+                ) -> Iterator[Any]:
+        kept, dropped = pick_latest(group[1])
+        yield kept
+        if not dropped:
+            return
+        self._ids.inc()
+        if self._named < ID_SAMPLE_SIZE:
+            self._named += 1
+            self._sample.add(group[0])
+        for doc in dropped:
+            self._duplicates.inc()
+            yield beam.pvalue.TaggedOutput(DUPLICATE_TAG, doc)
+
+
+class KeepLastPerId(beam.PTransform):
+    """Documents in; ``(one document per id, dropped documents)`` out.
+
+    Blank documents pass through untouched: they are skipped (empty) later
+    and never written, and the blank lines of a text file, which share one
+    derived id, should count as skipped, not as duplicates.
+    """
+
+    def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
+        blank = docs | "Blank" >> beam.Filter(lambda d: not d.text.strip())
+        grouped = (docs
+                   | "NonBlank" >> beam.Filter(lambda d: bool(d.text.strip()))
+                   | "ById" >> beam.Map(lambda d: (d.id, d))
+                   | "Group" >> beam.GroupByKey()
+                   | "KeepLast" >> beam.ParDo(_KeepLastPerId()).with_outputs(
+                       DUPLICATE_TAG, main="kept"))
+        unique = (grouped.kept, blank) | "WithBlank" >> beam.Flatten()
+        return unique, grouped[DUPLICATE_TAG]
 
 
 def pick_kept(docs: Iterable[Document]) -> tuple[Document, list[Document]]:

@@ -13,6 +13,7 @@ the same fields, the sequence flattened and its shape stored beside it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -345,12 +346,21 @@ SUMMARY_SUFFIX = "-summary.json"
 MANIFEST_SUFFIX = "-manifest.json"
 
 
+# Shard numbers in file names: a glob that finds them, and the exact form
+# Beam's default shard name template (``-SSSSS-of-NNNNN``) writes, at least
+# five digits each.  The glob alone also matches other prefixes' files:
+# ``emb-[0-9]*-of-[0-9]*.parquet`` matches ``emb-2024-05-02-00000-of-00001``.
+SHARD_GLOB = "[0-9]*-of-[0-9]*"
+SHARD_REGEX = r"\d{5,}-of-\d{5,}"
+
+
 def output_patterns(prefix: str, file_format: str,
                     tfrecord_compression: str = "none") -> dict[str, str]:
     """Glob patterns of the files a run with ``prefix`` writes (the summary
-    and the manifest are single files, named by their suffixes)."""
+    and the manifest are single files, named by their suffixes).  Filter
+    what they match with ``output_regex``: only that is this prefix's."""
     ext = file_suffix(file_format, tfrecord_compression)
-    shards = "[0-9]*-of-[0-9]*"
+    shards = SHARD_GLOB
     return {
         "embeddings": f"{prefix}-{shards}{ext}",
         "documents": f"{prefix}{DOCUMENTS_SUFFIX}-{shards}{ext}",
@@ -358,3 +368,13 @@ def output_patterns(prefix: str, file_format: str,
         "index": f"{prefix}{INDEX_SUFFIX}-{shards}.parquet",
         "deleted": f"{prefix}{DELETED_SUFFIX}-{shards}.jsonl",
     }
+
+
+def output_regex(pattern: str) -> re.Pattern[str]:
+    """The exact form of an ``output_patterns`` glob: its prefix literally
+    and Beam's shard digits where the glob has ``SHARD_GLOB``, so that
+    ``fullmatch`` accepts only the files of that very prefix."""
+    head, found, tail = pattern.partition(SHARD_GLOB)
+    if not found:
+        return re.compile(re.escape(pattern))
+    return re.compile(re.escape(head) + SHARD_REGEX + re.escape(tail))
