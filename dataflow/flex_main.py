@@ -1,41 +1,42 @@
-"""Flex Template entry point: builds the embedding job and submits it.
+"""Flex Template entry point: the launch of ``python -m pipeline.run``.
 
 The Dataflow Flex Template launcher runs this file
 (``FLEX_TEMPLATE_PYTHON_PY_FILE``) with the template's parameters as
 ``--name=value`` flags, plus the Dataflow options it adds (``--runner``,
-``--project``, ``--region``, ``--temp_location``, ...).  It differs from
-``python -m pipeline.run`` in three ways:
-
-* it returns once the job is submitted: the launcher VM has nothing to
-  wait for; the job's counts are Beam metrics in the Dataflow UI
-  (namespace ``bert_zh_embed``), not a summary file;
-* ``--model`` is required: the demo model is built on the launching machine,
-  which workers cannot read;
-* boolean parameters arrive as ``--document_vectors=true|false`` and are
-  turned into the plain flag that the job's options expect.
+``--project``, ``--region``, ``--temp_location``, ...).  It hands them to
+``pipeline.run.main``, so a Flex launch is the same run as any other: the
+job writes into a staging directory, the launcher waits for it, checks the
+counts and publishes the files, ``<output>-summary.json`` and the manifest
+(last), which a later run can take as ``--previous_index``; the exit codes
+are the same too.  Only one thing is translated: boolean parameters arrive
+as ``--dedup=true|false`` and become the plain flag the job's options
+expect.  The parameters are listed in ``flex_template_metadata.json``,
+generated from the job's flags by ``flex_metadata.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Optional, Sequence
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.runners.runner import PipelineResult
+from pipeline.cli import UsageError, exit_on_interrupt
 
-from model.load import ModelFormatError
-from pipeline.graph import build_pipeline
-from pipeline.options import EmbedOptions
-from pipeline.run import UsageError, resolve_config
+if __name__ == "__main__":
+    exit_on_interrupt()  # before the slow imports below
 
-_LOG = logging.getLogger("dataflow.flex_main")
+# pylint: disable=wrong-import-position
+from pipeline.options import embed_flags
+from pipeline.run import EXIT_USAGE
+from pipeline.run import main as run_main
 
-# Flags that take no value in EmbedOptions (argparse store_true).
-BOOLEAN_FLAGS = ("document_vectors",)
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
+
+
+def boolean_flags() -> tuple[str, ...]:
+    """The job's flags that take no value (argparse ``store_true``)."""
+    return tuple(name for name, action in embed_flags().items()
+                 if action.nargs == 0)
 
 
 def normalize_boolean_flags(argv: Sequence[str]) -> list[str]:
@@ -43,10 +44,11 @@ def normalize_boolean_flags(argv: Sequence[str]) -> list[str]:
 
     Raises ``UsageError`` for any other value of a boolean flag.
     """
+    booleans = boolean_flags()
     normalized = []
     for arg in argv:
         name, sep, value = arg.partition("=")
-        if not (sep and name.lstrip("-") in BOOLEAN_FLAGS):
+        if not (sep and name.startswith("--") and name[2:] in booleans):
             normalized.append(arg)
         elif value.lower() in _TRUE:
             normalized.append(name)
@@ -55,29 +57,15 @@ def normalize_boolean_flags(argv: Sequence[str]) -> list[str]:
     return normalized
 
 
-def launch(argv: Sequence[str]) -> PipelineResult:
-    """Resolves the job, builds the graph and submits it (no waiting)."""
-    options = PipelineOptions(normalize_boolean_flags(argv))
-    if options.view_as(EmbedOptions).model is None:
-        raise UsageError("--model is required for a Dataflow launch (a "
-                         "gs:// SavedModel directory the workers can read)")
-    config, _ = resolve_config(options.view_as(EmbedOptions))
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config)
-    return pipeline.run()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit 0 once submitted, 2 on bad usage (one line on stderr)."""
-    logging.basicConfig(level=logging.INFO)
+    """``pipeline.run.main`` on the normalized flags; its exit code."""
     try:
-        result = launch(list(sys.argv[1:] if argv is None else argv))
-    except (UsageError, FileNotFoundError, ModelFormatError) as err:
+        args = normalize_boolean_flags(
+            list(sys.argv[1:] if argv is None else argv))
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if getattr(result, "has_job", False):
-        _LOG.info("Submitted Dataflow job %s", result.job_id())
-    return 0
+        return EXIT_USAGE
+    return run_main(args)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
 from model.load import check_max_seq_length
-from pipeline.cli import setup_logging, wants_help
+from pipeline.cli import (UsageError, check_known_flags, setup_logging,
+                          wants_help)
 from pipeline.options import (EmbedOptions, _positive_int,
                               lower_case_override)
 from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
@@ -83,10 +84,6 @@ DEMO_NOTE = (
     "NOTE: no --model or --vocab_file given: token counts use the built-in "
     "DEMO model's small vocabulary; pass the model you will embed with for "
     "meaningful lengths and [UNK] rate.")
-
-
-class UsageError(ValueError):
-    """A flag is missing or inconsistent."""
 
 
 class AnalyzeOptions(PipelineOptions):
@@ -491,8 +488,11 @@ def _remove(path: str, local: bool) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Runs the analysis and returns the report (also printed, and written
-    to ``--output`` when given)."""
-    pipeline_options = PipelineOptions(argv)
+    to ``--output`` when given).  Raises ``UsageError`` for an unknown
+    flag."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    check_known_flags(args)
+    pipeline_options = PipelineOptions(args)
     config, demo = resolve_config(pipeline_options)
     if demo:
         print(DEMO_NOTE, file=sys.stderr)

@@ -240,3 +240,14 @@ class EmbedOptions(PipelineOptions):
         group.add_argument(
             "--progress_interval", type=_seconds, default=60.0,
             help="Seconds between progress log lines per worker (0: off).")
+
+
+def embed_flags() -> dict[str, argparse.Action]:
+    """``EmbedOptions``' flags by name without dashes (``format``, not its
+    destination ``output_format``): what the Flex Template's parameters
+    are generated from (``dataflow/flex_metadata.py``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    EmbedOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    return {flag[2:]: action
+            for action in parser._actions  # pylint: disable=protected-access
+            for flag in action.option_strings if flag.startswith("--")}

@@ -10,9 +10,11 @@ under their final names, the summary, and the manifest last (see
 ``pipeline.publish``).
 
 Exit codes: 0 success, 1 the run failed (the pipeline raised, publishing
-broke off, or the counts do not reconcile), 2 bad usage, 3 the error rate
-exceeded ``--max_error_rate``, 4 another run holds the output's lock
-(``pipeline.lock``).  Nothing is published unless the exit code is 0.
+broke off, or the counts do not reconcile), 2 bad usage (an unknown flag
+too), 3 documents failed: the error rate exceeded ``--max_error_rate``, or
+no document was embedded and some failed, 4 another run holds the output's
+lock (``pipeline.lock``), 130 interrupted (Ctrl-C).  Nothing is published
+unless the exit code is 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from pipeline.cli import (UsageError, check_known_flags, exit_on_interrupt,
+                          interrupts_deferred, setup_logging, wants_help)
+
+if __name__ == "__main__":
+    # Before the slow imports below: Ctrl-C while they load ends quietly too.
+    exit_on_interrupt()
+
+# pylint: disable=wrong-import-position
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -37,14 +47,13 @@ from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
                                find_previous, load_previous)
-from pipeline.cli import setup_logging, wants_help
 from pipeline.options import EmbedOptions, lower_case_override
 from transforms.batch import check_bucket_boundaries
 from pipeline.lock import OutputLock, OutputLocked, OutputNotWritable
 from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
                               staging_prefix)
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
-                              duplicate_id_sample)
+                              duplicate_id_sample, most_common_reason)
 from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
@@ -60,10 +69,6 @@ DEMO_WARNING = (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 EXIT_LOCKED = 4  # another run is writing the same --output
-
-
-class UsageError(ValueError):
-    """A flag is missing or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,15 +257,45 @@ def _execute(pipeline: beam.Pipeline, active: StagedRun, demo: bool) -> Any:
             f"staged files: {active.staging_dir}") from err
 
 
+def nothing_embedded(summary: RunSummary, active: StagedRun
+                     ) -> Optional[str]:
+    """Why a run that embedded nothing while documents failed (say, a wrong
+    ``--text_field`` made every record a dead letter) must not be
+    published, naming the most common dead-letter reason; or None.
+
+    An empty input, or one whose documents were all empty or duplicates,
+    embeds nothing without failing and is published; so is an incremental
+    run that found documents unchanged (its index is still current), whose
+    failures ``--max_error_rate`` governs as usual.
+    """
+    counts = summary.counts
+    failed = counts["documents_failed"]
+    if (counts["documents_embedded"] or counts["documents_unchanged"]
+            or not failed):
+        return None
+    message = (f"no document was embedded: {failed:,} of "
+               f"{counts['documents_read']:,} failed")
+    common = most_common_reason(active.staged_outputs()["errors"])
+    if common is None:
+        return message
+    share = (f"{common.count:,}" if common.sampled >= failed else
+             f"{common.count:,} of the first {common.sampled:,}")
+    return f'{message}, most often "{common.reason}" ({share})'
+
+
 def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     """Runs the job and returns its summary (also printed and written).
 
-    Raises ``RunFailed`` when the pipeline raises.  A run whose counts do
-    not reconcile or whose error rate is over ``--max_error_rate`` returns
-    a summary with ``status == "failed"`` and publishes nothing.  Raises
-    ``OutputLocked`` when another run holds the output's lock.
+    Raises ``UsageError`` for an unknown flag and ``RunFailed`` when the
+    pipeline raises.  A run whose counts do not reconcile, whose error rate
+    is over ``--max_error_rate``, or that embedded nothing while documents
+    failed returns a summary with ``status == "failed"`` and publishes
+    nothing.  Raises ``OutputLocked`` when another run holds the output's
+    lock.
     """
-    pipeline_options = PipelineOptions(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    check_known_flags(args)
+    pipeline_options = PipelineOptions(args)
     options = pipeline_options.view_as(EmbedOptions)
     _check_flags(options)
     run_id = new_run_id()
@@ -293,17 +328,20 @@ def _run_locked(pipeline_options: PipelineOptions, options: EmbedOptions,
         run_id=config.run_id, model_fingerprint=config.model_fingerprint,
         previous_index=job.previous.manifest if job.previous else None,
         duplicate_id_sample=duplicate_id_sample(result))
-    summary.failure = failure_of(summary, options.max_error_rate)
+    summary.failure = (failure_of(summary, options.max_error_rate)
+                       or nothing_embedded(summary, active))
     if summary.failure:
         summary_path = active.keep_failed(summary)
         print(summary.format())
         print(f"nothing published; staged files kept in "
               f"{active.staging_dir}")
+        print(f"summary:            {summary_path}")
     else:
-        summary_path, manifest_path = active.publish(summary)
-        print(summary.format())
-        print(f"manifest:           {manifest_path}")
-    print(f"summary:            {summary_path}")
+        with interrupts_deferred("publishing"):
+            summary_path, manifest_path = active.publish(summary)
+            print(summary.format())
+            print(f"manifest:           {manifest_path}")
+            print(f"summary:            {summary_path}")
     if job.demo:
         print(DEMO_WARNING, file=sys.stderr)
     return summary
@@ -326,8 +364,10 @@ def print_help() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI wrapper: exit 0 on success, 1 on a failed run, 2 on bad usage,
-    3 when the error rate exceeds ``--max_error_rate``, 4 when another run
-    holds the output's lock."""
+    3 when the error rate exceeds ``--max_error_rate`` or nothing was
+    embedded while documents failed, 4 when another run holds the output's
+    lock (130 on Ctrl-C: ``exit_on_interrupt``).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if wants_help(args):
         print_help()

@@ -3,14 +3,17 @@
 Every document read is accounted for exactly once:
 ``read = embedded + skipped_empty + duplicates + unchanged + failed``.  The
 summary says whether the counts reconcile, prints a few lines for people and
-is written as JSON for machines (``<output>-summary.json``).
+is written as JSON for machines (``<output>-summary.json``).  When a run
+fails for its dead letters, ``most_common_reason`` names their commonest
+cause.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
@@ -27,6 +30,10 @@ COUNTERS = ("documents_read",) + OUTCOMES + (
     "documents_deleted", "bytes_read", "tokens_embedded", "tokens_computed",
     "documents_chunked", "chunks", "chunks_embedded", "chunks_failed",
     "documents_incomplete", "duplicate_ids")
+
+# Dead letters read at most to name the most common failure reason: the
+# launcher reads them from the staging directory after the run.
+REASON_SAMPLE = 10_000
 
 # RunInference records one model-load latency per load: its count is the
 # number of model loads over all workers.
@@ -190,3 +197,48 @@ def write_summary(summary: RunSummary, path: str) -> None:
     with FileSystems.create(path) as handle:
         handle.write(json.dumps(summary.to_dict(), indent=2,
                                 ensure_ascii=False).encode("utf-8"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonReason:
+    """The most frequent kind of dead-letter reason among ``sampled`` dead
+    letters, and how many of them had it."""
+    reason: str
+    count: int
+    sampled: int
+
+
+def reason_kind(reason: str) -> str:
+    """A dead-letter reason without its details, so that equal causes
+    count together: ``malformed JSON: Expecting value ...`` -> ``malformed
+    JSON``, ``InvalidArgumentError: ...`` -> ``InvalidArgumentError``."""
+    return reason.split(": ", 1)[0]
+
+
+def most_common_reason(paths: Sequence[str], limit: int = REASON_SAMPLE
+                       ) -> Optional[CommonReason]:
+    """The most common reason kind in the dead-letter files ``paths``
+    (``<output>-errors-*.jsonl``, local or cloud), from at most ``limit``
+    dead letters; None when there are none.
+
+    Read after the run rather than counted in the graph: Beam counters
+    need names known in advance, and reasons are open-ended.
+    """
+    kinds: collections.Counter = collections.Counter()
+    sampled = 0
+    for path in sorted(paths):
+        if sampled >= limit:
+            break
+        with FileSystems.open(path) as handle:
+            for line in handle:
+                if sampled >= limit:
+                    break
+                try:
+                    kinds[reason_kind(str(json.loads(line)["reason"]))] += 1
+                except (ValueError, KeyError, TypeError):
+                    continue
+                sampled += 1
+    if not kinds:
+        return None
+    reason, count = kinds.most_common(1)[0]
+    return CommonReason(reason, count, sampled)

@@ -12,16 +12,15 @@ On top of that the tests check what a Dataflow worker would do with the job:
 every DoFn is unpickled in a fresh interpreter that sees the project only
 through the staged sdist, and the worker pool description that the Dataflow
 client would send is built from the same options (machine type, workers,
-experiments, GPU service option, custom container).  The Dockerfiles and the
-Flex Template metadata are linted against the code they describe.
+experiments, GPU service option, custom container).  The Dockerfiles are
+linted against the code they describe (the Flex Template's launch and
+metadata: ``tests/test_flex_template.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
@@ -348,107 +347,6 @@ def test_default_job_runs_one_sdk_process_per_vcpu(setup_file_job):
     with its own model copy (see the README's memory arithmetic)."""
     env = setup_file_job.worker_environment()
     assert "use_multiple_sdk_containers" in env.experiments
-
-
-def _load_flex_main() -> Any:
-    """``dataflow/flex_main.py`` as a module (it is a script, not a package
-    module: the launcher runs it by path)."""
-    path = ROOT / "dataflow" / "flex_main.py"
-    spec = importlib.util.spec_from_file_location("flex_main", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def metadata() -> dict:
-    """The Flex Template metadata."""
-    path = ROOT / "dataflow" / "flex_template_metadata.json"
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _embed_actions() -> dict[str, argparse.Action]:
-    """EmbedOptions' flags by name (without the dashes)."""
-    parser = argparse.ArgumentParser()
-    EmbedOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-    return {flag[2:]: action for action in parser._actions
-            for flag in action.option_strings if flag.startswith("--")}
-
-
-def test_flex_template_parameters_are_job_flags(metadata):
-    actions = _embed_actions()
-    params = {p["name"]: p for p in metadata["parameters"]}
-    assert len(params) == len(metadata["parameters"])
-    assert metadata["streaming"] is False
-    assert {n for n, p in params.items() if not p.get("isOptional")} == \
-        {"input", "output", "model"}
-    for name, param in params.items():
-        assert name in actions, f"{name} is not a flag of the job"
-        assert param["label"] and param["helpText"]
-        patterns = [re.compile(r) for r in param["regexes"]]
-        choices = actions[name].choices
-        if choices:  # the regex accepts exactly the flag's choices
-            for value in list(choices) + ["bogus"]:
-                assert bool(all(p.fullmatch(value) for p in patterns)) == \
-                    (value in choices), (name, value)
-    for name in ("input", "output", "model", "vocab_file"):
-        (pattern,) = params[name]["regexes"]
-        assert re.fullmatch(pattern, "gs://my-bucket/a/b-*.jsonl")
-        assert not re.fullmatch(pattern, "/local/path")
-    for name in ("max_seq_length", "batch_size", "max_tokens_per_batch"):
-        (pattern,) = params[name]["regexes"]
-        assert re.fullmatch(pattern, str(actions[name].default))
-        assert not re.fullmatch(pattern, "0")
-        assert not re.fullmatch(pattern, "-3")
-    (cache,) = params["xla_cache_dir"]["regexes"]
-    for value, ok in (("auto", True), ("none", True), ("gs://b-1/xla", True),
-                      ("gs://b-1", True), ("/local/xla", False)):
-        assert bool(re.fullmatch(cache, value)) == ok, value
-    (outputs,) = params["outputs"]["regexes"]
-    for value, ok in (("pooled", True), ("pooled,sequence", True),
-                      ("sequence", True), ("pooled,", False), ("cls", False)):
-        assert bool(re.fullmatch(outputs, value)) == ok, value
-
-
-def test_flex_launch_with_template_parameters_builds_the_job(
-        metadata, corpus, tiny_model_dir, tmp_path):
-    """The launcher's call: every parameter as --name=value, booleans as
-    true/false; the job is built (dry run) with the values given."""
-    flex_main = _load_flex_main()
-    values = {"input": str(corpus), "output": str(tmp_path / "emb"),
-              "model": tiny_model_dir, "input_format": "jsonl",
-              "id_field": "id", "text_field": "text", "format": "tfrecord",
-              "outputs": "pooled", "max_seq_length": "32",
-              "long_text": "chunk", "chunk_stride": "16",
-              "document_vectors": "true", "batch_size": "8",
-              "max_tokens_per_batch": "256", "num_shards": "2",
-              "precision": "float32", "do_lower_case": "true",
-              "tf_intra_op_threads": "2", "tf_inter_op_threads": "1",
-              "xla": "off", "xla_cache_dir": "gs://my-bucket/xla"}
-    assert set(values) == {p["name"] for p in metadata["parameters"]} - \
-        {"vocab_file"}
-    argv = [f"--{k}={v}" for k, v in values.items()] + DATAFLOW + [
-        "--sdk_container_image", IMAGE]
-    result = flex_main.launch(argv)
-    names = {t.unique_name for t in
-             result.job.proto_pipeline.components.transforms.values()}
-    assert set(OUR_TRANSFORMS) <= names
-    assert "WriteDocumentVectors" in names  # document_vectors=true arrived
-    bad = [a for a in argv if not a.startswith("--document_vectors")]
-    assert flex_main.main(bad + ["--document_vectors=maybe"]) == 2
-
-
-def test_flex_boolean_flags(tiny_model_dir):
-    flex_main = _load_flex_main()
-    assert flex_main.normalize_boolean_flags(
-        ["--document_vectors=true", "--x=1"]) == ["--document_vectors",
-                                                   "--x=1"]
-    assert flex_main.normalize_boolean_flags(["--document_vectors=false"]) \
-        == []
-    with pytest.raises(UsageError):
-        flex_main.normalize_boolean_flags(["--document_vectors=yes please"])
-    with pytest.raises(UsageError, match="--model is required"):
-        flex_main.launch(["--input", "x", "--output", "y"])
 
 
 def _dockerfile(path: Path) -> list[str]:

@@ -28,6 +28,9 @@ from transforms.records import (METRICS_NAMESPACE, DeadLetter,
 
 OUTPUT_KINDS = ("pooled", "sequence")
 
+# Longest dead-letter reason kept for a failed model call.
+REASON_CHARS = 300
+
 
 def pad_batch(docs: Sequence[TokenizedDocument],
               pad_to_steps: Optional[int] = None
@@ -153,11 +156,14 @@ class _CountEmbedded(beam.DoFn):
 
     A chunked document counts as embedded with its first chunk, so that
     every document read is counted once; its other chunks count as chunks.
+    Truncated documents are counted here, once embedded, so that a document
+    whose batch failed is counted as failed only.
     """
 
     def __init__(self) -> None:
         counter = beam.metrics.Metrics.counter
         self._embedded = counter(METRICS_NAMESPACE, "documents_embedded")
+        self._truncated = counter(METRICS_NAMESPACE, "documents_truncated")
         self._chunks = counter(METRICS_NAMESPACE, "chunks_embedded")
         self._tokens = counter(METRICS_NAMESPACE, "tokens_embedded")
 
@@ -165,14 +171,51 @@ class _CountEmbedded(beam.DoFn):
         embedding: DocumentEmbedding = result.inference
         if embedding.chunk_index == 0:
             self._embedded.inc()
+        if embedding.truncated:
+            self._truncated.inc()
         self._chunks.inc()
         self._tokens.inc(embedding.num_tokens)
         yield embedding
 
 
+def failure_reason(error: Any, limit: int = REASON_CHARS) -> str:
+    """``ExceptionType: message`` on one line of at most ``limit``
+    characters, from what Beam's exception handling pairs with a failed
+    batch: ``(type, repr, formatted traceback lines)``, or an exception.
+
+    The message is ``str(exception)``, which Beam does not keep but its
+    traceback's last line shows; the repr stands in when that is missing.
+    """
+    if isinstance(error, BaseException):
+        kind, message = type(error), str(error)
+    else:
+        kind, message = error[0], _traceback_message(error[0], error[2])
+        if message is None:
+            message = str(error[1])
+    text = f"{kind.__name__}: {message}" if message.strip() else kind.__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _traceback_message(kind: type, lines: Sequence[str]) -> Optional[str]:
+    """The message of the last ``kind`` exception in a formatted traceback
+    (``module.Type: message``), or None when there is none."""
+    name = kind.__qualname__
+    if kind.__module__ not in ("builtins", "__main__"):
+        name = f"{kind.__module__}.{name}"
+    for entry in reversed(list(lines)):
+        if entry.startswith(name + ": "):
+            return entry[len(name) + 2:]
+        if entry.rstrip("\n") == name:
+            return ""
+    return None
+
+
 class _FailedBatchToDeadLetters(beam.DoFn):
     """One ``DeadLetter`` per document (or chunk) of a batch whose inference
-    raised; counted like ``_CountEmbedded`` counts successes."""
+    raised, with the document's source and line and the exception in one
+    line (``failure_reason``); counted like ``_CountEmbedded`` counts
+    successes."""
 
     def __init__(self) -> None:
         counter = beam.metrics.Metrics.counter
@@ -182,12 +225,12 @@ class _FailedBatchToDeadLetters(beam.DoFn):
     def process(self, failure: tuple[Sequence[TokenizedDocument], Any]
                 ) -> Iterator[DeadLetter]:
         batch, error = failure
+        reason = failure_reason(error)
         for doc in batch:
             if doc.chunk_index == 0:
                 self._failed.inc()
             self._chunks.inc()
-            yield DeadLetter("infer", f"{type(error).__name__}: {error}",
-                             id=doc.id)
+            yield DeadLetter("infer", reason, doc.source, doc.line, doc.id)
 
 
 class EmbedDocuments(beam.PTransform):

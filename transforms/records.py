@@ -56,6 +56,9 @@ class TokenizedDocument:
     # content hash, and its text when the run writes a ``text`` column.
     content_hash: str = ""
     text: Optional[str] = None
+    # Where the document was read, for a dead letter if inference fails.
+    source: str = ""
+    line: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -79,7 +79,6 @@ class TokenizeDocuments(beam.DoFn):
         self._tokenizer: BertWordPieceTokenizer | None = None
         counter = beam.metrics.Metrics.counter
         self._skipped = counter(METRICS_NAMESPACE, "documents_skipped_empty")
-        self._truncated = counter(METRICS_NAMESPACE, "documents_truncated")
         self._chunked = counter(METRICS_NAMESPACE, "documents_chunked")
         self._chunks = counter(METRICS_NAMESPACE, "chunks")
         self._failed = counter(METRICS_NAMESPACE, "documents_failed")
@@ -109,12 +108,11 @@ class TokenizeDocuments(beam.DoFn):
             encoded = self._tokenizer.encode(doc.text, self._max_seq_length)
             if encoded.num_wordpieces == 0:
                 return None
-            if encoded.truncated:
-                self._truncated.inc()
             return [TokenizedDocument(
                 doc.id, np.asarray(encoded.input_word_ids, np.int32),
                 encoded.truncated, doc.id, content_hash=doc.content_hash,
-                text=self._text_of(doc, 0))]
+                text=self._text_of(doc, 0), source=doc.source,
+                line=doc.line)]
         return self._chunks_of(doc)
 
     def _chunks_of(self, doc: Document) -> Optional[list[TokenizedDocument]]:
@@ -136,7 +134,7 @@ class TokenizeDocuments(beam.DoFn):
             f"{doc.id}#{index}",
             np.concatenate([cls_id, pieces[start:end], sep_id]), False,
             doc.id, index, len(spans), doc.content_hash,
-            self._text_of(doc, index))
+            self._text_of(doc, index), doc.source, doc.line)
             for index, (start, end) in enumerate(spans)]
 
     def _text_of(self, doc: Document, chunk_index: int) -> Optional[str]:
