@@ -21,8 +21,11 @@ REQUIRED = [
 # Test-only: pytest; an independent BERT WordPiece implementation that our
 # tokenizer is checked against; tensorflow-hub for resolving TF Hub handles
 # from a pre-filled cache (it is optional at run time: install it to pass
-# --model https://tfhub.dev/...).
-TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1"]
+# --model https://tfhub.dev/...) and, with tf_keras (Keras 2, which
+# hub.KerasLayer needs on TF 2.16+), for fine-tuning exported models;
+# tensorflow-hub imports pkg_resources (removed in setuptools 82).
+TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1",
+        "tf_keras==2.21.0", "setuptools==80.10.2"]
 
 setuptools.setup(
     name="bert-zh-embed",

@@ -18,18 +18,27 @@ exporter — so the result has the TF Hub BERT interface and a
     admits the few PyTorch globals a state dict needs.
 
 Weights outside the encoder (``cls/predictions/...``, optimizer slots) are
-ignored; missing encoder weights are an error that names them.
+ignored; missing encoder weights are an error that names them.  Every
+tensor's shape is checked against the config, and its bytes against the
+file, before it is read, so a corrupt or crafted file is a one-line
+``ConversionError`` (exit status 2), never a huge allocation.
+
+``do_lower_case`` is taken from the vocabulary unless given: an uncased
+one (no upper-case word pieces that text can produce) gets True, a cased
+one the checkpoint's setting or False; the log line says which and why.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import struct
@@ -40,6 +49,8 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from model.bert import BertConfig, bert_weight_shapes
+from transforms.tokenization import (is_cjk_char, is_control,
+                                     is_punctuation, is_whitespace)
 
 _LOG = logging.getLogger(__name__)
 
@@ -98,31 +109,79 @@ def _read_safetensors_header(handle: BinaryIO, path: str,
     return header
 
 
-def _decode_safetensor(name: str, entry: Mapping[str, Any], raw: bytes,
-                       path: str) -> np.ndarray:
-    """One tensor from its header entry and raw little-endian bytes."""
-    dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+ShapeCheck = Callable[[str, tuple[int, ...]], None]
+"""``check(name, shape)`` raises ``ConversionError`` if a tensor of that
+shape must not be read (the readers call it before reading any data)."""
+
+
+def _element_count(shape: Sequence[int]) -> int:
+    """Elements of ``shape``, in Python ints (no int64 overflow)."""
+    return math.prod(shape)
+
+
+def _is_size(value: Any) -> bool:
+    """Whether ``value`` is a non-negative int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _SafetensorSpan:
+    """Where one tensor of a safetensors file lies, validated."""
+    code: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _safetensor_span(name: str, entry: Any, data_size: int) -> _SafetensorSpan:
+    """The validated header entry of tensor ``name``: a known dtype, a shape
+    of non-negative ints whose byte count is exactly its data range, and a
+    data range inside the file's ``data_size`` bytes of data."""
+    if not isinstance(entry, dict):
+        raise ConversionError(f"bad header entry for {name}")
+    code, shape, offsets = (entry.get("dtype"), entry.get("shape"),
+                            entry.get("data_offsets"))
+    dtype = _SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise ConversionError(f"{path}: tensor {name} has unsupported dtype "
-                              f"{entry.get('dtype')!r}")
-    shape = tuple(int(n) for n in entry["shape"])
-    if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-        raise ConversionError(f"{path}: tensor {name} has {len(raw)} bytes, "
-                              f"which does not fit shape {list(shape)}")
-    array = np.frombuffer(raw, dtype=dtype).reshape(shape)
-    if entry["dtype"] == "BF16":
+        raise ConversionError(f"tensor {name} has unsupported dtype {code!r}")
+    if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+        raise ConversionError(f"tensor {name} has a bad shape {shape!r:.80}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_size(x) for x in offsets)):
+        raise ConversionError(f"tensor {name} has bad data_offsets "
+                              f"{offsets!r:.80}")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise ConversionError(f"tensor {name} lies outside the file")
+    needed = _element_count(shape) * dtype.itemsize
+    if end - begin != needed:
+        raise ConversionError(
+            f"tensor {name} has {end - begin} bytes, but shape {shape} of "
+            f"{code} needs {needed}")
+    return _SafetensorSpan(code, dtype, tuple(shape), begin, end)
+
+
+def _decode_safetensor(span: _SafetensorSpan, raw: bytes) -> np.ndarray:
+    """One tensor from its validated span and raw little-endian bytes."""
+    array = np.frombuffer(raw, dtype=span.dtype).reshape(span.shape)
+    if span.code == "BF16":
         return bfloat16_to_float32(array)
-    return array.astype(dtype.newbyteorder("="), copy=True)
+    return array.astype(span.dtype.newbyteorder("="), copy=True)
 
 
-def read_safetensors(path: str, keep: Optional[Callable[[str], bool]] = None
+def read_safetensors(path: str, keep: Optional[Callable[[str], bool]] = None,
+                     check_shape: Optional[ShapeCheck] = None
                      ) -> dict[str, np.ndarray]:
     """Tensors of a ``.safetensors`` file as NumPy arrays.
 
     Format: 8-byte little-endian header length, a JSON header mapping each
     name to ``dtype``, ``shape`` and ``data_offsets`` (relative to the end
     of the header), then the raw little-endian data.  BF16 becomes float32.
-    Only tensors for which ``keep(name)`` is true are read.
+    Only tensors for which ``keep(name)`` is true are read, and each only
+    after its header entry has been checked (and passed ``check_shape``),
+    so a crafted header cannot make it read or allocate more than the file
+    holds.
     """
     size = os.path.getsize(path)
     tensors = {}
@@ -133,16 +192,14 @@ def read_safetensors(path: str, keep: Optional[Callable[[str], bool]] = None
             if keep is not None and not keep(name):
                 continue
             try:
-                begin, end = (int(x) for x in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise ConversionError(
-                    f"{path}: bad header entry for {name}") from err
-            if not 0 <= begin <= end <= size - data_start:
-                raise ConversionError(f"{path}: tensor {name} lies outside "
-                                      "the file")
-            handle.seek(data_start + begin)
-            tensors[name] = _decode_safetensor(name, entry,
-                                               handle.read(end - begin), path)
+                span = _safetensor_span(name, entry, size - data_start)
+                if check_shape is not None:
+                    check_shape(name, span.shape)
+            except ConversionError as err:
+                raise ConversionError(f"{path}: {err}") from err
+            handle.seek(data_start + span.begin)
+            tensors[name] = _decode_safetensor(
+                span, handle.read(span.end - span.begin))
     return tensors
 
 
@@ -168,26 +225,35 @@ class _StorageType:
 
 
 class _Storage:
-    """One PyTorch storage: a flat array filled in when its bytes are read."""
+    """One PyTorch storage: ``numel`` elements whose bytes are read (once)
+    only when a tensor that passed every check needs them."""
 
-    def __init__(self, storage_type: _StorageType, numel: int) -> None:
-        """An empty storage of ``numel`` elements of the type's dtype."""
+    def __init__(self, storage_type: _StorageType, numel: int,
+                 read: Callable[[], bytes], byteorder: str = "little") -> None:
+        """A storage of ``numel`` elements whose raw bytes ``read()`` gives."""
         self.storage_type = storage_type
         self.numel = numel
-        self.array: Optional[np.ndarray] = None
+        self._read = read
+        self._byteorder = byteorder
+        self._array: Optional[np.ndarray] = None
 
-    def fill(self, raw: bytes, byteorder: str) -> None:
-        """Set the contents from raw bytes in the file's byte order."""
-        dtype = self.storage_type.dtype.newbyteorder(
-            "<" if byteorder == "little" else ">")
-        if len(raw) != self.numel * dtype.itemsize:
-            raise ConversionError(
-                f"storage holds {len(raw)} bytes, expected "
-                f"{self.numel} x {dtype.itemsize}")
-        array = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
-        if self.storage_type.name == "BFloat16Storage":
-            array = bfloat16_to_float32(array)
-        self.array = array
+    @property
+    def array(self) -> np.ndarray:
+        """The contents as a flat array in native byte order."""
+        if self._array is None:
+            dtype = self.storage_type.dtype.newbyteorder(
+                "<" if self._byteorder == "little" else ">")
+            raw = self._read()
+            if len(raw) != self.numel * dtype.itemsize:
+                raise ConversionError(
+                    f"storage holds {len(raw)} bytes, expected "
+                    f"{self.numel} x {dtype.itemsize}")
+            array = np.frombuffer(raw, dtype=dtype).astype(
+                dtype.newbyteorder("="))
+            if self.storage_type.name == "BFloat16Storage":
+                array = bfloat16_to_float32(array)
+            self._array = array
+        return self._array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,17 +265,37 @@ class _TensorRef:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
+    def check(self) -> None:
+        """Raise unless the view is well formed and lies inside its
+        storage: no negative sizes, strides or offset, and no more elements
+        than the storage holds (so a stride-0 view cannot blow a small
+        storage up to terabytes)."""
+        if len(self.size) != len(self.stride):
+            raise ConversionError(f"size {list(self.size)} and stride "
+                                  f"{list(self.stride)} do not match")
+        if min(self.size, default=0) < 0 or min(self.stride, default=0) < 0:
+            raise ConversionError(f"negative size {list(self.size)} or stride "
+                                  f"{list(self.stride)}")
+        count = _element_count(self.size)
+        if count == 0:
+            return
+        view = (f"view (size {list(self.size)}, stride {list(self.stride)}, "
+                f"offset {self.offset})")
+        if count > self.storage.numel:
+            raise ConversionError(f"{view} has {count} elements, more than "
+                                  f"its storage's {self.storage.numel}")
+        last = self.offset + sum((n - 1) * s
+                                 for n, s in zip(self.size, self.stride))
+        if self.offset < 0 or last >= self.storage.numel:
+            raise ConversionError(f"{view} lies outside its storage of "
+                                  f"{self.storage.numel} elements")
+
     def to_numpy(self) -> np.ndarray:
         """Copy the view out as a C-contiguous array, bounds-checked."""
+        self.check()
         flat = self.storage.array
-        if flat is None:
-            raise ConversionError("a tensor refers to storage that the file "
-                                  "does not contain")
-        if any(n == 0 for n in self.size):
+        if _element_count(self.size) == 0:
             return np.zeros(self.size, flat.dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-        if self.offset < 0 or min(self.stride, default=0) < 0 or last >= flat.size:
-            raise ConversionError("a tensor's view lies outside its storage")
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset:], shape=self.size,
             strides=[s * flat.itemsize for s in self.stride], writeable=False)
@@ -270,69 +356,121 @@ class _RestrictedTorchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
         if len(pid) > 5 and pid[5] is not None:
             raise pickle.UnpicklingError("storage views are not supported")
-        return self._load_storage(pid[1], str(pid[2]), int(pid[4]))
+        numel = int(pid[4])
+        if numel < 0:
+            raise ConversionError(f"storage {pid[2]!s:.40} has {numel} elements")
+        return self._load_storage(pid[1], str(pid[2]), numel)
 
 
-def _zip_root(archive: zipfile.ZipFile, path: str) -> str:
+def _zip_root(archive: zipfile.ZipFile) -> str:
     """Folder prefix of ``data.pkl`` inside a torch zip checkpoint."""
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     if len(pickles) != 1:
-        raise ConversionError(f"{path}: expected one data.pkl in the archive, "
-                              f"found {len(pickles)}")
+        raise ConversionError(f"expected one data.pkl in the archive, found "
+                              f"{len(pickles)}")
     return pickles[0][: -len("data.pkl")]
 
 
-def _load_torch_zip(path: str) -> Any:
-    """Unpickle a zip-format (PyTorch >= 1.6) checkpoint."""
-    with zipfile.ZipFile(path) as archive:
-        root = _zip_root(archive, path)
-        names = set(archive.namelist())
-        byteorder = "little"
-        if root + "byteorder" in names:
-            byteorder = archive.read(root + "byteorder").decode().strip()
-        storages: dict[str, _Storage] = {}
-
-        def load_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
-            if key not in storages:
-                member = f"{root}data/{key}"
-                if member not in names:
-                    raise ConversionError(f"{path}: missing storage {member}")
-                storages[key] = _Storage(kind, numel)
-                storages[key].fill(archive.read(member), byteorder)
-            return storages[key]
-
-        with archive.open(root + "data.pkl") as handle:
-            return _RestrictedTorchUnpickler(
-                io.BytesIO(handle.read()), load_storage).load()
+# A storage member of a zip checkpoint may expand at most this much when
+# decompressed (PyTorch stores members uncompressed; weights barely
+# compress), beyond a small allowance for all-zero tensors: a guard
+# against a tiny file that inflates to terabytes.
+_MAX_INFLATION = 20
+_INFLATION_ALLOWANCE = 1 << 20
 
 
-def _load_torch_legacy(path: str) -> Any:
-    """Unpickle a legacy (pre-zip) checkpoint: magic, protocol, system info,
-    the object, the storage keys, then each storage's bytes in that order,
-    each preceded by its int64 element count."""
-    with open(path, "rb") as handle:
-        def plain_load() -> Any:
-            return _RestrictedTorchUnpickler(handle, _no_storage).load()
+def _check_inflation(info: zipfile.ZipInfo) -> None:
+    """Raise if an archive member would inflate beyond reason."""
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size
+            > _MAX_INFLATION * info.compress_size + _INFLATION_ALLOWANCE):
+        raise ConversionError(f"{info.filename} inflates from "
+                              f"{info.compress_size} to {info.file_size} bytes")
 
-        if plain_load() != _LEGACY_TORCH_MAGIC:
-            raise ConversionError(f"{path}: not a PyTorch checkpoint")
-        plain_load()  # protocol version
-        plain_load()  # system info
-        storages: dict[str, _Storage] = {}
 
-        def load_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
-            return storages.setdefault(key, _Storage(kind, numel))
+def _check_storage_member(info: zipfile.ZipInfo, numel: int,
+                          itemsize: int) -> None:
+    """Raise unless the archive member holds exactly ``numel`` elements
+    and does not inflate beyond reason."""
+    if info.file_size != numel * itemsize:
+        raise ConversionError(f"{info.filename} holds {info.file_size} bytes, "
+                              f"but its storage has {numel} x {itemsize}")
+    _check_inflation(info)
 
-        result = _RestrictedTorchUnpickler(handle, load_storage).load()
-        for key in plain_load():
-            storage = storages[str(key)]
-            (numel,) = struct.unpack("<q", handle.read(8))
-            if numel != storage.numel:
-                raise ConversionError(f"{path}: storage {key} has {numel} "
-                                      f"elements, expected {storage.numel}")
-            storage.fill(handle.read(numel * storage.storage_type.dtype.itemsize),
-                         "little")
-        return result
+
+def _load_torch_zip(archive: zipfile.ZipFile) -> Any:
+    """Unpickle a zip-format (PyTorch >= 1.6) checkpoint; storages read
+    from ``archive`` on demand."""
+    root = _zip_root(archive)
+    names = set(archive.namelist())
+    byteorder = "little"
+    if root + "byteorder" in names:
+        byteorder = archive.read(root + "byteorder").decode().strip()
+    storages: dict[str, _Storage] = {}
+
+    def load_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
+        if key not in storages:
+            member = f"{root}data/{key}"
+            if member not in names:
+                raise ConversionError(f"missing storage {member}")
+            _check_storage_member(archive.getinfo(member), numel,
+                                  kind.dtype.itemsize)
+            storages[key] = _Storage(kind, numel,
+                                     lambda: archive.read(member), byteorder)
+        return storages[key]
+
+    _check_inflation(archive.getinfo(root + "data.pkl"))
+    with archive.open(root + "data.pkl") as handle:
+        return _RestrictedTorchUnpickler(
+            io.BytesIO(handle.read()), load_storage).load()
+
+
+def _load_torch_legacy(handle: BinaryIO, size: int) -> Any:
+    """Unpickle a legacy (pre-zip) checkpoint of ``size`` bytes: magic,
+    protocol, system info, the object, the storage keys, then each
+    storage's bytes in that order, each preceded by its int64 element
+    count.  Storages are located (and their sizes checked against the
+    file) here, and read from ``handle`` on demand."""
+    def plain_load() -> Any:
+        return _RestrictedTorchUnpickler(handle, _no_storage).load()
+
+    if plain_load() != _LEGACY_TORCH_MAGIC:
+        raise ConversionError("not a PyTorch checkpoint")
+    plain_load()  # protocol version
+    plain_load()  # system info
+    storages: dict[str, _Storage] = {}
+    locations: dict[str, int] = {}
+
+    def read_at(key: str, length: int) -> Callable[[], bytes]:
+        def read() -> bytes:
+            handle.seek(locations[key])
+            return handle.read(length)
+        return read
+
+    def load_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
+        if key not in storages:
+            storages[key] = _Storage(
+                kind, numel, read_at(key, numel * kind.dtype.itemsize))
+        return storages[key]
+
+    result = _RestrictedTorchUnpickler(handle, load_storage).load()
+    for key in plain_load():
+        storage = storages.get(str(key))
+        if storage is None:
+            raise ConversionError(f"storage {key!s:.40} is not used")
+        (numel,) = struct.unpack("<q", handle.read(8))
+        length = numel * storage.storage_type.dtype.itemsize
+        if numel != storage.numel:
+            raise ConversionError(f"storage {key} has {numel} elements, "
+                                  f"expected {storage.numel}")
+        if handle.tell() + length > size:
+            raise ConversionError(f"storage {key} ({length} bytes) runs past "
+                                  "the end of the file")
+        locations[str(key)] = handle.tell()
+        handle.seek(length, os.SEEK_CUR)
+    missing = sorted(set(storages) - set(locations))
+    if missing:
+        raise ConversionError(f"storage {missing[0]:.40} is not in the file")
+    return result
 
 
 def _no_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
@@ -340,32 +478,54 @@ def _no_storage(kind: _StorageType, key: str, numel: int) -> _Storage:
     raise pickle.UnpicklingError("unexpected storage reference")
 
 
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
+def read_torch_bin(path: str, keep: Optional[Callable[[str], bool]] = None,
+                   check_shape: Optional[ShapeCheck] = None
+                   ) -> dict[str, np.ndarray]:
     """Tensors of a ``pytorch_model.bin`` state dict, without PyTorch.
 
-    Handles the zip format (PyTorch >= 1.6) and the legacy format.
+    Handles the zip format (PyTorch >= 1.6) and the legacy format.  Only
+    tensors for which ``keep(name)`` is true are built, each only after its
+    shape has passed ``check_shape`` and its view has been checked against
+    its storage, and a storage is read only when such a tensor needs it:
+    a crafted file cannot make this allocate more than the file holds.
 
     Raises:
       ConversionError: the file is not a plain state dict of tensors, uses
-        a global outside the allow-list, or is otherwise unreadable; the
-        message says how to get a readable file instead.
+        a global outside the allow-list, holds a tensor that does not fit
+        its storage or fails ``check_shape``, or is otherwise unreadable.
     """
     try:
-        if zipfile.is_zipfile(path):
-            state = _load_torch_zip(path)
-        else:
-            state = _load_torch_legacy(path)
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                state = _load_torch_zip(
+                    stack.enter_context(zipfile.ZipFile(path)))
+            else:
+                handle = stack.enter_context(open(path, "rb"))
+                state = _load_torch_legacy(handle, os.path.getsize(path))
+            if not isinstance(state, dict):
+                raise ConversionError(f"holds a {type(state).__name__}, not a "
+                                      f"state dict; {_TORCH_HINT}")
+            tensors = {}
+            for name, value in state.items():
+                name = str(name)
+                if not isinstance(value, _TensorRef) or (
+                        keep is not None and not keep(name)):
+                    continue
+                if check_shape is not None:
+                    check_shape(name, value.size)
+                try:
+                    tensors[name] = value.to_numpy()
+                except ConversionError as err:
+                    raise ConversionError(f"tensor {name}: {err}") from err
+            return tensors
+    except ConversionError as err:
+        raise ConversionError(f"{path}: {err}") from err
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
-            AttributeError, IndexError, struct.error,
-            zipfile.BadZipFile) as err:
+            AttributeError, IndexError, OverflowError, NotImplementedError,
+            struct.error, zipfile.BadZipFile) as err:
         message = " ".join(str(err).split())
         raise ConversionError(f"{path}: cannot read this PyTorch checkpoint "
                               f"without PyTorch ({message}); {_TORCH_HINT}") from err
-    if not isinstance(state, dict):
-        raise ConversionError(f"{path}: holds a {type(state).__name__}, not a "
-                              f"state dict; {_TORCH_HINT}")
-    return {str(name): value.to_numpy() for name, value in state.items()
-            if isinstance(value, _TensorRef)}
 
 
 # --- Hugging Face names and config ---------------------------------------
@@ -559,7 +719,9 @@ def read_google_checkpoint(source: str) -> Checkpoint:
     """Config and encoder weights of a Google BERT checkpoint directory.
 
     Variables outside the encoder (``cls/...``, ``global_step``, Adam
-    slots) are ignored; missing encoder variables are an error.
+    slots) are ignored; missing encoder variables are an error.  Shapes
+    and dtypes are checked against the config from the checkpoint's index
+    before any tensor is read.
     """
     import tensorflow as tf
     try:
@@ -570,35 +732,66 @@ def read_google_checkpoint(source: str) -> Checkpoint:
     prefix = _google_checkpoint_prefix(source)
     try:
         reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as err:
         raise ConversionError(f"cannot read checkpoint {prefix}: "
                               f"{' '.join(str(err).split())}") from err
     expected = bert_weight_shapes(config)
-    _check_missing([n for n in expected if not reader.has_tensor(n)], prefix)
-    weights = {name: np.asarray(reader.get_tensor(name)) for name in expected}
+    _check_missing([n for n in expected if n not in shapes], prefix)
+    _check_shape_map({n: tuple(shapes[n]) for n in expected}, config, prefix)
+    not_float = [f"{n} ({dtypes[n].name})" for n in expected
+                 if not dtypes[n].is_floating]
+    if not_float:
+        raise ConversionError(f"{prefix}: encoder weights must be floating "
+                              f"point: {', '.join(not_float[:5])}")
+    weights = {}
+    for name in expected:
+        try:
+            weights[name] = np.asarray(reader.get_tensor(name))
+        except (tf.errors.OpError, ValueError, IndexError) as err:
+            raise ConversionError(f"cannot read {name} from {prefix}: "
+                                  f"{' '.join(str(err).split())}") from err
     return Checkpoint(GOOGLE, config, weights, os.path.join(source, VOCAB_FILE))
 
 
-def _read_hf_tensors(files: Sequence[str],
-                     keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+def _read_hf_tensors(files: Sequence[str], keep: Callable[[str], bool],
+                     check_shape: ShapeCheck) -> dict[str, np.ndarray]:
     """Encoder tensors from every HF weight file (safetensors or .bin)."""
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        if path.endswith(".safetensors"):
-            tensors.update(read_safetensors(path, keep))
-        else:
-            tensors.update({k: v for k, v in read_torch_bin(path).items()
-                            if keep(k)})
+        reader = (read_safetensors if path.endswith(".safetensors")
+                  else read_torch_bin)
+        tensors.update(reader(path, keep, check_shape))
     return tensors
 
 
+def _hf_shape_check(expected: Mapping[str, tuple[int, ...]]) -> ShapeCheck:
+    """``check_shape`` for the readers: an HF encoder tensor must have the
+    shape the config gives its Google name (transposed for kernels)."""
+    def check(name: str, shape: tuple[int, ...]) -> None:
+        google = hf_to_google_name(name)
+        wanted = expected[google]
+        if needs_transpose(google):
+            wanted = wanted[::-1]
+        if tuple(shape) != wanted:
+            raise ConversionError(
+                f"{name} has shape {list(shape)}, but the config needs "
+                f"{list(wanted)} for {google}")
+    return check
+
+
 def read_huggingface(source: str) -> Checkpoint:
-    """Config and encoder weights of a Hugging Face BERT directory."""
+    """Config and encoder weights of a Hugging Face BERT directory; each
+    tensor's shape is checked against the config before it is read, and
+    tensors the config has no place for are not read at all."""
     config = bert_config_from_hf(_read_json(os.path.join(source, HF_CONFIG)))
     files = _hf_weight_files(source)
-    tensors = _read_hf_tensors(files, lambda n: hf_to_google_name(n) is not None)
-    weights = hf_to_google_weights(tensors)
     expected = bert_weight_shapes(config)
+    tensors = _read_hf_tensors(
+        files, lambda n: hf_to_google_name(n) in expected,
+        _hf_shape_check(expected))
+    weights = hf_to_google_weights(tensors)
     _check_missing([n for n in expected if n not in weights],
                    ", ".join(os.path.basename(f) for f in files))
     hint = None
@@ -620,14 +813,21 @@ def _check_missing(missing: Sequence[str], where: str) -> None:
                               f"{shown}{more}")
 
 
+def _check_shape_map(shapes: Mapping[str, tuple[int, ...]], config: BertConfig,
+                     where: str = "") -> None:
+    """Raise naming every weight (of ``where``) whose shape disagrees with
+    the config."""
+    bad = [f"{name} {list(shapes[name])} (config: {list(shape)})"
+           for name, shape in bert_weight_shapes(config).items()
+           if tuple(shapes[name]) != shape]
+    if bad:
+        raise ConversionError(f"{where + ': ' if where else ''}weights do not "
+                              "match the config: " + "; ".join(bad))
+
+
 def check_shapes(weights: Mapping[str, np.ndarray], config: BertConfig) -> None:
     """Raise naming every weight whose shape disagrees with the config."""
-    bad = [f"{name} {list(np.shape(weights[name]))} (config: {list(shape)})"
-           for name, shape in bert_weight_shapes(config).items()
-           if tuple(np.shape(weights[name])) != shape]
-    if bad:
-        raise ConversionError("weights do not match the config: "
-                              + "; ".join(bad))
+    _check_shape_map({n: np.shape(w) for n, w in weights.items()}, config)
 
 
 def read_checkpoint(source: str, layout: str = "auto") -> Checkpoint:
@@ -654,31 +854,102 @@ def _read_vocab(path: str) -> list[str]:
         return [line.rstrip("\r\n") for line in handle]
 
 
-def _has_cased_entries(vocab: Sequence[str]) -> bool:
-    """Whether any non-special token contains an upper-case letter."""
-    return any(any(c.isupper() for c in token) for token in vocab
-               if not (token.startswith("[") and token.endswith("]")))
+# A vocabulary is taken as cased when at least this share of the word
+# pieces with letters it can produce have an upper-case letter.  A cased
+# BERT vocabulary (English or multilingual) has thousands of such pieces
+# (``The``, ``London``, ``##A``); an uncased one has none, or a stray few
+# that must not turn its whole corpus into ``[UNK]``s.
+_CASED_SHARE = 0.01
+_EXAMPLES = 3
+
+
+def _producible(piece: str) -> bool:
+    """Whether BERT's tokenizer can ever look ``piece`` up: a single
+    character, or a run of characters that its basic tokenizer keeps
+    together (no whitespace, control, punctuation or CJK ideograph, which it
+    splits off or drops).  ``[PAD]``, ``<S>`` or ``<T>`` hold punctuation,
+    so no text produces them, whatever their case."""
+    if len(piece) == 1:
+        return True
+    return bool(piece) and not any(
+        is_whitespace(c) or is_control(c) or is_punctuation(c)
+        or is_cjk_char(c) for c in piece)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabCasing:
+    """How many word pieces of a vocabulary carry case, and examples."""
+    with_letters: int  # producible pieces with an upper- or lower-case letter
+    upper: tuple[str, ...]  # producible pieces with an upper-case letter
+    unproducible_upper: tuple[str, ...]  # upper-case entries never produced
+
+    @property
+    def is_cased(self) -> bool:
+        """Whether the upper-case pieces are a real share of the vocabulary."""
+        return bool(self.upper) and (
+            len(self.upper) >= _CASED_SHARE * self.with_letters)
+
+
+def vocab_casing(vocab: Sequence[str]) -> VocabCasing:
+    """Count the vocabulary's cased word pieces (``##`` prefix removed)."""
+    with_letters, upper, unproducible = 0, [], []
+    for token in vocab:
+        piece = token[2:] if token.startswith("##") and len(token) > 2 else token
+        has_upper = any(c.isupper() for c in piece)
+        if not _producible(piece):
+            if has_upper:
+                unproducible.append(token)
+            continue
+        if has_upper or any(c.islower() for c in piece):
+            with_letters += 1
+        if has_upper:
+            upper.append(token)
+    return VocabCasing(with_letters, tuple(upper), tuple(unproducible))
+
+
+def _examples(tokens: Sequence[str]) -> str:
+    """A few tokens for a log line: ``A, B, C`` (+ how many more)."""
+    shown = ", ".join(tokens[:_EXAMPLES])
+    more = len(tokens) - _EXAMPLES
+    return shown + (f" and {more:,} more" if more > 0 else "")
 
 
 def choose_do_lower_case(vocab: Sequence[str], flag: Optional[bool],
                          hint: Optional[bool]) -> tuple[bool, str]:
     """The ``do_lower_case`` to store, and why.
 
-    An explicit flag wins.  A vocabulary without upper-case entries can only
-    be used on lower-cased text (upper-case letters would all become
-    ``[UNK]``), so it gets True, as TF Hub's Chinese BERT has; Hugging
-    Face's ``bert-base-chinese`` says False in its tokenizer config but has
-    such a vocabulary.  Otherwise the checkpoint's own setting, else False.
+    An explicit flag wins.  An uncased vocabulary (see ``VocabCasing``) can
+    only be used on lower-cased text: with ``do_lower_case=False`` every
+    word with an upper-case letter would become ``[UNK]``.  So it gets
+    True, as TF Hub's Chinese BERT has, even where Hugging Face's
+    ``bert-base-chinese`` says false in ``tokenizer_config.json``.  Entries
+    that no text can produce (``[CLS]``, ``<S>``, ``<T>`` in the Chinese
+    vocabulary) do not count.  A cased vocabulary takes the checkpoint's
+    own setting if it has one, else False.
     """
     if flag is not None:
         return flag, "given by --do_lower_case"
-    if not _has_cased_entries(vocab):
-        note = "" if hint is not False else (
-            " (overriding tokenizer_config.json's false)")
-        return True, "the vocabulary has no upper-case entries" + note
+    casing = vocab_casing(vocab)
+    # Whole words tell more than single letters (``The`` before ``A``).
+    upper = sorted(casing.upper, key=lambda t: len(t.lstrip("#")) == 1)
+    if not casing.is_cased:
+        found = (f"only {len(casing.upper):,} of its {casing.with_letters:,} "
+                 f"word pieces with letters have upper case "
+                 f"({_examples(upper)})" if upper else
+                 f"none of its {casing.with_letters:,} word pieces with "
+                 "letters has upper case")
+        markup = sorted(casing.unproducible_upper,
+                        key=lambda t: t.startswith("["))  # <S> before [CLS]
+        ignored = (f"; ignored: {_examples(markup)}, which no text produces"
+                   if markup else "")
+        note = (" (overriding tokenizer_config.json's false)"
+                if hint is False else "")
+        return True, f"the vocabulary is uncased: {found}{ignored}{note}"
+    found = (f"{len(casing.upper):,} of its {casing.with_letters:,} word "
+             f"pieces with letters have upper case ({_examples(upper)})")
     if hint is not None:
-        return hint, "from tokenizer_config.json"
-    return False, "the vocabulary is cased"
+        return hint, f"from tokenizer_config.json (the vocabulary is cased: {found})"
+    return False, f"the vocabulary is cased: {found}"
 
 
 # --- conversion ----------------------------------------------------------

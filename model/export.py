@@ -30,10 +30,25 @@ VOCAB_FILENAME = "vocab.txt"
 
 _INPUT_NAMES = ("input_word_ids", "input_mask", "segment_ids")
 _INPUT_SPECS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in _INPUT_NAMES]
+_TRAINING_SPEC = tf.TensorSpec([], tf.bool, name="training")
 
 
 class _HubBertModule(tf.Module):
-    """Root object of the exported SavedModel (TF Hub BERT interface)."""
+    """Root object of the exported SavedModel (TF Hub BERT interface).
+
+    Besides the call and the assets it carries what TF Hub's reusable
+    SavedModel API asks of a fine-tunable model, so that
+    ``hub.KerasLayer(path, trainable=True)`` trains the encoder:
+    ``variables`` and ``trainable_variables`` (the encoder's weights, saved
+    as plain lists because ``tf.Module``'s properties of those names are
+    not saved), ``regularization_losses`` (none) and a ``training``
+    argument on ``__call__``.
+    """
+
+    # Plain attributes instead of tf.Module's computed properties, so that
+    # they are written into the SavedModel and exist after loading.
+    variables = None
+    trainable_variables = None
 
     def __init__(self, encoder: BertEncoder, vocab_path: str,
                  do_lower_case: bool) -> None:
@@ -43,10 +58,29 @@ class _HubBertModule(tf.Module):
         self.vocab_file = tf.saved_model.Asset(vocab_path)
         self.do_lower_case = tf.Variable(do_lower_case, trainable=False,
                                          dtype=tf.bool, name="do_lower_case")
+        # A variable's checkpoint key is its shortest path from the root,
+        # the first one found on a tie.  The lists below put every weight
+        # one step from the root, so this dict (also one step, and assigned
+        # first) keeps Google's names in the keys (``bert_weights/bert.S
+        # embeddings.Sword_embeddings/...``) instead of ``variables/0``:
+        # readers such as model.load.infer_hidden_size look for them.
+        self.bert_weights = dict(encoder.weight_variables)
+        # The call reads only the encoder's weights (do_lower_case is
+        # metadata for the tokenizer), and all of them are trainable.
+        self.variables = list(encoder.weight_variables.values())
+        self.trainable_variables = list(encoder.weight_variables.values())
+        self.regularization_losses = []
 
-    @tf.function(input_signature=[_INPUT_SPECS])
-    def __call__(self, inputs: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Hub-style call: list of 3 int32 tensors -> [pooled, sequence]."""
+    @tf.function(input_signature=[_INPUT_SPECS, _TRAINING_SPEC])
+    def __call__(self, inputs: list[tf.Tensor],
+                 training: bool = False) -> list[tf.Tensor]:
+        """Hub-style call: list of 3 int32 tensors -> [pooled, sequence].
+
+        ``training`` is accepted as the reusable SavedModel API requires (a
+        bool tensor, so one trace serves both modes); the encoder has no
+        dropout, so both modes compute the same.
+        """
+        del training  # same computation in both modes (no dropout)
         input_word_ids, input_mask, segment_ids = inputs
         pooled, sequence = self.encoder(input_word_ids, input_mask, segment_ids)
         return [pooled, sequence]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import logging
 import os
 import pickle
 import struct
@@ -32,6 +33,7 @@ from model.convert import (ConversionError, bert_config_from_hf,
 from model.load import (infer_hidden_size, load_bert_saved_model,
                         read_tokenizer_settings)
 from tests.bert_reference import ReferenceBert
+from transforms.tokenization import BertWordPieceTokenizer, load_vocab
 from tests.conftest import SHARED_ASSETS, SPECIALS
 
 TINY = BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
@@ -69,13 +71,15 @@ HF_CONFIG = {
 
 
 def write_google_checkpoint(folder: Path, weights: dict[str, np.ndarray],
-                            extra: Optional[dict[str, np.ndarray]] = None
-                            ) -> Path:
+                            extra: Optional[dict[str, np.ndarray]] = None,
+                            config: Optional[dict] = None,
+                            vocab: Optional[list[str]] = None) -> Path:
     """Google's release layout: bert_config.json, vocab.txt and a TF1-style
     checkpoint bert_model.ckpt.{index,data-*} with raw variable names."""
     folder.mkdir(parents=True)
-    (folder / "bert_config.json").write_text(json.dumps(GOOGLE_CONFIG))
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (folder / "bert_config.json").write_text(json.dumps(config or GOOGLE_CONFIG))
+    (folder / "vocab.txt").write_text("\n".join(vocab or VOCAB) + "\n",
+                                      encoding="utf-8")
     tensors = {**weights, **(extra or {})}
     names = sorted(tensors)
     tf.raw_ops.SaveV2(prefix=str(folder / "bert_model.ckpt"),
@@ -84,8 +88,8 @@ def write_google_checkpoint(folder: Path, weights: dict[str, np.ndarray],
     return folder
 
 
-def google_to_hf(weights: dict[str, np.ndarray], prefix: str = "bert."
-                 ) -> dict[str, np.ndarray]:
+def google_to_hf(weights: dict[str, np.ndarray], prefix: str = "bert.",
+                 num_layers: int = TINY.num_layers) -> dict[str, np.ndarray]:
     """The Hugging Face state dict of Google-named weights, spelled out
     name by name (nn.Linear stores [out, in], so kernels are transposed)."""
     hf: dict[str, np.ndarray] = {}
@@ -100,7 +104,7 @@ def google_to_hf(weights: dict[str, np.ndarray], prefix: str = "bert."
              "attention.self.value", "attention.output.dense",
              "intermediate.dense", "output.dense"]
     norms = ["attention.output.LayerNorm", "output.LayerNorm"]
-    for layer in range(TINY.num_layers):
+    for layer in range(num_layers):
         ours, theirs = f"bert/encoder/layer_{layer}", f"{prefix}encoder.layer.{layer}"
         for module in dense:
             google = f"{ours}/{module.replace('.', '/')}"
@@ -214,9 +218,10 @@ _STORAGE_KINDS = {np.dtype("float32"): "FloatStorage",
                   np.dtype("int64"): "LongStorage"}
 
 
-def write_torch_zip(path: Path, tensors: dict[str, np.ndarray],
-                    transposed: tuple[str, ...] = ()) -> None:
-    """A zip-format pytorch_model.bin, written without torch.
+def torch_state(tensors: dict[str, np.ndarray],
+                transposed: tuple[str, ...] = ()
+                ) -> tuple[collections.OrderedDict, dict[str, bytes]]:
+    """A state dict of fake tensors and their storages' bytes, by key.
 
     Tensors named in ``transposed`` are stored as a transposed
     (non-contiguous) view, as ``weight.t()`` would be, to exercise strides.
@@ -236,22 +241,63 @@ def write_torch_zip(path: Path, tensors: dict[str, np.ndarray],
         storage = _FakeStorage(key, _STORAGE_KINDS[array.dtype], stored.size)
         state[name] = _FakeTensor(storage, tuple(shape), stride)
         data[key] = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
+    return state, data
+
+
+def _torch_pickle(obj: Any) -> bytes:
+    """``obj`` pickled as torch.save does (protocol 2, storages by id)."""
     buffer = io.BytesIO()
-    _TorchLikePickler(buffer, protocol=2).dump(state)
+    _TorchLikePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def write_torch_state_zip(path: Path, state: collections.OrderedDict,
+                          data: dict[str, bytes]) -> None:
+    """The zip format of PyTorch >= 1.6: data.pkl plus one member per
+    storage."""
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data.pkl", _torch_pickle(state))
         archive.writestr("archive/byteorder", "little")
         archive.writestr("archive/version", "3\n")
         for key, blob in data.items():
             archive.writestr(f"archive/data/{key}", blob)
 
 
+def write_torch_state_legacy(path: Path, state: collections.OrderedDict,
+                             data: dict[str, bytes],
+                             numels: Optional[dict[str, int]] = None) -> None:
+    """The legacy format: magic number, protocol, system info, the state,
+    the keys of the storages it uses, then per storage its int64 element
+    count (from ``numels`` if given, else from the bytes) and its bytes."""
+    kinds = {t.storage.key: t.storage.kind for t in state.values()}
+    itemsize = {"FloatStorage": 4, "HalfStorage": 2, "LongStorage": 8}
+    keys = [key for key in data if key in kinds]
+    parts = [pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2),
+             pickle.dumps(1001, protocol=2),
+             pickle.dumps({"protocol_version": 1001, "little_endian": True},
+                          protocol=2),
+             _torch_pickle(state), pickle.dumps(keys, protocol=2)]
+    for key in keys:
+        numel = (numels or {}).get(key, len(data[key]) // itemsize[kinds[key]])
+        parts += [struct.pack("<q", numel), data[key]]
+    path.write_bytes(b"".join(parts))
+
+
+def write_torch_zip(path: Path, tensors: dict[str, np.ndarray],
+                    transposed: tuple[str, ...] = ()) -> None:
+    """A zip-format pytorch_model.bin, written without torch."""
+    write_torch_state_zip(path, *torch_state(tensors, transposed))
+
+
 def write_hf_folder(folder: Path, write_weights: Callable[[Path], None],
-                    tokenizer_config: Optional[dict] = None) -> Path:
+                    tokenizer_config: Optional[dict] = None,
+                    config: Optional[dict] = None,
+                    vocab: Optional[list[str]] = None) -> Path:
     """config.json + vocab.txt (+ tokenizer_config.json) + weights."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(HF_CONFIG))
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps(config or HF_CONFIG))
+    (folder / "vocab.txt").write_text("\n".join(vocab or VOCAB) + "\n",
+                                      encoding="utf-8")
     if tokenizer_config is not None:
         (folder / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config))
@@ -541,12 +587,131 @@ def test_hf_config_mapping():
             bert_config_from_hf(bad)
 
 
-def test_do_lower_case_choice():
-    uncased, cased = ["[UNK]", "a", "##b"], ["[UNK]", "Apple", "a"]
-    assert choose_do_lower_case(uncased, False, True)[0] is False
-    assert choose_do_lower_case(uncased, None, False)[0] is True
-    assert choose_do_lower_case(cased, None, None)[0] is False
-    assert choose_do_lower_case(cased, None, True)[0] is True
+# --- do_lower_case ---------------------------------------------------------
+
+REAL_VOCAB = SHARED_ASSETS / "bert_zh" / "vocab.txt"
+needs_real_vocab = pytest.mark.skipif(
+    not REAL_VOCAB.exists(), reason="no real Chinese BERT vocabulary in "
+    "../shared/assets/bert_zh (see README there)")
+# BERT (lower-casing, as Google's Chinese model is used) tokenizes this as
+# below; without lower-casing every word with a capital becomes [UNK].
+SAMPLE = "C盘有近200G，EMAIL Café"
+BERT_TOKENS = ["c", "盘", "有", "近", "200", "##g", "，", "email", "cafe"]
+
+
+def english_cased_vocab() -> list[str]:
+    """A small vocabulary built like English cased BERT's: specials,
+    single characters of both cases, ## pieces, lower-case words and many
+    capitalised ones."""
+    lower = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    upper = [c.upper() for c in lower]
+    words = ["the", "of", "and", "in", "to", "was", "he", "is", "for", "on",
+             "city", "river", "music", "##ing", "##ed", "##s", "##ly"]
+    capitalised = ["The", "In", "He", "It", "A", "London", "John", "New",
+                   "American", "University", "Paris", "France", "British",
+                   "##A", "##S", "##M", "##ON", "NASA", "BBC", "McDonald"]
+    return (SPECIALS + list(".,;:!?()[]'\"-") + lower + upper
+            + [f"##{c}" for c in lower + upper] + words + capitalised)
+
+
+def test_do_lower_case_flag_wins():
+    for vocab in (["[UNK]", "a", "##b"], english_cased_vocab()):
+        for flag in (True, False):
+            for hint in (None, True, False):
+                chosen, reason = choose_do_lower_case(vocab, flag, hint)
+                assert chosen is flag and "--do_lower_case" in reason
+
+
+def test_entries_no_text_produces_do_not_make_a_vocab_cased():
+    """<S>, <T> (in Google's Chinese vocabulary), [CLS], [unused1] hold
+    punctuation, so the tokenizer never looks them up: their capitals say
+    nothing about the casing of the text the model expects."""
+    vocab = SPECIALS + ["<S>", "<T>", "<UNK>", "[Foo]", "a", "b", "##c",
+                        "hello", "##world", "中", "国"]
+    for hint in (None, False):
+        chosen, reason = choose_do_lower_case(vocab, None, hint)
+        assert chosen is True, reason
+        assert "uncased" in reason and "<S>, <T>" in reason
+    assert "overriding tokenizer_config.json" in choose_do_lower_case(
+        vocab, None, False)[1]
+
+
+def test_cased_vocab_keeps_case():
+    vocab = english_cased_vocab()
+    chosen, reason = choose_do_lower_case(vocab, None, None)
+    assert chosen is False
+    assert reason.startswith("the vocabulary is cased") and "The" in reason
+    # A cased vocabulary follows the checkpoint's own setting if it has one.
+    assert choose_do_lower_case(vocab, None, True)[0] is True
+    assert choose_do_lower_case(vocab, None, False)[0] is False
+
+
+def test_a_stray_capital_does_not_make_a_vocab_cased():
+    """One capitalised piece among hundreds of lower-case ones: lower-casing
+    only loses that piece; not lower-casing would turn every capitalised
+    word of the corpus into [UNK]."""
+    vocab = SPECIALS + [f"w{i}" for i in range(400)] + ["Xylophone"]
+    chosen, reason = choose_do_lower_case(vocab, None, None)
+    assert chosen is True
+    assert "only 1 of its 401" in reason and "Xylophone" in reason
+
+
+def _config_dicts(config: BertConfig) -> tuple[dict, dict]:
+    """GOOGLE_CONFIG and HF_CONFIG changed to ``config``'s sizes."""
+    sizes = {"vocab_size": config.vocab_size,
+             "hidden_size": config.hidden_size,
+             "num_hidden_layers": config.num_layers,
+             "num_attention_heads": config.num_heads,
+             "intermediate_size": config.intermediate_size,
+             "max_position_embeddings": config.max_position_embeddings}
+    return dict(GOOGLE_CONFIG, **sizes), dict(HF_CONFIG, **sizes)
+
+
+@needs_real_vocab
+@pytest.mark.parametrize("layout,flags,expected", [
+    ("google", [], True),
+    ("huggingface", [], True),
+    ("google", ["--do_lower_case", "false"], False),
+])
+def test_real_chinese_vocab_gets_lower_casing(tmp_path, random_bert_weights,
+                                              caplog, layout, flags, expected):
+    """Both release layouts of Chinese BERT, converted with default flags,
+    store do_lower_case=True, so the pipeline's tokenizer, configured from
+    the converted model, tokenizes as BERT does; --do_lower_case overrides.
+    The Hugging Face folder says false in tokenizer_config.json, as
+    bert-base-chinese's does."""
+    vocab = load_vocab(str(REAL_VOCAB))
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_layers=1,
+                        num_heads=2, intermediate_size=32,
+                        max_position_embeddings=32)
+    google_config, hf_config = _config_dicts(config)
+    weights = random_bert_weights(config, seed=21)
+    if layout == "google":
+        source = write_google_checkpoint(tmp_path / "src", weights,
+                                         config=google_config, vocab=vocab)
+    else:
+        source = write_hf_folder(
+            tmp_path / "src", lambda f: write_safetensors(
+                f / "model.safetensors", google_to_hf(weights, num_layers=1)),
+            tokenizer_config={"do_lower_case": False}, config=hf_config,
+            vocab=vocab)
+    output = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="model.convert"):
+        assert main(["--source", str(source), "--output", str(output)]
+                    + flags) == 0
+    assert f"do_lower_case={expected}" in caplog.text
+    if not flags:  # the log says why
+        assert "the vocabulary is uncased" in caplog.text
+        assert "<S>, <T>" in caplog.text
+    settings = read_tokenizer_settings(str(output))
+    assert settings.do_lower_case is expected
+    tokenizer = BertWordPieceTokenizer(load_vocab(settings.vocab_path),
+                                       settings.do_lower_case)
+    tokens = tokenizer.tokenize(SAMPLE)
+    if expected:
+        assert tokens == BERT_TOKENS
+    else:
+        assert tokens.count("[UNK]") == 4  # C, 200G, EMAIL, Café
 
 
 # --- errors ---------------------------------------------------------------
@@ -604,6 +769,231 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--source", str(tmp_path / "src"),
                  "--output", str(tmp_path / "src")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# --- crafted files: checked before anything is read or built ---------------
+
+
+def _assert_cli_refuses(source: Path, tmp_path: Path, capsys,
+                        *needles: str) -> None:
+    """The CLI exits 2 with one ``error:`` line naming ``needles`` and
+    writes no model."""
+    output = tmp_path / "out"
+    assert main(["--source", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    assert not output.exists()
+
+
+def _crafted(storage_numel: int, size: tuple, stride: tuple, offset: int = 0
+             ) -> tuple[_FakeTensor, bytes]:
+    """A float tensor record over a storage holding 4 floats (whatever the
+    record claims the storage holds)."""
+    storage = _FakeStorage("crafted", "FloatStorage", storage_numel)
+    return (_FakeTensor(storage, size, stride, offset),
+            np.arange(4, dtype="<f4").tobytes())
+
+
+_BAD_VIEWS = {
+    # stride 0 over 4 floats: 10^12 elements (4 TB) from a 16-byte storage
+    "stride_0_terabytes": (4, (10**6, 10**6), (0, 0), 0),
+    "negative_size": (4, (-1, 4), (4, 1), 0),
+    "size_beyond_storage": (4, (5,), (1,), 0),
+    "offset_beyond_storage": (4, (2,), (1,), 3),
+    "negative_offset": (4, (2,), (1,), -1),
+    "stride_rank_mismatch": (4, (2, 2), (1,), 0),
+}
+# Storages whose size disagrees with the file: the file is refused whole.
+_BAD_STORAGES = {
+    "negative_storage_numel": (-4, (2,), (1,), 0),
+    # the record (and, in the legacy format, the file) claims 10^12
+    # elements; the file holds 4
+    "storage_numel_beyond_file": (10**12, (4,), (1,), 0),
+}
+
+
+@pytest.mark.parametrize("writer", [write_torch_state_zip,
+                                    write_torch_state_legacy],
+                         ids=["zip", "legacy"])
+@pytest.mark.parametrize("case", sorted(_BAD_VIEWS) + sorted(_BAD_STORAGES))
+def test_torch_reader_refuses_views_outside_their_storage(tmp_path, writer,
+                                                          case):
+    numel, size, stride, offset = {**_BAD_VIEWS, **_BAD_STORAGES}[case]
+    tensor, blob = _crafted(numel, size, stride, offset)
+    state = collections.OrderedDict(
+        ok=_FakeTensor(_FakeStorage("ok", "FloatStorage", 2), (2,), (1,)),
+        bad=tensor)
+    data = {"ok": np.ones(2, "<f4").tobytes(), "crafted": blob}
+    path = tmp_path / "pytorch_model.bin"
+    if writer is write_torch_state_legacy:
+        writer(path, state, data, numels={"crafted": numel})
+    else:
+        writer(path, state, data)
+    with pytest.raises(ConversionError) as err:
+        read_torch_bin(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    # Tensors left out are not built, nor their storages read.
+    if case in _BAD_VIEWS:
+        assert set(read_torch_bin(str(path), keep=lambda n: n == "ok")) == {
+            "ok"}
+
+
+@pytest.mark.parametrize("writer", [write_torch_state_zip,
+                                    write_torch_state_legacy],
+                         ids=["zip", "legacy"])
+def test_crafted_torch_bin_is_refused_before_allocating(tmp_path, capsys,
+                                                        weights, writer):
+    """An encoder weight claiming 10^6 x 10^6 elements through stride 0 is
+    checked against the config first: one line, exit 2, no model.  The
+    same record under a name outside the encoder is never built."""
+    state, data = torch_state(google_to_hf(weights))
+    tensor, blob = _crafted(4, (10**6, 10**6), (0, 0))
+    data["crafted"] = blob
+    bad = collections.OrderedDict(state, **{"bert.pooler.dense.weight": tensor})
+    write_hf_folder(tmp_path / "bad", lambda f: writer(
+        f / "pytorch_model.bin", bad, data))
+    _assert_cli_refuses(tmp_path / "bad", tmp_path, capsys,
+                        "bert.pooler.dense.weight", "[1000000, 1000000]",
+                        "bert/pooler/dense/kernel")
+
+    ignored = collections.OrderedDict(
+        state, **{"cls.predictions.decoder.weight": tensor})
+    source = write_hf_folder(tmp_path / "ignored", lambda f: writer(
+        f / "pytorch_model.bin", ignored, data))
+    convert_checkpoint(str(source), str(tmp_path / "model"))
+
+
+def test_torch_zip_members_may_not_inflate_beyond_reason(tmp_path):
+    """PyTorch stores members uncompressed; a deflated one is read if it
+    inflates like real weights do, refused if it is a bomb (16 MB of zeros
+    from a few kilobytes)."""
+    rng = np.random.default_rng(0)
+    blobs = {"weights": rng.standard_normal(1 << 19).astype("<f4").tobytes(),
+             "bomb": bytes(1 << 24)}
+    for key, blob in blobs.items():
+        storage = _FakeStorage(key, "FloatStorage", len(blob) // 4)
+        state = collections.OrderedDict(x=_FakeTensor(storage, (2,), (1,)))
+        path = tmp_path / f"{key}.bin"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("archive/data.pkl", _torch_pickle(state))
+            archive.writestr(f"archive/data/{key}", blob)
+        if key == "weights":
+            np.testing.assert_array_equal(read_torch_bin(str(path))["x"],
+                                          np.frombuffer(blob, "<f4")[:2])
+        else:
+            with pytest.raises(ConversionError, match="inflates"):
+                read_torch_bin(str(path))
+
+
+def test_legacy_torch_bin_round_trip(tmp_path, weights, batch, reference):
+    tensors = google_to_hf(weights)
+    kernels = tuple(n for n in tensors if n.endswith("key.weight"))
+    source = write_hf_folder(tmp_path / "hf", lambda f: write_torch_state_legacy(
+        f / "pytorch_model.bin", *torch_state(tensors, kernels)))
+    _assert_matches_reference(
+        convert_checkpoint(str(source), str(tmp_path / "out")), batch,
+        reference)
+
+
+def _write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    """A safetensors file with exactly this header and data."""
+    text = json.dumps(header).encode("utf-8")
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+_BAD_SAFETENSORS = {
+    "negative_shape": ({"dtype": "F32", "shape": [-2, -2],
+                        "data_offsets": [0, 16]}, "bad shape"),
+    # 2^62 x 4 floats is 2^66 bytes, 0 in int64 arithmetic
+    "overflowing_shape": ({"dtype": "F32", "shape": [2**62, 4],
+                           "data_offsets": [0, 0]}, "needs"),
+    "shape_not_a_list": ({"dtype": "F32", "shape": 16,
+                          "data_offsets": [0, 64]}, "bad shape"),
+    "float_dimension": ({"dtype": "F32", "shape": [4.5],
+                         "data_offsets": [0, 16]}, "bad shape"),
+    "bytes_do_not_fit_shape": ({"dtype": "F32", "shape": [4, 4],
+                                "data_offsets": [0, 32]}, "needs 64"),
+    "dtype_does_not_fit_bytes": ({"dtype": "F64", "shape": [16],
+                                  "data_offsets": [0, 64]}, "needs 128"),
+    "end_beyond_file": ({"dtype": "F32", "shape": [32],
+                         "data_offsets": [0, 128]}, "outside the file"),
+    "begin_after_end": ({"dtype": "F32", "shape": [0],
+                         "data_offsets": [32, 16]}, "outside the file"),
+    "string_offsets": ({"dtype": "F32", "shape": [4],
+                        "data_offsets": ["0", 16]}, "bad data_offsets"),
+    "unknown_dtype": ({"dtype": "F8_E4M3", "shape": [4],
+                       "data_offsets": [0, 4]}, "unsupported dtype"),
+    "entry_not_an_object": ([0, 16], "bad header entry"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_SAFETENSORS))
+def test_safetensors_header_is_checked_before_reading(tmp_path, case):
+    entry, message = _BAD_SAFETENSORS[case]
+    path = tmp_path / "model.safetensors"
+    _write_raw_safetensors(path, {"x": entry}, bytes(64))
+    with pytest.raises(ConversionError, match=message) as err:
+        read_safetensors(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_safetensors_shape_is_checked_against_the_config_first(tmp_path,
+                                                              capsys, weights):
+    tensors = google_to_hf(weights)
+    tensors["bert.encoder.layer.1.intermediate.dense.weight"] = np.zeros(
+        (64, 8), np.float32)
+    source = write_hf_folder(tmp_path / "hf", lambda f: write_safetensors(
+        f / "model.safetensors", tensors))
+    _assert_cli_refuses(source, tmp_path, capsys,
+                        "bert.encoder.layer.1.intermediate.dense.weight",
+                        "[64, 8]", "[64, 32]")
+
+
+class _CountingReader:
+    """A TF checkpoint reader that records which tensors were read."""
+
+    def __init__(self, reader) -> None:
+        self._reader, self.read = reader, []
+
+    def get_tensor(self, name: str):
+        self.read.append(name)
+        return self._reader.get_tensor(name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)
+
+
+def test_google_shapes_are_checked_before_any_tensor_is_read(
+        tmp_path, capsys, weights, monkeypatch):
+    bad = dict(weights)
+    bad["bert/pooler/dense/kernel"] = np.zeros((32, 8), np.float32)
+    bad["bert/embeddings/word_embeddings"] = np.zeros((121, 32), np.float32)
+    source = write_google_checkpoint(tmp_path / "g", bad)
+    readers = []
+    real = tf.compat.v1.train.NewCheckpointReader
+
+    def counting(prefix):
+        readers.append(_CountingReader(real(prefix)))
+        return readers[-1]
+
+    monkeypatch.setattr(tf.compat.v1.train, "NewCheckpointReader", counting)
+    _assert_cli_refuses(source, tmp_path, capsys, "bert/pooler/dense/kernel",
+                        "[32, 8]", "bert/embeddings/word_embeddings")
+    assert readers and all(r.read == [] for r in readers)
+
+
+def test_google_checkpoint_faults_are_one_line_errors(tmp_path, capsys,
+                                                      weights):
+    ints = {k: v.astype(np.int32) if k.endswith("/bias") else v
+            for k, v in weights.items()}
+    _assert_cli_refuses(write_google_checkpoint(tmp_path / "ints", ints),
+                        tmp_path, capsys, "floating point", "int32")
+    source = write_google_checkpoint(tmp_path / "cut", weights)
+    (data,) = source.glob("bert_model.ckpt.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    _assert_cli_refuses(source, tmp_path, capsys, "bert_model.ckpt")
 
 
 # --- real weights (opt-in: runs only where they are supplied) -------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,128 @@ def test_variables_are_tracked(loaded):
     restored = loaded.encoder.weight_variables
     assert set(restored) == set(bert_weight_shapes(TINY))
     assert all(v.trainable for v in restored.values())
+
+
+def test_loaded_model_offers_the_reusable_savedmodel_api(loaded, export_dir):
+    """What hub.KerasLayer(trainable=True) reads from the root: variables and
+    trainable_variables (every encoder weight, nothing else),
+    regularization_losses, and a training argument on __call__; gradients
+    of the restored call reach every weight."""
+    encoder = {id(v) for v in loaded.encoder.weight_variables.values()}
+    assert len(encoder) == len(bert_weight_shapes(TINY))
+    assert [id(v) for v in loaded.variables] == [
+        id(v) for v in loaded.trainable_variables]
+    assert {id(v) for v in loaded.trainable_variables} == encoder
+    assert len(loaded.trainable_variables) == len(encoder)
+    assert list(loaded.regularization_losses) == []
+    ids, mask, segments = (tf.constant(a) for a in _random_batch(
+        np.random.default_rng(3), [6, 9], 9, TINY.vocab_size))
+    inference = loaded([ids, mask, segments])
+    for training in (True, False):  # no dropout: both modes alike
+        outputs = loaded([ids, mask, segments], training=training)
+        for got, want in zip(outputs, inference):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+    with tf.GradientTape() as tape:
+        pooled, sequence = loaded([ids, mask, segments], training=True)
+        loss = tf.reduce_sum(pooled ** 2) + tf.reduce_sum(sequence ** 2)
+    grads = tape.gradient(loss, loaded.trainable_variables)
+    assert all(g is not None for g in grads)
+    assert all(float(tf.norm(tf.convert_to_tensor(g))) > 0 for g in grads)
+    # The weights keep Google's names in the checkpoint keys, where
+    # model.load.infer_hidden_size looks for the embedding table.
+    keys = tf.train.load_checkpoint(
+        os.path.join(export_dir, "variables", "variables")
+    ).get_variable_to_shape_map()
+    assert any("word_embeddings" in k and v == [TINY.vocab_size,
+                                                TINY.hidden_size]
+               for k, v in keys.items())
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_CARD_MARKER = ("<!-- model card usage: tests/test_model_export.py runs this "
+                "verbatim -->")
+_CARD_MODEL = '"/path/to/saved_model"'
+# Runs before the card's snippet: skips (exit 0 with a note) where the
+# fine-tuning extras cannot be imported.
+_CARD_PRELUDE = """\
+import json, sys
+try:
+    import tensorflow_hub, tf_keras
+except ImportError as err:
+    print(json.dumps({"skip": f"{type(err).__name__}: {err}"}))
+    sys.exit(0)
+"""
+# Runs after it: a two-class classifier on pooled_output, two training
+# steps, and a report of what hub.KerasLayer exposed and what changed.
+_CARD_EPILOGUE = """
+import numpy as np
+logits = tf.keras.layers.Dense(2)(pooled_output)
+classifier = tf.keras.Model([input_word_ids, input_mask, segment_ids], logits)
+classifier.compile(
+    optimizer=tf.keras.optimizers.Adam(1e-3),
+    loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+before = [w.numpy().copy() for w in bert_layer.trainable_weights]
+rng = np.random.default_rng(0)
+ids = rng.integers(1, int(sys.argv[1]), (8, max_seq_length)).astype(np.int32)
+mask = np.ones_like(ids)
+segments = np.zeros_like(ids)
+segments[:, max_seq_length // 2:] = 1
+labels = np.array([0, 1] * 4)
+for _ in range(2):
+    classifier.train_on_batch([ids, mask, segments], labels)
+print(json.dumps({
+    "legacy_keras": isinstance(bert_layer, tf_keras.layers.Layer),
+    "trainable": [[w.name, list(w.shape)] for w in bert_layer.trainable_weights],
+    "non_trainable": len(bert_layer.non_trainable_weights),
+    "changed": [bool(np.any(w.numpy() != b))
+                for w, b in zip(bert_layer.trainable_weights, before)],
+}))
+"""
+
+
+def _card_snippet() -> str:
+    """The usage snippet of the README's model card, verbatim."""
+    text = README.read_text(encoding="utf-8")
+    assert text.count(_CARD_MARKER) == 1
+    after = text.split(_CARD_MARKER, 1)[1].lstrip("\n")
+    assert after.startswith("```python\n")
+    return after[len("```python\n"):].split("```", 1)[0]
+
+
+def test_model_card_snippet_fine_tunes_every_weight(tmp_path):
+    """The model card's snippet, run verbatim (only the model path filled
+    in) under TF_USE_LEGACY_KERAS=1, builds a trainable hub.KerasLayer that
+    exposes every BERT weight; two training steps of a classifier on top
+    change them all."""
+    config = BertConfig(vocab_size=64, hidden_size=16, num_layers=1,
+                        num_heads=2, intermediate_size=32,
+                        max_position_embeddings=128)
+    model_dir = export_bert_saved_model(
+        str(tmp_path / "m"), config,
+        ["[PAD]"] + [f"t{i}" for i in range(1, config.vocab_size)])
+    snippet = _card_snippet()
+    assert snippet.count(_CARD_MODEL) == 1
+    script = tmp_path / "card.py"
+    script.write_text(_CARD_PRELUDE
+                      + snippet.replace(_CARD_MODEL, repr(model_dir))
+                      + _CARD_EPILOGUE, encoding="utf-8")
+    # The variable must be set before TensorFlow is imported: a fresh
+    # interpreter.
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    done = subprocess.run([sys.executable, str(script), str(config.vocab_size)],
+                          env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(f"fine-tuning extras not importable: {report['skip']}")
+    assert report["legacy_keras"]
+    shapes = bert_weight_shapes(config)
+    exposed = {name.split(":")[0]: tuple(shape)
+               for name, shape in report["trainable"]}
+    assert exposed == shapes
+    assert report["non_trainable"] == 0
+    assert all(report["changed"]) and len(report["changed"]) == len(shapes)
 
 
 @pytest.mark.parametrize("lower", [True, False])
