@@ -600,6 +600,21 @@ def test_directory_stands_for_the_files_directly_inside(tmp_path):
     assert _names(match_input(str(corpus / "*.txt")), corpus) == ["b.txt"]
 
 
+def test_directory_skips_lease_files_of_runs_writing_there(tmp_path):
+    """A run writing into its own input directory holds ``<output>.lock``
+    there from launch on (before any manifest): it is not input; a user's
+    file that merely ends in ``.lock`` is."""
+    from pipeline.lock import OutputLock
+    corpus = _corpus_dir(tmp_path)
+    (corpus / "mine.lock").write_text('{"id": "l1", "text": "锁"}\n',
+                                      encoding="utf-8")
+    with OutputLock(str(corpus / "emb"), "20240501T020000Z-abcdef"):
+        assert (corpus / "emb.lock").exists()
+        assert _names(match_input(str(corpus)), corpus) == [
+            "a.jsonl", "b.txt", "c.jsonl.gz", "mine.lock",
+            "notes-manifest.json"]
+
+
 def test_directory_without_files_to_read_fails_at_launch(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "hidden").mkdir()

@@ -57,6 +57,9 @@ _GLOB_CHARS = "*?["
 # How a run's manifest is named: ``<output>-manifest.json``
 # (``transforms.write.MANIFEST_SUFFIX``, not imported: write imports TF).
 _MANIFEST_SUFFIX = "-manifest.json"
+# A run's lease file ``<output>.lock`` (``pipeline.lock.LOCK_SUFFIX``), which
+# exists from launch on, before any manifest.
+_LOCK_SUFFIX = ".lock"
 
 
 def _directory(pattern: str) -> Optional[str]:
@@ -94,14 +97,28 @@ def _run_outputs(files: list[FileMetadata]) -> list[str]:
     return prefixes
 
 
+def _is_run_lock(meta: FileMetadata) -> bool:
+    """Whether ``meta`` is a run's lease file (``pipeline.lock``): named
+    ``*.lock`` and holding a JSON object with the owner's run id and pid."""
+    if not meta.path.endswith(_LOCK_SUFFIX) or meta.size_in_bytes > 1 << 16:
+        return False
+    try:
+        with FileSystems.open(meta.path) as handle:
+            owner = json.loads(handle.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return False  # gone meanwhile, or not ours: read it like any other
+    return isinstance(owner, dict) and "run_id" in owner and "pid" in owner
+
+
 def match_input(pattern: str) -> list[FileMetadata]:
     """The files one ``--input`` pattern stands for.
 
     A file or glob matches as Beam matches it.  A directory stands for the
     files directly inside it (not those in subdirectories: ``dir/**`` reads
     those), less hidden ones (``.name``, ``_name``: ``.DS_Store``,
-    ``_SUCCESS``) and the outputs of runs published there (``<output>-*``
-    next to a manifest), so ``--input corpus/`` reads the corpus and
+    ``_SUCCESS``), the outputs of runs published there (``<output>-*``
+    next to a manifest) and the lease files of runs writing there
+    (``<output>.lock``), so ``--input corpus/`` reads the corpus and
     nothing else.
     """
     directory = _directory(pattern)
@@ -114,7 +131,8 @@ def match_input(pattern: str) -> list[FileMetadata]:
     for meta in listing:
         name = posixpath.basename(meta.path.replace("\\", "/"))
         if name and not name.startswith((".", "_")) and not (
-                outputs and name.startswith(outputs)):
+                outputs and name.startswith(outputs)) \
+                and not _is_run_lock(meta):
             kept.append(meta)
     if len(kept) < len(listing):
         _LOG.info("%s: reading %d of its %d files (skipping hidden files "
