@@ -157,7 +157,7 @@ def convert(model_dir: str, output: str) -> str:
     return output
 
 
-# --- the user's script --------------------------------------------------------
+# --- the user's script -------------------------------------------------------
 
 
 def length_sorted_batches(lengths: Sequence[int], max_docs: int,

@@ -107,14 +107,13 @@ def format_ratios(rows: Sequence[Row]) -> list[str]:
             lines.append(f"{label:<{width}}  n/a ({reasons})")
             continue
         bottom = max(measured, key=lambda r: r.e2e_tokens_per_s)
-        numerator = by_name[top]
+        top_row = by_name[top]
         which = f" (vs {bottom.name})" if len(bottoms) > 1 else ""
-        lines.append(
-            f"{label:<{width}}  "
-            f"{_ratio_text(numerator.e2e_tokens_per_s, bottom.e2e_tokens_per_s)}"
-            f" end to end, "
-            f"{_ratio_text(numerator.model_tokens_per_s, bottom.model_tokens_per_s)}"
-            f" in model calls{which}")
+        e2e = _ratio_text(top_row.e2e_tokens_per_s, bottom.e2e_tokens_per_s)
+        in_model = _ratio_text(top_row.model_tokens_per_s,
+                               bottom.model_tokens_per_s)
+        lines.append(f"{label:<{width}}  {e2e} end to end, {in_model} in "
+                     f"model calls{which}")
     return lines
 
 
@@ -201,9 +200,10 @@ def write_chart(rows: Sequence[Row], rooflines: Mapping[str, float],
     styles = {"float32": "#636363", "bfloat16": "#e6550d",
               "int8": "#31a354"}
     for precision, rate in rooflines.items():
+        short = SHORT_PRECISION.get(precision, precision)
         axes.axvline(rate, linestyle="--", linewidth=1,
                      color=styles.get(precision, "black"),
-                     label=f"roofline {SHORT_PRECISION.get(precision, precision)}")
+                     label=f"roofline {short}")
     axes.set_yticks(positions)
     axes.set_yticklabels([r.label for r in rows], fontsize=8)
     axes.set_xlim(0, top * 1.12)

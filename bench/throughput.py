@@ -82,7 +82,7 @@ BASE_VOCAB_SIZE = 21128
 ACCURACY_MIN_DOCS = 1000
 
 
-# --- variants -------------------------------------------------------------------
+# --- variants ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +155,8 @@ def parse_help_options(text: str) -> dict[str, Optional[frozenset[str]]]:
     """``--flag`` -> its ``{choices}`` (None when the help shows none) from
     an argparse ``--help`` text."""
     options: dict[str, Optional[frozenset[str]]] = {}
-    for match in re.finditer(r"(?<![\w-])(--[A-Za-z0-9_]+)(?:[ =]\{([^}]*)\})?",
-                             text):
+    pattern = r"(?<![\w-])(--[A-Za-z0-9_]+)(?:[ =]\{([^}]*)\})?"
+    for match in re.finditer(pattern, text):
         flag, choices = match.group(1), match.group(2)
         if choices is not None:
             options[flag] = frozenset(c.strip() for c in choices.split(","))
@@ -352,7 +352,7 @@ def flops_per_token(mean_length: float, layers: int = 12,
     return layers * (dense + attention)
 
 
-# --- peak memory ------------------------------------------------------------------
+# --- peak memory -------------------------------------------------------------
 
 
 def reset_peak_rss() -> None:
@@ -469,7 +469,7 @@ def _real_tokens_and_stages(args, vocab: list[str], out: str,
     return stats
 
 
-# --- orchestration ------------------------------------------------------------
+# --- orchestration -----------------------------------------------------------
 
 
 class VariantFailed(RuntimeError):
@@ -677,10 +677,9 @@ def measure_rooflines(build: Build, flags: frozenset[str],
         ["openvino"] if build.has_openvino else [])
     for engine in engines:
         try:
-            rates = run_worker_process([sys.executable, "-m",
-                                        "bench.roofline", "--engine", engine,
-                                        "--cpu_flags", ",".join(sorted(flags))],
-                                       f"roofline {engine}", 600)
+            command = [sys.executable, "-m", "bench.roofline", "--engine",
+                       engine, "--cpu_flags", ",".join(sorted(flags))]
+            rates = run_worker_process(command, f"roofline {engine}", 600)
         except VariantFailed as err:
             notes.append(str(err))
             continue
@@ -744,7 +743,7 @@ def table_rows(selected: Sequence[Variant],
     return rows
 
 
-# --- accuracy --------------------------------------------------------------------
+# --- accuracy ----------------------------------------------------------------
 
 
 def _means(sequences: Sequence[np.ndarray]) -> np.ndarray:
@@ -800,12 +799,14 @@ def _remove_outputs(prefix: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-# --- the run -------------------------------------------------------------------
+# --- the run -----------------------------------------------------------------
 
 
 def _ours_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """XLA compile time, wall-time shares and the rerun, for ours."""
     ours = results[REFERENCE]
+    rest = (1 - ours["model_s"] / ours["wall_s"] - ours["tokenize_share"]
+            - ours["write_share"])
     lines = [
         f"ours: XLA compiled {ours['xla_shapes']} batch shapes; their first "
         f"calls (compile + run) took {ours['xla_first_calls_s']:.1f} s of "
@@ -814,7 +815,7 @@ def _ours_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
         f"{ours['model_s'] / ours['wall_s']:.1%}, tokenize "
         f"{ours['tokenize_share']:.1%}, write {ours['write_share']:.1%}, "
         f"rest (start-up, model load, Beam) "
-        f"{1 - ours['model_s'] / ours['wall_s'] - ours['tokenize_share'] - ours['write_share']:.1%}"]
+        f"{rest:.1%}"]
     if "ours_rerun" in results:
         rerun = results["ours_rerun"]
         rate = {n: results[n]["tokens_real"] / results[n]["wall_s"]
@@ -857,7 +858,8 @@ def orchestrate(args: argparse.Namespace) -> None:
              if build.accepts("--engine") else "absent")
           + ", --precision " + ",".join(sorted(
               build.options.get("--precision") or ["?"]))
-          + f", model.quantize {'present' if build.has_quantize else 'absent'}",
+          + ", model.quantize "
+          + ("present" if build.has_quantize else "absent"),
           flush=True)
     args.model = args.model or ensure_bert_base(default_cache_dir(),
                                                 args.init_std, args.seed + 1)
@@ -919,12 +921,17 @@ def _prepare(runner: Runner, selected: Sequence[Variant],
              args: argparse.Namespace) -> None:
     """The untimed preparation some variants need (the Hugging Face
     model, the int8 model); a failure there fails those variants only."""
+    from model.demo import default_cache_dir
     wanted = {v.kind for v in selected if not statuses[v.name]}
     if "hf" in wanted:
         try:
+            cached = os.path.exists(os.path.join(
+                default_cache_dir(), f"bench_hf_{model_key(args.model)}"))
             seconds = runner.prepare_hf()
-            print(f"hf peer:  SavedModel weights converted to a transformers"
-                  f" BertModel in {seconds:.1f} s (not in the timings)")
+            print(f"hf peer:  {runner.hf_model}: the SavedModel's weights as"
+                  f" a transformers BertModel ("
+                  + ("cached" if cached else f"converted in {seconds:.1f} s")
+                  + ", not in the timings)")
         except VariantFailed as err:
             for v in selected:
                 if v.kind == "hf" and not statuses[v.name]:

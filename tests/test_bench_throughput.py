@@ -309,6 +309,7 @@ def test_cpu_flag_sets():
 
 
 def test_chart_is_a_real_picture(tmp_path):
+    pytest.importorskip("matplotlib")  # the bench extra
     from PIL import Image
     path = str(tmp_path / "chart.png")
     rows = _rows(flags=AVX2)
