@@ -28,8 +28,8 @@ TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1",
         "tf_keras==2.21.0", "setuptools==80.10.2"]
 
 # Benchmarks (bench/): the chart of bench.throughput, and the peer it is
-# measured against, Hugging Face transformers on PyTorch (CPU builds:
-# pip install --extra-index-url https://download.pytorch.org/whl/cpu).
+# measured against, Hugging Face transformers on PyTorch (pinned: an
+# unpinned torch pulls a multi-GB CUDA build).
 BENCH = ["matplotlib==3.11.2", "torch==2.13.0", "transformers==5.24.0"]
 
 setuptools.setup(
