@@ -552,7 +552,8 @@ class _SegmentMatch:
     def check(self, segment: dict[str, Any], kind: str) -> None:
         """Raises ``DatasetError`` when rows repeat a document or chunk, or
         entries found no rows."""
-        files = ", ".join(segment[kind][:3])
+        files = (", ".join(segment[kind][:3])
+                 or f"{segment['output']} (no {kind} files)")
         repeated = self.repeated if self.chunks_seen else int(
             np.sum(np.maximum(self.hits[self.own] - 1, 0)))
         if repeated:
@@ -631,8 +632,6 @@ def current_tables(manifest: dict[str, Any], kind: str = "embeddings",
     index = index_table(manifest)
     _unlisted_runs(manifest, index)
     for segment in manifest["index"]["segments"]:
-        if not segment[kind]:
-            continue
         entries = index.filter(pc.equal(index.column("run_id"),
                                         segment["run_id"]))
         yield from _segment_tables(segment, kind, entries, expand_duplicates)
