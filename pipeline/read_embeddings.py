@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from transforms.incremental import INDEX_COLUMNS
+from transforms.incremental import INDEX_COLUMNS, INDEX_SCHEMA
 from transforms.write import EMBEDDED_AS
 
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.[^/]*)$")
@@ -417,6 +417,8 @@ def index_table(manifest: dict[str, Any]) -> Any:
         table = table.select(list(INDEX_COLUMNS)).replace_schema_metadata()
         tables.append(table.append_column(
             "_file", pa.array(np.full(table.num_rows, number, np.int32))))
+    if not tables:
+        return INDEX_SCHEMA.empty_table()
     index = pa.concat_tables(tables)
     index = index.append_column("_pos", pa.array(
         np.arange(index.num_rows, dtype=np.int64)))

@@ -118,6 +118,24 @@ def test_duckdb_and_polars_read_what_load_index_returns(chain, compacted):
                                   index.pooled_output[d_rows])
 
 
+def test_a_runs_views_show_its_current_dataset(chain):
+    """c2's own views (two segments, chunks, --dedup) give DuckDB the rows
+    load_index does, one per id, the mapped ones included."""
+    index = load_index(_manifest(chain, "c2"), expand_duplicates=True)
+    con = duckdb.connect()
+    con.execute(Path(f"{chain}/c2/emb-duckdb.sql").read_text("utf-8"))
+    rows = con.sql("SELECT id, doc_id, embedded_as, pooled_output FROM "
+                   "embeddings ORDER BY doc_id, chunk_index").fetchall()
+    assert [r[:3] for r in rows] == list(zip(index.ids, index.doc_ids,
+                                             index.embedded_as))
+    np.testing.assert_allclose(np.array([r[3] for r in rows]),
+                               index.pooled_output, atol=1e-6)
+    docs = load_index(_manifest(chain, "c2"), kind="documents",
+                      expand_duplicates=True)
+    assert con.sql("SELECT id FROM documents ORDER BY id").fetchall() == \
+        [(i,) for i in docs.ids]
+
+
 def test_document_vectors_are_compacted_too(chain, compacted):
     docs = load_index(_manifest(chain, "c2"), kind="documents",
                       expand_duplicates=True)

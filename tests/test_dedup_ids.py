@@ -176,3 +176,32 @@ def test_mapped_entries_point_at_the_one_embedded_document():
     # The embedded document failed: no entry, so nothing to map to.
     assert list(mapped_entries([], docs)) == []
     assert kept.to_row()["embedded_as"] == "a"
+
+
+def test_an_older_index_without_embedded_as_still_serves(runs, tmp_path,
+                                                         tiny_model_dir):
+    """An index written before ``embedded_as`` (no column, and no entries
+    for dropped ids) is read by load_index and by an incremental run."""
+    import shutil
+    root, summaries, vectors = runs
+    old = tmp_path / "old"
+    shutil.copytree(root / "d1", old)
+    manifest_path = old / "emb-manifest.json"
+    manifest_path.write_text(manifest_path.read_text("utf-8").replace(
+        str(root / "d1"), str(old)), encoding="utf-8")
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    for path in manifest["index"]["keys"]:
+        table = pq.read_table(path)
+        own = [r for r in table.to_pylist() if r["id"] == r["embedded_as"]]
+        pq.write_table(pa.Table.from_pylist(own).drop_columns(
+            ["embedded_as"]), path)
+    assert load_index(str(manifest_path)).ids == ["a", "b", "d"]
+    assert load_index(str(manifest_path), expand_duplicates=True
+                      ).embedded_as == ["a", "b", "d"]
+    summary = run(["--input", str(root / "v1.jsonl"), "--output",
+                   str(tmp_path / "new" / "emb"), "--model", tiny_model_dir,
+                   "--max_seq_length", "32", "--outputs", "pooled",
+                   "--dedup", "--previous_index", str(old / "emb")])
+    c = summary.counts
+    assert (c["documents_embedded"], c["documents_unchanged"]) == (0, 3)
+    _check_every_id(tmp_path, "new", V1, vectors)
