@@ -23,9 +23,11 @@ REQUIRED = [
 # from a pre-filled cache (it is optional at run time: install it to pass
 # --model https://tfhub.dev/...) and, with tf_keras (Keras 2, which
 # hub.KerasLayer needs on TF 2.16+), for fine-tuning exported models;
-# tensorflow-hub imports pkg_resources (removed in setuptools 82).
+# tensorflow-hub imports pkg_resources (removed in setuptools 82); DuckDB and
+# Polars, to check that tools other than ours read the outputs.
 TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1",
-        "tf_keras==2.21.0", "setuptools==80.10.2"]
+        "tf_keras==2.21.0", "setuptools==80.10.2", "duckdb==2.0.1",
+        "polars==2.1.0"]
 
 # Benchmarks (bench/): the chart of bench.throughput, and the peer it is
 # measured against, Hugging Face transformers on PyTorch (pinned: an

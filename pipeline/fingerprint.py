@@ -57,6 +57,16 @@ def hash_files(paths: list[str], with_names: bool = True) -> str:
     return _CACHE[key]
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's content, hex (a vocabulary's, for the output's
+    self-description: a hash anyone can recompute with ``sha256sum``)."""
+    digest = hashlib.sha256()
+    with _gfile().GFile(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def variables_files(model_dir: str) -> list[str]:
     """The SavedModel's checkpoint files, sorted; raises if there are none."""
     pattern = model_dir.rstrip("/") + "/variables/variables.*"

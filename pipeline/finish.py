@@ -9,6 +9,11 @@ The same happens when the staged files do not hold what the counts say
 (``staged_mismatch``: e.g. documents embedded but no embedding file staged),
 and publishing stops before it removes anything when the run no longer
 holds the output's lock (``pipeline.lock``).
+
+Besides its files, a run publishes what describes them:
+``<output>-schema.json`` (``pipeline.manifest.schema_document``; TFRecord
+files have no footer for it) and, for Parquet, ``<output>-duckdb.sql``
+(``pipeline.views``), both listed in the manifest.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from typing import Any, Optional, Sequence
 
 from pipeline.graph import JobConfig
 from pipeline.lock import LockLost, OutputLock
-from pipeline.manifest import (FAILED, PreviousIndex, index_segments,
-                               live_run_ids, run_manifest)
+from pipeline.manifest import (FAILED, PreviousIndex, index_counts,
+                               index_segments, output_schemas, run_manifest,
+                               schema_document)
 from pipeline.publish import (discard, final_name, publish, staging_dir,
                               write_json)
 from pipeline.summary import RunSummary, list_outputs, write_summary
-from transforms.write import (FORMATS, MANIFEST_SUFFIX, SUMMARY_SUFFIX,
+from pipeline.views import indexed_view, views_file, write_text
+from transforms.write import (COMPACT_SUFFIX, DUCKDB_SUFFIX, FORMATS,
+                              MANIFEST_SUFFIX, SCHEMA_SUFFIX, SUMMARY_SUFFIX,
                               TFRECORD_COMPRESSIONS, output_patterns,
                               output_regex)
 
@@ -56,10 +64,12 @@ def failure_of(summary: RunSummary, max_error_rate: Optional[float]
 
 def all_output_patterns(output: str) -> list[str]:
     """Every file name a run at ``output`` may have published, whatever its
-    format, so that a re-run replaces all of them."""
+    format, so that a re-run replaces all of them (a compaction's manifest
+    too: ``pipeline.compact`` shares the shard names)."""
     patterns = {p for fmt in FORMATS for compression in TFRECORD_COMPRESSIONS
                 for p in output_patterns(output, fmt, compression).values()}
-    return sorted(patterns) + [output + SUMMARY_SUFFIX]
+    return sorted(patterns) + [output + suffix for suffix in (
+        SUMMARY_SUFFIX, SCHEMA_SUFFIX, DUCKDB_SUFFIX, COMPACT_SUFFIX)]
 
 
 def parquet_rows(files: Sequence[str]) -> int:
@@ -79,7 +89,8 @@ def staged_mismatch(staged: dict[str, list[str]], counts: dict[str, int],
 
     Embedding rows are ``chunks_embedded`` (one per document unchunked);
     Parquet files tell their row counts from their footers.  The index of
-    an unchunked run holds the embedded and the unchanged documents.
+    an unchunked run holds the embedded and the unchanged documents, and
+    the ``--dedup`` duplicates it maps to them (at most the duplicates).
     """
     rows = counts["chunks_embedded"]
     if rows and not staged["embeddings"]:
@@ -90,12 +101,17 @@ def staged_mismatch(staged: dict[str, list[str]], counts: dict[str, int],
         if found != rows:
             return (f"the staged embedding files hold {found} rows, the "
                     f"counts say {rows}")
+    index = index_counts(staged["index"])
+    if index.mapped > counts["documents_duplicates"]:
+        return (f"the staged index maps {index.mapped} ids to other "
+                f"documents' rows, more than the "
+                f"{counts['documents_duplicates']} duplicates")
     if not config.chunked:
         entries = counts["documents_embedded"] + counts["documents_unchanged"]
-        found = parquet_rows(staged["index"])
-        if found != entries:
-            return (f"the staged index holds {found} entries, the counts "
-                    f"say {entries} (embedded + unchanged)")
+        if index.own != entries:
+            return (f"the staged index holds {index.own} entries with rows "
+                    f"of their own, the counts say {entries} (embedded + "
+                    "unchanged)")
     return None
 
 
@@ -146,13 +162,41 @@ class StagedRun:
     def _index(self, staged: dict[str, list[str]]) -> dict[str, Any]:
         """The manifest's index: this run's entries and the segments (runs
         whose files still hold live rows)."""
-        live, entries = live_run_ids(staged["index"])
+        counts = index_counts(staged["index"])
         own = {"run_id": self.config.run_id, "output": self.config.output,
                "format": self.config.output_format,
                "embeddings": self.final(staged["embeddings"]),
                "documents": self.final(staged["documents"])}
-        return {"documents": entries, "keys": self.final(staged["index"]),
-                "segments": index_segments(own, self.previous, live)}
+        return {"documents": counts.entries,
+                "duplicates_mapped": counts.mapped,
+                "keys": self.final(staged["index"]),
+                "segments": index_segments(own, self.previous, counts.runs)}
+
+    def _describe(self, files: dict[str, Any], index: dict[str, Any]
+                  ) -> list[str]:
+        """Stages ``<output>-schema.json`` and, for Parquet, the DuckDB
+        views of the current dataset (when it has rows); adds their final
+        names to ``files`` and returns the staged paths."""
+        schema_path = self.staged_prefix + SCHEMA_SUFFIX
+        write_json(schema_document(self.config, files), schema_path)
+        staged = [schema_path]
+        views = []
+        if self.config.output_format == "parquet":
+            for kind, schema in output_schemas(self.config).items():
+                segments = [(s["run_id"], s[kind])
+                            for s in index["segments"] if s[kind]]
+                if segments:
+                    views.append(indexed_view(kind, segments, index["keys"],
+                                              schema))
+        if views:
+            sql_path = self.staged_prefix + DUCKDB_SUFFIX
+            write_text(views_file(f"run {self.config.run_id}: "
+                                  f"{self.config.output}", views), sql_path)
+            staged.append(sql_path)
+        for path in staged:
+            key = "duckdb" if path.endswith(DUCKDB_SUFFIX) else "schema"
+            files[key] = self.final([path])[0]
+        return staged
 
     def publish(self, summary: RunSummary) -> tuple[str, str]:
         """Publishes the staged files, the summary and the manifest (last);
@@ -183,10 +227,11 @@ class StagedRun:
         manifest_path = self.staged_prefix + MANIFEST_SUFFIX
         files: dict[str, Any] = dict(summary.outputs)
         files["summary"] = self.final([summary_path])[0]
+        index = self._index(staged)
+        described = self._describe(files, index)
         write_summary(summary, summary_path)
-        write_json(self._manifest(summary, files, self._index(staged)),
-                   manifest_path)
-        every = [p for paths in staged.values() for p in paths]
+        write_json(self._manifest(summary, files, index), manifest_path)
+        every = [p for paths in staged.values() for p in paths] + described
         try:
             final = publish(every + [summary_path, manifest_path],
                             self.staged_prefix, self.config.output,

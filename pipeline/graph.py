@@ -15,13 +15,15 @@ index, the documents deleted since (``<output>-deleted-*.jsonl``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
 from model import xla_cache
 from transforms.aggregate import DocumentVectors
-from transforms.dedup import DropDuplicates, KeepLastPerId
+from pipeline.manifest import dataset_description
+from transforms.dedup import DropDuplicates, KeepLastPerId, MapDuplicates
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
                                     CompleteDocumentEntries, SplitUnchanged,
                                     WriteDeleted, WriteIndex)
@@ -44,6 +46,7 @@ class JobConfig:
     vocab: Sequence[str]
     do_lower_case: bool
     hidden_size: int
+    vocab_sha256: str = ""  # of the vocabulary file, for the description
     input_format: str = "auto"
     id_field: str = "id"
     text_field: str = "text"
@@ -89,7 +92,8 @@ class JobConfig:
         return WriteSettings(
             self.model_fingerprint, self.sequence_dtype, self.write_text,
             self.parquet_compression, self.parquet_row_group_rows,
-            self.tfrecord_compression)
+            self.tfrecord_compression,
+            json.dumps(dataset_description(self), sort_keys=True))
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -113,7 +117,8 @@ def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
                       documents: beam.PCollection,
                       progress: ProgressConfig) -> tuple[Any, Any]:
     """One document per id, dedup and the incremental join: (documents to
-    embed, index entries of unchanged documents or None)."""
+    embed, index entries of unchanged documents or None, documents dropped
+    by --dedup or None)."""
     documents, same_id = documents | "UniqueIds" >> KeepLastPerId()
     _track(same_id, "ProgressSameId", "documents", progress)
     duplicates = None
@@ -121,7 +126,8 @@ def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
         documents, duplicates = documents | "Dedup" >> DropDuplicates()
         _track(duplicates, "ProgressDuplicates", "documents", progress)
     if config.previous_index_files is None:
-        return documents, None
+        return documents, None, duplicates
+    dropped = duplicates
     if duplicates is None:
         duplicates = pipeline | "NoDuplicates" >> beam.Create([])
     split = (documents, duplicates) | "Incremental" >> SplitUnchanged(
@@ -130,7 +136,7 @@ def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
     _ = split[DELETED_TAG] | "WriteDeleted" >> WriteDeleted(
         config.output + DELETED_SUFFIX)
     _track(split[UNCHANGED_TAG], "ProgressUnchanged", "documents", progress)
-    return split.to_embed, split[UNCHANGED_TAG]
+    return split.to_embed, split[UNCHANGED_TAG], dropped
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
@@ -141,8 +147,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         pipeline | "ReadDocuments" >> ReadDocuments(
             config.inputs, config.input_format, config.id_field,
             config.text_field, config.input_encoding, config.max_text_chars))
-    documents, unchanged = _select_documents(pipeline, config, documents,
-                                             progress)
+    documents, unchanged, dropped = _select_documents(pipeline, config,
+                                                      documents, progress)
     _track(documents, "ProgressDocuments", "documents", progress)
     tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
         config.vocab, config.do_lower_case, config.max_seq_length,
@@ -167,11 +173,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
              | "WriteDocumentVectors" >> WriteEmbeddings(
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
                  config.hidden_size, ("pooled",), config.num_shards,
-                 settings=dataclasses.replace(settings, write_text=False)))
+                 settings=dataclasses.replace(settings, write_text=False,
+                                              kind="documents")))
     entries = embeddings | "IndexEntries" >> CompleteDocumentEntries(
         config.model_fingerprint, config.run_id, config.chunked)
     if unchanged is not None:
         entries = (entries, unchanged) | "AllIndexEntries" >> beam.Flatten()
+    if dropped is not None:  # --dedup: every dropped id stays findable
+        mapped = (entries, dropped) | "MapDuplicates" >> MapDuplicates()
+        entries = (entries, mapped) | "WithMapped" >> beam.Flatten()
     _ = entries | "WriteIndex" >> WriteIndex(config.output + INDEX_SUFFIX)
     _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
          | "AllDeadLetters" >> beam.Flatten()

@@ -14,6 +14,10 @@ fingerprint, run id) say which run holds each document's rows.
 path, an output prefix (its ``-manifest.json``), or a glob of manifests, of
 which the newest successful one is taken (``out/news/*/emb-manifest.json``
 in a nightly schedule: a failed night is skipped, a first run finds none).
+
+``dataset_description`` is what every output says about itself (Parquet
+footers, ``<output>-schema.json``, the manifest): model path and
+fingerprint, vocabulary hash, tokenizer settings, pooling, precision.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Any, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import MANIFEST_SUFFIX
+from transforms.write import (EMBEDDED_AS, MANIFEST_SUFFIX, METADATA_KEY,
+                              SCHEMA_VERSION, embedding_schema,
+                              file_metadata)
 
 _LOG = logging.getLogger("pipeline.manifest")
 
@@ -147,18 +153,144 @@ def load_previous(path: str, output: str,
                          list(index["segments"]), reuse)
 
 
-def live_run_ids(index_files: Sequence[str]) -> tuple[set[str], int]:
-    """(run ids the index entries point at, number of entries)."""
+# The columns of the index files (``transforms.incremental``).
+INDEX_MEANINGS = {
+    "id": "a document id of the current dataset (one entry per id)",
+    "content_hash": "BLAKE2b-128 of its text",
+    "model_fingerprint": "the fingerprint of the vectors it resolves to",
+    "run_id": "the run whose files hold those vectors",
+    EMBEDDED_AS: ("the id of the row holding them: the id itself, or under "
+                  "--dedup the document with the same text that was "
+                  "embedded"),
+}
+
+
+def dataset_description(config: Any) -> dict[str, Any]:
+    """What produced a run's vectors (``config`` a ``JobConfig``), for the
+    files' self-description.  Pooling, normalization and the inference
+    engine are read with defaults (``cls``, off, ``tensorflow``: what a
+    config without them computes)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "producer": "bert-zh-embed",
+        "run_id": config.run_id,
+        "model": {"path": config.model_dir,
+                  "fingerprint": config.model_fingerprint,
+                  "hidden_size": config.hidden_size},
+        "tokenizer": {"vocab_sha256": getattr(config, "vocab_sha256", ""),
+                      "vocab_size": len(config.vocab),
+                      "do_lower_case": bool(config.do_lower_case),
+                      "max_seq_length": config.max_seq_length,
+                      "long_text": config.long_text,
+                      "chunk_stride": config.chunk_stride},
+        "pooling": getattr(config, "pooling", "cls"),
+        "normalize": bool(getattr(config, "normalize", False)),
+        "precision": getattr(config, "precision", "float32"),
+        "engine": getattr(config, "engine", "tensorflow"),
+        "sequence_dtype": config.sequence_dtype,
+        "format": config.output_format,
+    }
+
+
+def output_schemas(config: Any) -> dict[str, Any]:
+    """The Arrow schema of each kind of embedding file the run writes
+    (``embeddings``, and ``documents`` with document vectors), as
+    ``transforms.write.WriteEmbeddings`` builds them."""
+    schemas = {"embeddings": embedding_schema(
+        config.hidden_size, "pooled" in config.outputs,
+        "sequence" in config.outputs, config.chunked, config.write_text,
+        config.sequence_dtype)}
+    if config.document_vectors:
+        schemas["documents"] = embedding_schema(config.hidden_size,
+                                                sequence=False)
+    return schemas
+
+
+def _tfrecord_features(schema: Any, sequence_dtype: str) -> dict[str, str]:
+    """The ``tf.train.Example`` features of a TFRecord file whose rows have
+    ``schema``'s columns (``transforms.write.to_tf_example``)."""
+    hidden = 0
+    for name in ("pooled_output", "sequence_output"):
+        if name in schema.names:
+            vector = schema.field(name).type
+            hidden = (vector.value_type if name == "sequence_output"
+                      else vector).list_size
+    kinds = {"id": "bytes", "doc_id": "bytes", "content_hash": "bytes",
+             "model_fingerprint": "bytes", "text": "bytes",
+             "num_tokens": "int64", "truncated": "int64 (0 or 1)",
+             "chunk_index": "int64", "num_chunks": "int64",
+             "pooled_output": f"float list of {hidden}"}
+    features = {name: kinds[name] for name in schema.names if name in kinds}
+    if "sequence_output" in schema.names:
+        features["sequence_shape"] = f"int64 [num_tokens, {hidden}]"
+        if sequence_dtype == "float16":
+            features["sequence_output"] = ("bytes: little-endian float16, "
+                                           "num_tokens x hidden, row-major")
+            features["sequence_dtype"] = "bytes: float16"
+        else:
+            features["sequence_output"] = ("float list of num_tokens x "
+                                           "hidden, row-major")
+    return features
+
+
+def schema_document(config: Any, files: dict[str, list[str]]
+                    ) -> dict[str, Any]:
+    """``<output>-schema.json``: the run's description and, per kind of
+    embedding file, its files, columns (Arrow types, meanings) and, for
+    TFRecord, its features.  The same record as each Parquet footer's
+    ``bert_zh_embed`` key, plus the file lists."""
+    description = dataset_description(config)
+    record = dict(description)
+    record["files"] = {}
+    for kind, schema in output_schemas(config).items():
+        footer = json.loads(file_metadata(description, schema,
+                                          kind)[METADATA_KEY])
+        entry: dict[str, Any] = {
+            "files": files.get(kind, []),
+            "columns": {field.name: {"type": str(field.type),
+                                     "meaning": footer["columns"].get(
+                                         field.name, "")}
+                        for field in schema}}
+        if config.output_format == "tfrecord":
+            entry["tfrecord_features"] = _tfrecord_features(
+                schema, config.sequence_dtype if kind == "embeddings"
+                else "float32")
+        record["files"][kind] = entry
+    record["index"] = {"files": files.get("index", []),
+                       "columns": INDEX_MEANINGS}
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexCounts:
+    """What a run's index files hold."""
+    runs: set[str]  # the run ids its entries point at
+    entries: int  # one per id
+    mapped: int  # entries whose vectors are another id's row (--dedup)
+
+    @property
+    def own(self) -> int:
+        """Entries whose id has a row of its own."""
+        return self.entries - self.mapped
+
+
+def index_counts(index_files: Sequence[str]) -> IndexCounts:
+    """Counts the entries of index files (index files written before
+    ``embedded_as`` existed map nothing)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
     runs: set[str] = set()
-    entries = 0
+    entries = mapped = 0
     for path in index_files:
         with FileSystems.open(path) as handle:
-            column = pq.read_table(handle, columns=["run_id"]).column(0)
-        entries += len(column)
-        runs.update(pc.unique(column).to_pylist())
-    return runs, entries
+            table = pq.read_table(handle)
+        entries += table.num_rows
+        runs.update(pc.unique(table.column("run_id")).to_pylist())
+        if EMBEDDED_AS in table.column_names and table.num_rows:
+            own = pc.sum(pc.equal(table.column("id"),
+                                  table.column(EMBEDDED_AS))).as_py()
+            mapped += table.num_rows - own
+    return IndexCounts(runs, entries, mapped)
 
 
 def index_segments(own: dict[str, Any],
@@ -195,6 +327,7 @@ def run_manifest(config: Any, summary: Any, started_at: str,
         "output": config.output,
         "options": options,
         "model_fingerprint": config.model_fingerprint,
+        "description": dataset_description(config),
         "layout": config.layout,
         "counts": summary.counts,
         "reconciled": summary.reconciled,

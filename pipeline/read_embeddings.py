@@ -11,7 +11,14 @@ formats) compare row for row.  ``load_embeddings`` refuses a shard set with
 missing shards (``-00001-of-00003`` without ``-00000-``...), the mark of an
 unfinished copy; ``load_index`` follows a run manifest, so it reads only
 complete runs, and after incremental runs it gathers the current rows of
-every document from the runs that hold them.
+every document from the runs that hold them.  ``current_tables`` is the
+same walk as a stream of Arrow tables, a Parquet row group at a time, for
+``pipeline.compact``.
+
+Vector columns come back as numpy matrices whether a Parquet file stores
+them as Arrow fixed-size lists (what this project writes) or as plain lists
+(older outputs, other writers): every vector of a column must then have
+the same length.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from transforms.incremental import INDEX_COLUMNS, INDEX_SCHEMA
+from transforms.write import EMBEDDED_AS
 
 _SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.[^/]*)$")
 
@@ -42,6 +52,9 @@ class Embeddings:
     content_hash: Optional[list[str]] = None
     model_fingerprint: Optional[list[str]] = None
     text: Optional[list[Optional[str]]] = None  # --write_text only
+    # load_index(..., expand_duplicates=True): the id whose row each row's
+    # vectors are (another id under --dedup, else the row's own document).
+    embedded_as: Optional[list[str]] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -99,24 +112,70 @@ def _sorted(emb: Embeddings) -> Embeddings:
     return _take(emb, sorted(range(len(emb.ids)), key=key))
 
 
-def _concat(parts: list[Embeddings]) -> Embeddings:
-    """The rows of several datasets of one layout, one after the other."""
-    def join(values: list[Any]) -> Any:
-        if any(v is None for v in values):
-            return None
-        if isinstance(values[0], list):
-            return [item for value in values for item in value]
-        return np.concatenate(values)
-
-    return Embeddings(**{
-        field.name: join([getattr(p, field.name) for p in parts])
-        for field in dataclasses.fields(Embeddings)})
-
-
 def _strings(table: Any, name: str) -> Optional[list[Any]]:
     if name not in table.column_names:
         return None
     return table.column(name).to_pylist()
+
+
+def _combined(column: Any) -> Any:
+    """One Arrow array from a (chunked) column."""
+    return column.combine_chunks() if hasattr(column, "combine_chunks") \
+        else column
+
+
+def _matrix(column: Any, name: str) -> np.ndarray:
+    """``[rows, width]`` numpy from a column of equally long vectors: Arrow
+    fixed-size lists, or plain lists (outputs written before vectors were
+    fixed-size, or by other tools)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    array = _combined(column)
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    if pa.types.is_fixed_size_list(array.type):
+        return values.reshape(len(array), array.type.list_size)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    if len(set(lengths.tolist())) > 1:
+        raise ValueError(f"{name}: vectors of different lengths "
+                         f"({sorted(set(lengths.tolist()))[:3]})")
+    width = int(lengths[0]) if len(lengths) else 0
+    return values.reshape(len(array), width)
+
+
+def _sequences(column: Any) -> list[np.ndarray]:
+    """Each row's ``[tokens, width]`` matrix from a list-of-vectors
+    column."""
+    import pyarrow.compute as pc
+    array = _combined(column)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    flat = _matrix(array.flatten(), "sequence_output")
+    ends = np.cumsum(lengths)
+    return [flat[end - n:end] for n, end in zip(lengths, ends)]
+
+
+def table_embeddings(table: Any) -> Embeddings:
+    """``Embeddings`` from an Arrow table of embedding rows (file order)."""
+    names = table.column_names
+    chunked = "doc_id" in names
+    return Embeddings(
+        ids=table.column("id").to_pylist(),
+        num_tokens=table.column("num_tokens").to_numpy().astype(np.int32),
+        truncated=table.column("truncated").to_numpy(
+            zero_copy_only=False).astype(bool),
+        pooled_output=(_matrix(table.column("pooled_output"),
+                               "pooled_output")
+                       if "pooled_output" in names else None),
+        sequence_output=(_sequences(table.column("sequence_output"))
+                         if "sequence_output" in names else None),
+        doc_ids=table.column("doc_id").to_pylist() if chunked else None,
+        chunk_index=(table.column("chunk_index").to_numpy().astype(np.int32)
+                     if chunked else None),
+        num_chunks=(table.column("num_chunks").to_numpy().astype(np.int32)
+                    if chunked else None),
+        content_hash=_strings(table, "content_hash"),
+        model_fingerprint=_strings(table, "model_fingerprint"),
+        text=_strings(table, "text"),
+        embedded_as=_strings(table, EMBEDDED_AS))
 
 
 def read_parquet(files: list[str]) -> Embeddings:
@@ -127,35 +186,9 @@ def read_parquet(files: list[str]) -> Embeddings:
     tables = []
     for path in files:
         with FileSystems.open(path) as handle:
-            tables.append(pq.read_table(handle))
-    table = pa.concat_tables(tables)
-    pooled = sequence = None
-    if "pooled_output" in table.column_names:
-        column = table.column("pooled_output").combine_chunks()
-        pooled = column.flatten().to_numpy().reshape(len(column),
-                                                     column.type.list_size)
-    if "sequence_output" in table.column_names:
-        column = table.column("sequence_output").combine_chunks()
-        hidden = column.type.value_type.list_size
-        offsets = column.offsets.to_numpy()
-        flat = column.values.flatten().to_numpy().reshape(-1, hidden)
-        sequence = [flat[offsets[i]:offsets[i + 1]]
-                    for i in range(len(column))]
-    chunked = "doc_id" in table.column_names
-    return Embeddings(
-        ids=table.column("id").to_pylist(),
-        num_tokens=table.column("num_tokens").to_numpy().astype(np.int32),
-        truncated=table.column("truncated").to_numpy(
-            zero_copy_only=False).astype(bool),
-        pooled_output=pooled, sequence_output=sequence,
-        doc_ids=table.column("doc_id").to_pylist() if chunked else None,
-        chunk_index=(table.column("chunk_index").to_numpy().astype(np.int32)
-                     if chunked else None),
-        num_chunks=(table.column("num_chunks").to_numpy().astype(np.int32)
-                    if chunked else None),
-        content_hash=_strings(table, "content_hash"),
-        model_fingerprint=_strings(table, "model_fingerprint"),
-        text=_strings(table, "text"))
+            tables.append(pq.read_table(handle).replace_schema_metadata())
+    return table_embeddings(pa.concat_tables(tables,
+                                             promote_options="default"))
 
 
 def _bytes(feature: Any, name: str) -> Optional[str]:
@@ -175,32 +208,49 @@ def _sequence(feature: Any) -> np.ndarray:
                     dtype=np.float32).reshape(shape)
 
 
-def read_tfrecord(files: list[str]) -> Embeddings:
-    """Reads TFRecord files (gzip for ``.gz``) of ``tf.train.Example`` rows."""
+def _add_example(columns: dict[str, list[Any]], feature: Any) -> None:
+    """Appends one ``tf.train.Example``'s features to ``columns``."""
+    columns["ids"].append(_bytes(feature, "id"))
+    columns["num_tokens"].append(feature["num_tokens"].int64_list.value[0])
+    columns["truncated"].append(
+        bool(feature["truncated"].int64_list.value[0]))
+    for name in ("content_hash", "model_fingerprint", "text"):
+        columns[name].append(_bytes(feature, name))
+    if "doc_id" in feature:
+        columns["doc_ids"].append(_bytes(feature, "doc_id"))
+        columns["chunk_index"].append(
+            feature["chunk_index"].int64_list.value[0])
+        columns["num_chunks"].append(
+            feature["num_chunks"].int64_list.value[0])
+    if "pooled_output" in feature:
+        columns["pooled"].append(np.array(
+            feature["pooled_output"].float_list.value, dtype=np.float32))
+    if "sequence_output" in feature:
+        columns["sequence"].append(_sequence(feature))
+
+
+def _tfrecord_chunks(files: list[str], rows: int = 0
+                     ) -> Iterator[Embeddings]:
+    """The rows of TFRecord files (gzip for ``.gz``), ``rows`` at a time
+    (0: all at once); at least one, possibly empty, chunk."""
     import tensorflow as tf
     columns: dict[str, list[Any]] = collections.defaultdict(list)
     compression = "GZIP" if files[0].endswith(".gz") else ""
+    yielded = False
     for record in tf.data.TFRecordDataset(files,
                                           compression_type=compression):
-        feature = tf.train.Example.FromString(record.numpy()).features.feature
-        columns["ids"].append(_bytes(feature, "id"))
-        columns["num_tokens"].append(feature["num_tokens"].int64_list.value[0])
-        columns["truncated"].append(
-            bool(feature["truncated"].int64_list.value[0]))
-        for name in ("content_hash", "model_fingerprint", "text"):
-            columns[name].append(_bytes(feature, name))
-        if "doc_id" in feature:
-            columns["doc_ids"].append(_bytes(feature, "doc_id"))
-            columns["chunk_index"].append(
-                feature["chunk_index"].int64_list.value[0])
-            columns["num_chunks"].append(
-                feature["num_chunks"].int64_list.value[0])
-        if "pooled_output" in feature:
-            columns["pooled"].append(np.array(
-                feature["pooled_output"].float_list.value, dtype=np.float32))
-        if "sequence_output" in feature:
-            columns["sequence"].append(_sequence(feature))
-    return _tfrecord_embeddings(columns)
+        _add_example(columns, tf.train.Example.FromString(
+            record.numpy()).features.feature)
+        if rows and len(columns["ids"]) >= rows:
+            yield _tfrecord_embeddings(columns)
+            columns, yielded = collections.defaultdict(list), True
+    if columns["ids"] or not yielded:
+        yield _tfrecord_embeddings(columns)
+
+
+def read_tfrecord(files: list[str]) -> Embeddings:
+    """Reads TFRecord files (gzip for ``.gz``) of ``tf.train.Example`` rows."""
+    return next(_tfrecord_chunks(files))
 
 
 def _tfrecord_embeddings(columns: dict[str, list[Any]]) -> Embeddings:
@@ -245,99 +295,303 @@ def load_embeddings(pattern: str) -> Embeddings:
     return _sorted(read_files(files))
 
 
+# --- Arrow tables of embedding rows, a bounded part of a file at a time ----
+
+_TFRECORD_ROWS = 1024  # TFRecord rows per table
+
+
+def _vector_array(matrix: np.ndarray, dtype: Any = np.float32) -> Any:
+    """A fixed-size list array, one ``matrix`` row per element."""
+    import pyarrow as pa
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=dtype).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def embeddings_table(emb: Embeddings) -> Any:
+    """An Arrow table of ``emb``'s rows, with the columns (in the order and
+    types) of ``transforms.write.embedding_schema``."""
+    import pyarrow as pa
+    columns: dict[str, Any] = {"id": pa.array(emb.ids, pa.string())}
+    if emb.doc_ids is not None:
+        columns["doc_id"] = pa.array(emb.doc_ids, pa.string())
+        columns["chunk_index"] = pa.array(emb.chunk_index, pa.int32())
+        columns["num_chunks"] = pa.array(emb.num_chunks, pa.int32())
+    columns["num_tokens"] = pa.array(emb.num_tokens, pa.int32())
+    columns["truncated"] = pa.array(emb.truncated, pa.bool_())
+    for name in ("content_hash", "model_fingerprint", "text"):
+        if getattr(emb, name) is not None:
+            columns[name] = pa.array(getattr(emb, name), pa.string())
+    if emb.pooled_output is not None:
+        columns["pooled_output"] = _vector_array(emb.pooled_output)
+    if emb.sequence_output is not None:
+        dtype = emb.sequence_output[0].dtype
+        offsets = np.concatenate([[0], np.cumsum(
+            [s.shape[0] for s in emb.sequence_output])]).astype(np.int32)
+        columns["sequence_output"] = pa.ListArray.from_arrays(
+            pa.array(offsets), _vector_array(
+                np.concatenate(emb.sequence_output), dtype))
+    return pa.table(columns)
+
+
+def fixed_vectors(table: Any) -> Any:
+    """``table`` with its vector columns as fixed-size lists (plain lists
+    of older outputs converted; already fixed ones kept) and no schema
+    metadata."""
+    import pyarrow as pa
+    table = table.replace_schema_metadata()
+    for name in ("pooled_output", "sequence_output"):
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        fixed = (column.type if name == "pooled_output"
+                 else column.type.value_type)
+        if pa.types.is_fixed_size_list(fixed):
+            continue
+        if name == "pooled_output":
+            array = _vector_array(_matrix(column, name))
+        else:
+            array = _combined(column)
+            tokens = _matrix(array.flatten(), name)
+            array = pa.ListArray.from_arrays(
+                pa.array(np.concatenate([[0], np.cumsum(
+                    pa.compute.list_value_length(array).to_numpy(
+                        zero_copy_only=False))]).astype(np.int32)),
+                _vector_array(tokens, tokens.dtype))
+        table = table.set_column(table.column_names.index(name), name, array)
+    return table
+
+
+def file_tables(path: str) -> Iterator[Any]:
+    """The rows of one embeddings file as Arrow tables (fixed-size vectors):
+    a Parquet row group, or ``_TFRECORD_ROWS`` TFRecord rows, at a time;
+    at least one table, possibly empty."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        from apache_beam.io.filesystems import FileSystems
+        with FileSystems.open(path) as handle:
+            reader = pq.ParquetFile(handle)
+            if not reader.num_row_groups:
+                yield fixed_vectors(reader.schema_arrow.empty_table())
+            for group in range(reader.num_row_groups):
+                yield fixed_vectors(reader.read_row_group(group))
+    elif path.endswith((".tfrecord", ".tfrecord.gz")):
+        for chunk in _tfrecord_chunks([path], _TFRECORD_ROWS):
+            yield embeddings_table(chunk)
+    else:
+        raise ValueError(f"{path}: not a .parquet or .tfrecord[.gz] file")
+
+
+# --- The current dataset of a manifest --------------------------------------
+
 class DatasetError(ValueError):
     """A manifest's index and the files it points at disagree: the files
     were replaced or rewritten since, or the index itself is corrupt."""
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexEntries:
-    """A manifest's index: run id -> {(document id, content hash): model
-    fingerprint}."""
-    by_run: dict[str, dict[tuple[str, str], str]]
+def succeeded_manifest(manifest_path: str) -> dict[str, Any]:
+    """The manifest of a run that succeeded; ``ManifestError`` when it is
+    missing or unreadable, ``ValueError`` when that run failed."""
+    from pipeline.manifest import SUCCEEDED, read_manifest
+    manifest = read_manifest(manifest_path)
+    if manifest.get("status") != SUCCEEDED or not manifest.get("index"):
+        raise ValueError(f"{manifest_path}: the run did not succeed "
+                         f"({manifest.get('failure')})")
+    return manifest
 
-    def of(self, run_id: str) -> dict[tuple[str, str], str]:
-        return self.by_run.get(run_id, {})
 
-
-def index_entries(manifest: dict[str, Any]) -> IndexEntries:
-    """The entries of a manifest's index; ``DatasetError`` when an id is
-    listed more than once (one id is one document of the dataset)."""
+def index_table(manifest: dict[str, Any]) -> Any:
+    """A manifest's index as one Arrow table (``INDEX_COLUMNS``; index
+    files written before ``embedded_as`` existed get it equal to ``id``);
+    ``DatasetError`` when an id is listed more than once (one id is one
+    document of the dataset)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
-    live: dict[str, dict[tuple[str, str], str]] = \
-        collections.defaultdict(dict)
-    seen: set[str] = set()
-    repeated: dict[str, int] = collections.Counter()
-    for path in manifest["index"]["keys"]:
+    tables = []
+    for number, path in enumerate(manifest["index"]["keys"]):
         with FileSystems.open(path) as handle:
-            table = pq.read_table(handle, columns=[
-                "id", "content_hash", "model_fingerprint", "run_id"])
-        for doc_id, digest, fingerprint, run_id in zip(
-                *(column.to_pylist() for column in table.columns)):
-            if doc_id in seen:
-                repeated[path] += 1
-            seen.add(doc_id)
-            live[run_id][(doc_id, digest)] = fingerprint
-    if repeated:
-        path, count = repeated.most_common(1)[0]
-        raise DatasetError(f"{path}: {sum(repeated.values())} index entries "
-                           f"repeat an id ({count} in this file): the index "
-                           "is corrupt or from an older version; re-run")
-    return IndexEntries(dict(live))
+            table = pq.read_table(handle)
+        if EMBEDDED_AS not in table.column_names:
+            table = table.append_column(EMBEDDED_AS, table.column("id"))
+        table = table.select(list(INDEX_COLUMNS)).replace_schema_metadata()
+        tables.append(table.append_column(
+            "_file", pa.array(np.full(table.num_rows, number, np.int32))))
+    if not tables:
+        return INDEX_SCHEMA.empty_table()
+    index = pa.concat_tables(tables)
+    index = index.append_column("_pos", pa.array(
+        np.arange(index.num_rows, dtype=np.int64)))
+    first = index.group_by("id", use_threads=False).aggregate(
+        [("_pos", "min")]).column("_pos_min")
+    if len(first) != index.num_rows:
+        repeated = index.filter(pc.invert(pc.is_in(index.column("_pos"),
+                                                   first)))
+        per_file = collections.Counter(repeated.column("_file").to_pylist())
+        number, count = per_file.most_common(1)[0]
+        raise DatasetError(
+            f"{manifest['index']['keys'][number]}: {repeated.num_rows} "
+            f"index entries repeat an id ({count} in this file): the index "
+            "is corrupt or from an older version; re-run")
+    return index.drop_columns(["_file", "_pos"])
 
 
-def _segment_rows(segment: dict[str, Any], kind: str,
-                  wanted: dict[tuple[str, str], str]) -> Embeddings:
+def _unlisted_runs(manifest: dict[str, Any], index: Any) -> None:
+    """Raises ``DatasetError`` when index entries point at runs that no
+    segment of the manifest lists (their rows could not be found)."""
+    import pyarrow.compute as pc
+    listed = {s["run_id"] for s in manifest["index"]["segments"]}
+    unlisted = set(pc.unique(index.column("run_id")).to_pylist()) - listed
+    if unlisted:
+        raise DatasetError(
+            f"{manifest['index']['keys'][0]}: index entries point at runs "
+            f"no segment of the manifest lists ({sorted(unlisted)[0]}): "
+            "the manifest or its index was changed")
+
+
+def _file_tables_checked(path: str, run_id: str) -> Iterator[Any]:
+    """``file_tables(path)``; a file that cannot be read is a
+    ``DatasetError``."""
+    tables = file_tables(path)
+    while True:
+        try:
+            table = next(tables)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as err:
+            raise DatasetError(
+                f"{path}: a file of run {run_id} cannot be read "
+                f"({type(err).__name__}): it was removed or replaced since"
+            ) from err
+        yield table
+
+
+@dataclasses.dataclass
+class _SegmentMatch:
+    """The index entries of one segment's run and what was found of them."""
+    entries: Any  # Arrow: id, content_hash, model_fingerprint, embedded_as
+    hits: np.ndarray  # rows found per entry
+    own: np.ndarray  # bool per entry: the id has rows of its own
+    chunks_seen: set[tuple[int, int]]  # (entry, chunk index), chunked rows
+    repeated: int = 0  # rows that repeat (document, chunk)
+
+    @classmethod
+    def of(cls, entries: Any) -> "_SegmentMatch":
+        import pyarrow.compute as pc
+        own = pc.equal(entries.column("id"), entries.column(EMBEDDED_AS))
+        return cls(entries, np.zeros(entries.num_rows, np.int64),
+                   own.to_numpy(zero_copy_only=False).astype(bool), set())
+
+    def match(self, table: Any, expand: bool) -> tuple[Any, int]:
+        """(the rows of ``table`` the entries point at, with their entries'
+        ids (and ``embedded_as`` when ``expand``: one row per entry, mapped
+        ids included), the number of rows whose model fingerprint is not
+        their entry's)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        chunked = "doc_id" in table.column_names
+        keys = pa.table({
+            "_key": table.column("doc_id" if chunked else "id"),
+            "content_hash": table.column("content_hash"),
+            "_row": pa.array(np.arange(table.num_rows, dtype=np.int64))})
+        entries = pa.table({
+            "_key": self.entries.column(EMBEDDED_AS),
+            "content_hash": self.entries.column("content_hash"),
+            "_entry": pa.array(np.arange(self.entries.num_rows,
+                                         dtype=np.int64))})
+        joined = keys.join(entries, keys=["_key", "content_hash"],
+                           join_type="inner", use_threads=False)
+        rows = joined.column("_row").to_numpy()
+        entry = joined.column("_entry").to_numpy()
+        if "model_fingerprint" in table.column_names:
+            found = table.column("model_fingerprint").take(rows)
+            good = pc.equal(found, self.entries.column(
+                "model_fingerprint").take(entry)).fill_null(False)
+            good = good.to_numpy(zero_copy_only=False).astype(bool)
+        else:
+            good = np.zeros(len(rows), bool)
+        own = self.own[entry]
+        wrong = int(np.sum(own & ~good))
+        rows, entry, own = rows[good], entry[good], own[good]
+        np.add.at(self.hits, entry, 1)
+        if chunked:
+            chunk = table.column("chunk_index").to_numpy()[rows]
+            for key in zip(entry[own].tolist(), chunk[own].tolist()):
+                if key in self.chunks_seen:
+                    self.repeated += 1
+                self.chunks_seen.add(key)
+        keep = own | expand
+        order = np.lexsort((entry[keep], rows[keep]))
+        rows, entry, own = rows[keep][order], entry[keep][order], \
+            own[keep][order]
+        return self._relabel(table.take(rows), entry, own, expand), wrong
+
+    def _relabel(self, rows: Any, entry: np.ndarray, own: np.ndarray,
+                 expand: bool) -> Any:
+        """``rows`` under their entries' ids (a mapped id's copy of its
+        document's rows gets the mapped id), plus ``embedded_as``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        if not expand:
+            return rows
+        ids = self.entries.column("id").take(pa.array(entry))
+        own_mask = pa.array(own)
+        if "doc_id" in rows.column_names:
+            doc = rows.column("doc_id")
+            chunk_ids = pc.binary_join_element_wise(
+                ids, pc.cast(rows.column("chunk_index"), pa.string()), "#")
+            rows = rows.set_column(
+                rows.column_names.index("id"), "id",
+                pc.if_else(own_mask, rows.column("id"), chunk_ids))
+            rows = rows.set_column(rows.column_names.index("doc_id"),
+                                   "doc_id", pc.if_else(own_mask, doc, ids))
+            embedded_as = doc
+        else:
+            embedded_as = rows.column("id")
+            rows = rows.set_column(rows.column_names.index("id"), "id", ids)
+        return rows.append_column(EMBEDDED_AS, embedded_as)
+
+    def check(self, segment: dict[str, Any], kind: str) -> None:
+        """Raises ``DatasetError`` when rows repeat a document or chunk, or
+        entries found no rows."""
+        files = (", ".join(segment[kind][:3])
+                 or f"{segment['output']} (no {kind} files)")
+        repeated = self.repeated if self.chunks_seen else int(
+            np.sum(np.maximum(self.hits[self.own] - 1, 0)))
+        if repeated:
+            raise DatasetError(
+                f"{files}: {repeated} rows repeat a document (run "
+                f"{segment['run_id']}) that the index lists once")
+        missing = int(np.sum(self.hits[self.own] == 0))
+        if missing:
+            raise DatasetError(
+                f"{files}: {missing} documents the index puts in run "
+                f"{segment['run_id']} are not in its files")
+        unmapped = int(np.sum(self.hits[~self.own] == 0))
+        if unmapped:
+            raise DatasetError(
+                f"{files}: {unmapped} ids the index maps to another "
+                f"document's rows (run {segment['run_id']}) find none")
+
+
+def _segment_tables(segment: dict[str, Any], kind: str, entries: Any,
+                    expand: bool) -> Iterator[Any]:
     """The rows of one segment that the index points at, checked: each has
     the fingerprint the index gives it, none repeats, and none is missing.
     Raises ``DatasetError`` naming the file and the count otherwise."""
-    parts, found = [], collections.Counter()
+    match = _SegmentMatch.of(entries)
     for path in segment[kind]:
-        try:
-            emb = read_files([path])
-        except (OSError, ValueError) as err:
-            raise DatasetError(
-                f"{path}: a file of run {segment['run_id']} cannot be read "
-                f"({type(err).__name__}): it was removed or replaced since"
-            ) from err
-        keep, wrong = [], 0
-        for i, pair in enumerate(zip(emb.document_ids, emb.content_hash)):
-            if pair not in wanted:
-                continue
-            if emb.model_fingerprint is None or \
-                    emb.model_fingerprint[i] != wanted[pair]:
-                wrong += 1
-                continue
-            keep.append(i)
+        wrong = 0
+        for table in _file_tables_checked(path, segment["run_id"]):
+            rows, bad = match.match(table, expand)
+            wrong += bad
+            yield rows
         if wrong:
             raise DatasetError(
                 f"{path}: {wrong} rows have another model fingerprint than "
                 f"the index gives them (run {segment['run_id']}'s files were "
                 "rewritten since, e.g. by a re-run with another model)")
-        part = _take(emb, keep)
-        for key in _row_keys(part):
-            found[key] += 1
-        parts.append(part)
-    repeated = sum(n - 1 for n in found.values() if n > 1)
-    if repeated:
-        raise DatasetError(
-            f"{', '.join(segment[kind][:3])}: {repeated} rows repeat a "
-            f"document (run {segment['run_id']}) that the index lists once")
-    missing = len(set(doc for doc, _ in wanted)
-                  - {key[0] for key in found})
-    if missing:
-        raise DatasetError(
-            f"{', '.join(segment[kind][:3])}: {missing} documents the index "
-            f"puts in run {segment['run_id']} are not in its files")
-    return _concat(parts)
-
-
-def _row_keys(emb: Embeddings) -> list[tuple[str, int]]:
-    """(document id, chunk index) of each row: what is unique in a run."""
-    chunks = (emb.chunk_index if emb.chunk_index is not None
-              else [0] * len(emb))
-    return [(doc, int(i)) for doc, i in zip(emb.document_ids, chunks)]
+    match.check(segment, kind)
 
 
 def _check_segment_run(segment: dict[str, Any], own_output: str) -> None:
@@ -360,31 +614,52 @@ def _check_segment_run(segment: dict[str, Any], own_output: str) -> None:
             "was re-run, so this index no longer describes its files")
 
 
-def load_index(manifest_path: str, kind: str = "embeddings") -> Embeddings:
+def current_tables(manifest: dict[str, Any], kind: str = "embeddings",
+                   expand_duplicates: bool = False) -> Iterator[Any]:
+    """The current dataset of a succeeded run's ``manifest`` as Arrow
+    tables (fixed-size vectors), a Parquet row group (or a thousand
+    TFRecord rows) of one segment file at a time, in segment and file
+    order; memory holds the index and one such table.
+
+    ``kind`` is ``embeddings`` or ``documents``.  Each segment's rows are
+    kept when the index points at that segment's run for the row's
+    document, content and model fingerprint.  With ``expand_duplicates``
+    each index entry gets its rows, so an id that ``--dedup`` mapped to
+    another document's rows comes as a copy of them under its own id, and
+    an ``embedded_as`` column names the document embedded.  Raises
+    ``DatasetError`` (after the tables read so far) when the files do not
+    hold exactly the indexed rows.
+    """
+    import pyarrow.compute as pc
+    index = index_table(manifest)
+    _unlisted_runs(manifest, index)
+    for segment in manifest["index"]["segments"]:
+        entries = index.filter(pc.equal(index.column("run_id"),
+                                        segment["run_id"]))
+        yield from _segment_tables(segment, kind, entries, expand_duplicates)
+        _check_segment_run(segment, manifest["output"])
+
+
+def load_index(manifest_path: str, kind: str = "embeddings",
+               expand_duplicates: bool = False) -> Embeddings:
     """The current dataset a run's manifest describes, sorted by id.
 
     ``kind`` is ``embeddings`` or ``documents`` (document vectors).  Each
     segment's rows are kept when the index points at that segment's run
     for the row's document and content, so rows that later runs replaced
-    or deleted are left out.  Raises ``DatasetError`` when the files do not
-    hold exactly the indexed rows: a row with another model fingerprint
-    than its entry, a document twice or missing, a segment whose output
-    now holds another run.
+    or deleted are left out.  ``expand_duplicates=True`` returns a row for
+    every id of the index: the ids that ``--dedup`` did not embed (the same
+    text as another id) come with the vectors of the one embedded, which
+    ``embedded_as`` names (``current_tables``).  Raises ``DatasetError``
+    when the files do not hold exactly the indexed rows: a row with another
+    model fingerprint than its entry, a document twice or missing, a
+    segment whose output now holds another run.
     """
-    from pipeline.manifest import SUCCEEDED, read_manifest
-    manifest = read_manifest(manifest_path)
-    if manifest.get("status") != SUCCEEDED or not manifest.get("index"):
-        raise ValueError(f"{manifest_path}: the run did not succeed "
-                         f"({manifest.get('failure')})")
-    live = index_entries(manifest)
-    parts = []
-    for segment in manifest["index"]["segments"]:
-        if not segment[kind]:
-            continue
-        rows = _segment_rows(segment, kind, live.of(segment["run_id"]))
-        _check_segment_run(segment, manifest["output"])
-        parts.append(rows)
-    if not parts:
+    import pyarrow as pa
+    manifest = succeeded_manifest(manifest_path)
+    if not any(s[kind] for s in manifest["index"]["segments"]):
         raise FileNotFoundError(f"{manifest_path}: the index holds no "
                                 f"{kind} rows")
-    return _sorted(_concat(parts))
+    tables = list(current_tables(manifest, kind, expand_duplicates))
+    return _sorted(table_embeddings(pa.concat_tables(
+        tables, promote_options="default")))

@@ -42,7 +42,7 @@ from model import xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
 from model.load import check_max_seq_length
-from pipeline.fingerprint import model_fingerprint
+from pipeline.fingerprint import file_sha256, model_fingerprint
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
@@ -188,6 +188,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         inputs=list(options.input), output=options.output,
         model_dir=model_dir, vocab=vocab,
         do_lower_case=settings.do_lower_case, hidden_size=hidden_size,
+        vocab_sha256=file_sha256(settings.vocab_path),
         input_format=options.input_format, id_field=options.id_field,
         text_field=options.text_field,
         output_format=options.output_format,

@@ -51,4 +51,6 @@ def test_nightly_script_runs_a_first_night(tmp_path, tiny_model_dir):
     assert manifest["status"] == "succeeded"
     assert manifest["previous_index"] is None  # the first night
     assert manifest["counts"]["documents_duplicates"] == 1  # --dedup
-    assert manifest["index"]["documents"] == 1
+    # b has a's text: embedded once, and the index maps b to a's row.
+    assert manifest["index"]["documents"] == 2
+    assert manifest["index"]["duplicates_mapped"] == 1

@@ -18,6 +18,16 @@ choice must not depend on the order in which workers read, so that a re-run
 over the same input keeps the same documents (which the incremental join
 relies on).  Blank texts are not grouped: they go on to be counted as
 skipped (empty).
+
+The dropped ids stay findable: ``MapDuplicates`` gives each of them an
+index entry whose ``embedded_as`` is the id that was embedded for its text
+(joined by content hash with the run's index entries, so it points at the
+run that holds those rows, this one or, when the text was unchanged, an
+earlier one).  A dropped id whose text has no entry (its document failed)
+gets none, like the document itself.
+
+The two rules compose: an id is first reduced to one document (the last),
+then texts to one document each; every id that is left has one entry.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 
+from transforms.incremental import IndexEntry
 from transforms.records import METRICS_NAMESPACE, Document
 
 DUPLICATE_TAG = "duplicates"
@@ -130,3 +141,37 @@ class DropDuplicates(beam.PTransform):
         unique = ((grouped.kept, blank)
                   | "WithBlank" >> beam.Flatten())
         return unique, grouped[DUPLICATE_TAG]
+
+
+def mapped_entries(entries: Iterable[IndexEntry],
+                   duplicates: Iterable[Document]) -> Iterator[IndexEntry]:
+    """Index entries of the ``duplicates`` of one text, pointing at the
+    rows of the one entry (the embedded document) of ``entries``; none
+    when that document has no entry."""
+    own = [e for e in entries if not e.mapped]
+    if len(own) != 1:
+        return
+    (kept,) = own
+    for doc in duplicates:
+        yield IndexEntry(doc.id, doc.content_hash, kept.model_fingerprint,
+                         kept.run_id, embedded_as=kept.row_id)
+
+
+class MapDuplicates(beam.PTransform):
+    """``(index entries, documents dropped by --dedup)`` in; an index entry
+    per dropped document out, mapping its id to the embedded one's rows.
+
+    Joined by content hash: after ``DropDuplicates`` each text of the run
+    has one document, so at most one entry per hash.
+    """
+
+    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]
+               ) -> beam.PCollection:
+        entries, duplicates = inputs
+        return ({"entries": entries | "EntriesByHash" >> beam.Map(
+                    lambda e: (e.content_hash, e)),
+                 "duplicates": duplicates | "DuplicatesByHash" >> beam.Map(
+                    lambda d: (d.content_hash, d))}
+                | "JoinByHash" >> beam.CoGroupByKey()
+                | "Map" >> beam.FlatMap(lambda item: mapped_entries(
+                    item[1]["entries"], item[1]["duplicates"])))

@@ -1,8 +1,10 @@
 """Incremental runs: documents already in the previous index are not embedded.
 
 Every run writes an *index*: one ``IndexEntry`` per document of the current
-dataset (id, content hash, model fingerprint, and the run whose files hold
-its rows) to ``<output>-index/part-*.parquet``.  With ``--previous_index``
+dataset (id, content hash, model fingerprint, the run whose files hold its
+rows, and ``embedded_as``: the id of those rows, the document's own, or
+under ``--dedup`` the id embedded for its text) to
+``<output>-index/part-*.parquet``.  With ``--previous_index``
 the previous run's index is read (those four small columns only), keyed by
 id and joined (``CoGroupByKey``, so it scales with the corpus rather than
 with one worker's memory) with this run's documents.  For each id:
@@ -11,7 +13,9 @@ with one worker's memory) with this run's documents.  For each id:
   entries is **unchanged**: it is not embedded again, and its entry, still
   pointing at the run that wrote its rows, goes into the new index;
 * any other document is **new** (id not in the previous index) or
-  **changed**, and goes on to be embedded;
+  **changed**, and goes on to be embedded (an entry that maps the id to
+  another id's rows, ``--dedup``, does not make it unchanged: no row of
+  its own exists);
 * a previous id that no document of this run carries (not even a dropped
   duplicate) is **deleted**: recorded in ``<output>-deleted-*.jsonl``.
 """
@@ -26,8 +30,10 @@ import apache_beam as beam
 import pyarrow as pa
 
 from transforms.records import METRICS_NAMESPACE, Document, DocumentEmbedding
+from transforms.write import EMBEDDED_AS
 
-INDEX_COLUMNS = ("id", "content_hash", "model_fingerprint", "run_id")
+INDEX_COLUMNS = ("id", "content_hash", "model_fingerprint", "run_id",
+                 EMBEDDED_AS)
 INDEX_SCHEMA = pa.schema([pa.field(name, pa.string(), nullable=False)
                           for name in INDEX_COLUMNS])
 UNCHANGED_TAG = "unchanged"
@@ -42,9 +48,22 @@ class IndexEntry:
     model_fingerprint: str
     run_id: str
     nbytes: int = 0  # input bytes, for progress only; not written
+    embedded_as: str = ""  # the id of its rows; "" for its own id
+
+    @property
+    def row_id(self) -> str:
+        """The id of the rows that hold this document's vectors."""
+        return self.embedded_as or self.id
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the vectors are another id's rows (``--dedup``)."""
+        return self.row_id != self.id
 
     def to_row(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in INDEX_COLUMNS}
+        row = {name: getattr(self, name) for name in INDEX_COLUMNS}
+        row[EMBEDDED_AS] = self.row_id
+        return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +84,15 @@ def entry_of(row: DocumentEmbedding, fingerprint: str,
 
 
 def _entry_from_row(row: dict[str, Any]) -> tuple[str, IndexEntry]:
-    return row["id"], IndexEntry(**{name: row[name]
+    """An index file's row as ``(id, entry)``; files written before
+    ``embedded_as`` existed lack the column (every entry its own row)."""
+    return row["id"], IndexEntry(**{name: row.get(name) or ""
                                     for name in INDEX_COLUMNS})
 
 
 class ReadIndexEntries(beam.PTransform):
-    """``(id, IndexEntry)`` pairs from index files (only their columns)."""
+    """``(id, IndexEntry)`` pairs from index files (every column: the files
+    hold nothing else, and older ones lack ``embedded_as``)."""
 
     def __init__(self, files: Sequence[str]):
         super().__init__()
@@ -79,8 +101,7 @@ class ReadIndexEntries(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (pbegin
                 | "Files" >> beam.Create(self._files)
-                | "Read" >> beam.io.ReadAllFromParquet(
-                    columns=list(INDEX_COLUMNS))
+                | "Read" >> beam.io.ReadAllFromParquet()
                 | "ById" >> beam.Map(_entry_from_row))
 
 
@@ -110,7 +131,7 @@ class _Classify(beam.DoFn):
                     doc_id, entry.content_hash, entry.run_id))
             return
         runs = {(e.content_hash, e.model_fingerprint): e.run_id
-                for e in previous} if self._reuse else {}
+                for e in previous if not e.mapped} if self._reuse else {}
         for doc in docs:
             run_id = runs.get((doc.content_hash, self._fingerprint))
             if run_id is not None:
@@ -157,7 +178,7 @@ class SplitUnchanged(beam.PTransform):
 
 class WriteIndex(beam.PTransform):
     """Writes ``IndexEntry`` elements as ``<prefix>-SSSSS-of-NNNNN.parquet``
-    (the four ``INDEX_COLUMNS``)."""
+    (the ``INDEX_COLUMNS``)."""
 
     def __init__(self, prefix: str):
         super().__init__()

@@ -8,11 +8,19 @@ into Arrow record batches column-wise with numpy (no per-float Python work)
 and written by Beam's ``WriteToParquetBatched``; each table handed to it is
 one Parquet row group.  TFRecord rows are ``tf.train.Example`` protos with
 the same fields, the sequence flattened and its shape stored beside it.
+
+Vectors are Arrow fixed-size lists (``fixed_size_list<float32>[H]``, which
+Polars reads as ``Array(Float32, H)``), and every Parquet file says what it
+holds in its footer: the key ``bert_zh_embed`` is a JSON description (model,
+fingerprint, tokenizer settings, pooling, the meaning of each column;
+``file_metadata``) and a few flat ``bert_zh_embed.*`` keys repeat the main
+values for tools that list key-value metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Iterator, Optional, Sequence
 
@@ -43,6 +51,17 @@ _BYTES_PER_TABLE = 32 * 1024 * 1024
 # Columns that only chunked runs (--long_text chunk) write.
 CHUNK_COLUMNS = ("doc_id", "chunk_index", "num_chunks")
 
+# Self-description: the footer key, and the version of the layout it
+# describes (outputs without the key predate version 1).
+METADATA_KEY = "bert_zh_embed"
+SCHEMA_VERSION = 1
+# Kinds of embedding files: rows per document or chunk, or (with
+# --document_vectors) one averaged row per document.
+KINDS = ("embeddings", "documents")
+# Which row holds an id's vectors: in the index, and a column of the
+# compacted dataset (``pipeline.compact``).
+EMBEDDED_AS = "embedded_as"
+
 
 @dataclasses.dataclass(frozen=True)
 class WriteSettings:
@@ -53,6 +72,10 @@ class WriteSettings:
     parquet_compression: str = "none"
     row_group_rows: int = 0  # 0: row groups of about 32 MiB
     tfrecord_compression: str = "none"
+    # What produced the rows (JSON, ``pipeline.manifest.dataset_description``)
+    # and which kind of file this is: it goes into each Parquet footer.
+    description: str = ""
+    kind: str = "embeddings"
 
     def __post_init__(self) -> None:
         for value, allowed in (
@@ -63,6 +86,8 @@ class WriteSettings:
                 raise ValueError(f"{value!r} is not one of {allowed}")
         if self.row_group_rows < 0:
             raise ValueError("row_group_rows must be >= 0")
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.kind!r} is not one of {KINDS}")
 
 
 def file_suffix(file_format: str, tfrecord_compression: str = "none") -> str:
@@ -101,6 +126,79 @@ def embedding_schema(hidden_size: int, pooled: bool = True,
     return pa.schema(fields)
 
 
+def pooled_meaning(pooling: str = "cls", normalize: bool = False,
+                   kind: str = "embeddings") -> str:
+    """What ``pooled_output`` holds, in words."""
+    if kind == "documents":
+        what = "the mean of the document's chunks' pooled_output"
+    elif pooling == "cls":
+        what = "BERT's pooled output: tanh(dense(final [CLS] vector))"
+    else:
+        what = f"the vector pooled from the token vectors by '{pooling}'"
+    return what + (", L2-normalized" if normalize else "")
+
+
+def column_meanings(names: Sequence[str], pooling: str = "cls",
+                    normalize: bool = False,
+                    kind: str = "embeddings") -> dict[str, str]:
+    """One line per column of ``names``: what its values are."""
+    meanings = {
+        "id": ("document id" if kind == "documents" else
+               "document id; <doc_id>#<chunk_index> for chunk rows"),
+        EMBEDDED_AS: ("the id whose row the vectors were embedded as: "
+                      "another id with the same text under --dedup, "
+                      "else this row's own document id"),
+        "doc_id": "the document's id (chunked runs)",
+        "chunk_index": "the chunk's number in its document, from 0",
+        "num_chunks": "how many chunks the document has",
+        "num_tokens": ("real tokens over all chunks" if kind == "documents"
+                       else "real tokens, [CLS] and [SEP] included"),
+        "truncated": "the text was cut to max_seq_length",
+        "content_hash": "BLAKE2b-128 of the document text (UTF-8), hex",
+        "model_fingerprint": ("model, vocabulary and tokenizer settings "
+                              "that made the vectors, hashed"),
+        "text": "the document text (on a chunked document's first chunk)",
+        "pooled_output": pooled_meaning(pooling, normalize, kind),
+        "sequence_output": ("one final-layer vector per real token, "
+                            "num_tokens rows, no padding rows"),
+    }
+    return {name: meanings[name] for name in names if name in meanings}
+
+
+def file_metadata(description: dict[str, Any], schema: pa.Schema,
+                  kind: str = "embeddings") -> dict[str, str]:
+    """The footer key-value metadata of an embeddings file of ``schema``:
+    ``bert_zh_embed`` (JSON: ``description`` plus the kind of file and its
+    columns' meanings) and flat ``bert_zh_embed.*`` copies of the main
+    values."""
+    record = dict(description)
+    record["kind"] = kind
+    record["columns"] = column_meanings(
+        schema.names, record.get("pooling", "cls"),
+        bool(record.get("normalize", False)), kind)
+    model = record.get("model", {})
+    flat = {"schema_version": record.get("schema_version", SCHEMA_VERSION),
+            "kind": kind, "run_id": record.get("run_id", ""),
+            "model_fingerprint": model.get("fingerprint", ""),
+            "hidden_size": model.get("hidden_size", ""),
+            "pooling": record.get("pooling", "cls"),
+            "normalize": record.get("normalize", False)}
+    metadata = {METADATA_KEY: json.dumps(record, ensure_ascii=False,
+                                         sort_keys=True)}
+    metadata.update({f"{METADATA_KEY}.{key}": json.dumps(value)
+                     if isinstance(value, bool) else str(value)
+                     for key, value in flat.items()})
+    return metadata
+
+
+def read_file_metadata(metadata: Optional[dict[bytes, bytes]]
+                       ) -> Optional[dict[str, Any]]:
+    """The ``bert_zh_embed`` description in a Parquet footer's key-value
+    metadata, or None (a file written before version 1)."""
+    raw = (metadata or {}).get(METADATA_KEY.encode())
+    return json.loads(raw.decode("utf-8")) if raw else None
+
+
 def _vectors(rows: np.ndarray, hidden_size: int,
              dtype: Any = np.float32) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(rows, dtype=dtype).reshape(-1))
@@ -110,7 +208,7 @@ def _vectors(rows: np.ndarray, hidden_size: int,
 def to_record_batch(rows: Sequence[DocumentEmbedding], schema: pa.Schema,
                     model_fingerprint: str = "") -> pa.RecordBatch:
     """Column-wise conversion of embedding rows into one Arrow batch."""
-    hidden = _hidden_size(schema)
+    hidden = vector_width(schema)
     columns: dict[str, pa.Array] = {
         "id": pa.array([r.id for r in rows], pa.string()),
         "num_tokens": pa.array([r.num_tokens for r in rows], pa.int32()),
@@ -143,7 +241,8 @@ def to_record_batch(rows: Sequence[DocumentEmbedding], schema: pa.Schema,
         [columns[name] for name in schema.names], schema=schema)
 
 
-def _hidden_size(schema: pa.Schema) -> int:
+def vector_width(schema: pa.Schema) -> int:
+    """The vector width (hidden size) of an embeddings schema."""
     for name in ("pooled_output", "sequence_output"):
         if name in schema.names:
             vector_type = schema.field(name).type
@@ -298,6 +397,10 @@ class WriteEmbeddings(beam.PTransform):
         self._schema = embedding_schema(
             hidden_size, "pooled" in outputs, "sequence" in outputs, chunked,
             self._settings.write_text, self._settings.sequence_dtype)
+        if self._settings.description:
+            self._schema = self._schema.with_metadata(file_metadata(
+                json.loads(self._settings.description), self._schema,
+                self._settings.kind))
         self._num_shards = num_shards
         self._chunked = chunked
 
@@ -344,6 +447,13 @@ INDEX_SUFFIX = "-index/part"
 DELETED_SUFFIX = "-deleted"
 SUMMARY_SUFFIX = "-summary.json"
 MANIFEST_SUFFIX = "-manifest.json"
+# What a run publishes besides: the description of its files (every format;
+# TFRecord files have no footer to hold it) and, for Parquet, DuckDB views
+# of its current dataset with the vectors typed FLOAT[H]
+# (``pipeline.views``).  ``pipeline.compact`` writes a manifest of its own.
+SCHEMA_SUFFIX = "-schema.json"
+DUCKDB_SUFFIX = "-duckdb.sql"
+COMPACT_SUFFIX = "-compact.json"
 
 
 # Shard numbers in file names: a glob that finds them, and the exact form
