@@ -57,8 +57,8 @@ class JobConfig:
     long_text: str = "truncate"
     chunk_stride: Optional[int] = None
     document_vectors: bool = False
-    # How pooled_output is made (transforms.pooling); the output writer
-    # records both in the files' metadata.
+    # How pooled_output is made (transforms.pooling); recorded in the
+    # manifest's options, where pipeline.embed reads them back.
     pooling: str = "cls"
     normalize: bool = False
     vocab_file: str = ""  # the vocabulary's path, for pipeline.embed

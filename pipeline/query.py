@@ -45,7 +45,8 @@ import numpy as np
 ROWS_KINDS = ("auto", "embeddings", "documents")
 DEFAULT_TOP_K = 10
 DEFAULT_TEXT_CHARS = 200
-# Rows scored at a time: 8,192 x 768 float32 is 24 MiB.
+# TFRecord rows scored at a time (8,192 x 768 float32 is 24 MiB); Parquet
+# files are scored a row group at a time (about 32 MiB as the job writes).
 SCAN_ROWS = 8192
 
 EXIT_OK, EXIT_DATASET, EXIT_USAGE = 0, 1, 2
@@ -146,26 +147,30 @@ def cosine_scores(vectors: np.ndarray, unit_query: np.ndarray) -> np.ndarray:
 # --- reading an index, streamed ----------------------------------------
 
 
-def _parquet_batches(path: str, rows: int) -> Iterator[RowBatch]:
-    """``RowBatch``es of a Parquet embeddings file, reading only the key
-    and vector columns."""
+def _parquet_batches(path: str) -> Iterator[RowBatch]:
+    """``RowBatch``es of a Parquet embeddings file, one per row group,
+    reading only the key and vector columns.  Row group by row group is
+    both the faster and the leaner way: ``iter_batches`` reads ahead and
+    held several row groups (about 400 MiB for a 300 MiB file)."""
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
-        key = "doc_id" if "doc_id" in names else "id"
-        columns = [key, "content_hash", "model_fingerprint", "pooled_output"]
         if "pooled_output" not in names:
             raise UsageError(f"{path} has no pooled_output column (a run "
                              "with --outputs sequence): nothing to search")
-        for batch in parquet.iter_batches(batch_size=rows, columns=columns):
-            vectors = batch.column(3)
+        key = "doc_id" if "doc_id" in names else "id"
+        columns = [key, "content_hash", "model_fingerprint", "pooled_output"]
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=columns,
+                                           use_threads=False)
+            vectors = table.column(3).combine_chunks()
             yield RowBatch(
-                batch.column(0).to_pylist(), batch.column(1).to_pylist(),
-                batch.column(2).to_pylist(),
+                table.column(0).to_pylist(), table.column(1).to_pylist(),
+                table.column(2).to_pylist(),
                 vectors.flatten().to_numpy(zero_copy_only=False).reshape(
-                    len(batch), vectors.type.list_size))
+                    len(table), vectors.type.list_size))
 
 
 def _tfrecord_batches(path: str, rows: int) -> Iterator[RowBatch]:
@@ -202,9 +207,10 @@ def _row_batch(rows: list[tuple[str, str, str, np.ndarray]]) -> RowBatch:
 
 
 def file_batches(path: str, rows: int = SCAN_ROWS) -> Iterator[RowBatch]:
-    """The rows of one embeddings file (Parquet or TFRecord[.gz])."""
+    """The rows of one embeddings file: a Parquet file's row groups, or
+    ``rows`` records of a TFRecord[.gz] file at a time."""
     if path.endswith(".parquet"):
-        return _parquet_batches(path, rows)
+        return _parquet_batches(path)
     if path.endswith((".tfrecord", ".tfrecord.gz")):
         return _tfrecord_batches(path, rows)
     raise UsageError(f"{path}: not a .parquet or .tfrecord[.gz] file")
@@ -265,7 +271,7 @@ def current_batches(manifest: dict[str, Any], kind: str,
         _check_segment_run(segment, manifest["output"])
         keys = segment_keys(manifest, segment["run_id"])
         for path in segment[kind]:
-            for batch in file_batches(path, rows):
+            for batch in _readable(path, file_batches(path, rows)):
                 live = np.fromiter(
                     (pair in keys for pair in zip(batch.doc_ids,
                                                   batch.hashes)),
@@ -278,6 +284,23 @@ def current_batches(manifest: dict[str, Any], kind: str,
                         f"fingerprint than the index's {expected} (the "
                         "run's files were rewritten since)")
                 yield path, batch, live
+
+
+def _readable(path: str, batches: Iterator[RowBatch]) -> Iterator[RowBatch]:
+    """``batches``, a file that cannot be read being a ``DatasetError``
+    (removed or replaced since the manifest was written)."""
+    from pipeline.read_embeddings import DatasetError
+    failures: tuple[type, ...] = (OSError, ValueError)
+    if "tensorflow" in sys.modules:  # TFRecord files are read with it
+        failures += (sys.modules["tensorflow"].errors.OpError,)
+    try:
+        yield from batches
+    except failures as err:
+        if isinstance(err, (DatasetError, UsageError)):
+            raise
+        raise DatasetError(f"{path}: a file of the index cannot be read "
+                           f"({type(err).__name__}): it was removed or "
+                           "replaced since") from err
 
 
 def search(manifest: dict[str, Any], query: np.ndarray, top_k: int,
@@ -293,7 +316,8 @@ def search(manifest: dict[str, Any], query: np.ndarray, top_k: int,
         if not live.any():
             continue
         keep = np.flatnonzero(live)
-        scores = cosine_scores(batch.vectors[keep], unit)
+        scores = cosine_scores(batch.vectors if len(keep) == len(live)
+                               else batch.vectors[keep], unit)
         keys = [(batch.doc_ids[i], batch.hashes[i]) for i in keep]
         best.offer_batch(keys, scores)
     return best.best()
@@ -305,20 +329,33 @@ def hit_texts(manifest: dict[str, Any], wanted: set[tuple[str, str]]
     (a chunked document's first chunk holds it), when the run wrote them."""
     if not (manifest.get("layout") or {}).get("write_text"):
         return {}
-    from pipeline.read_embeddings import read_files
     found: dict[tuple[str, str], str] = {}
     for segment in manifest["index"]["segments"]:
         for path in segment.get("embeddings") or []:
-            if path.endswith(".parquet"):
-                found.update(_parquet_texts(path, wanted))
-            else:
-                emb = read_files([path])
-                for i, pair in enumerate(zip(emb.document_ids,
-                                             emb.content_hash)):
-                    if pair in wanted and emb.text and emb.text[i]:
-                        found[pair] = emb.text[i]
+            texts = (_parquet_texts if path.endswith(".parquet")
+                     else _tfrecord_texts)
+            found.update(texts(path, wanted))
             if len(found) == len(wanted):
                 return found
+    return found
+
+
+def _tfrecord_texts(path: str, wanted: set[tuple[str, str]]
+                    ) -> dict[tuple[str, str], str]:
+    """The texts of ``wanted`` documents in one TFRecord file, streamed."""
+    import tensorflow as tf
+    found = {}
+    compression = "GZIP" if path.endswith(".gz") else ""
+    for record in tf.data.TFRecordDataset([path],
+                                          compression_type=compression):
+        feature = tf.train.Example.FromString(record.numpy()).features.feature
+        if "text" not in feature:
+            continue
+        key = "doc_id" if "doc_id" in feature else "id"
+        pair = tuple(feature[name].bytes_list.value[0].decode("utf-8")
+                     for name in (key, "content_hash"))
+        if pair in wanted:
+            found[pair] = feature["text"].bytes_list.value[0].decode("utf-8")
     return found
 
 
@@ -334,11 +371,13 @@ def _parquet_texts(path: str, wanted: set[tuple[str, str]]
         if "text" not in names:
             return found
         key = "doc_id" if "doc_id" in names else "id"
-        for batch in parquet.iter_batches(
-                batch_size=SCAN_ROWS, columns=[key, "content_hash", "text"]):
-            for pair, text in zip(zip(batch.column(0).to_pylist(),
-                                      batch.column(1).to_pylist()),
-                                  batch.column(2).to_pylist()):
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(
+                group, columns=[key, "content_hash", "text"],
+                use_threads=False)
+            for pair, text in zip(zip(table.column(0).to_pylist(),
+                                      table.column(1).to_pylist()),
+                                  table.column(2).to_pylist()):
                 if text is not None and pair in wanted:
                     found[pair] = text
     return found
@@ -396,7 +435,7 @@ def _parser() -> argparse.ArgumentParser:
                              "prefix.")
     parser.add_argument("--text", required=True, help="The query text.")
     parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K,
-                        help="Hits to print.")
+                        help=f"Hits to print (default {DEFAULT_TOP_K}).")
     parser.add_argument("--model", default=None,
                         help="The model to embed the query with (default: "
                              "the index's); must be the index's model.")
@@ -409,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--text_chars", type=int,
                         default=DEFAULT_TEXT_CHARS,
                         help="Cut printed texts to this many characters "
-                             "(0: whole).")
+                             f"(0: whole; default {DEFAULT_TEXT_CHARS}).")
     parser.add_argument("--json", action="store_true",
                         help="One JSON object per hit (id, score, text).")
     return parser

@@ -92,7 +92,8 @@ def index(tmp_path_factory, tiny_model_dir) -> str:
     root = tmp_path_factory.mktemp("index")
     _run("--input", _write(root / "c.jsonl", TEXTS), "--output",
          str(root / "emb"), "--model", tiny_model_dir, "--max_seq_length",
-         "32", "--write_text", "--outputs", "pooled", "--pooling", "mean")
+         "32", "--write_text", "--outputs", "pooled", "--pooling", "mean",
+         "--parquet_row_group_rows", "3")  # several row groups per file
     return str(root / "emb")
 
 
@@ -170,7 +171,8 @@ def test_embed_texts_with_an_index_refuses_other_settings(index,
 
 
 def test_incremental_index_searches_current_rows_only(tmp_path,
-                                                      tiny_model_dir):
+                                                      tiny_model_dir,
+                                                      capsys):
     common = ["--model", tiny_model_dir, "--max_seq_length", "32",
               "--format", "tfrecord", "--write_text", "--outputs", "pooled",
               "--pooling", "mean", "--normalize"]
@@ -195,6 +197,12 @@ def test_incremental_index_searches_current_rows_only(tmp_path,
     hits = query_index(index, second["d1"], top_k=len(second))
     assert hits[0].id == "d1" and hits[0].text == second["d1"]
     assert {h.id: h.text for h in hits} == second
+    # A file of the older segment gone: the index no longer holds.
+    for path in (tmp_path / "one").glob("emb-0*.tfrecord"):
+        path.unlink()
+    assert main(["--index", index, "--text", "你好"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "cannot be read" in err[-1]
 
 
 # --- chunked runs --------------------------------------------------------
