@@ -61,6 +61,8 @@ _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 INPUT_NAMES = ("input_word_ids", "input_mask", "segment_ids")
 OUTPUT_NAMES = ("pooled_output", "sequence_output")
+# Per-layer token outputs of TF Hub's dict-interface BERT encoders.
+ENCODER_OUTPUTS = "encoder_outputs"
 INTERFACES = ("list", "dict", "signature")
 
 # Handle prefixes that only tensorflow_hub can turn into a local directory.
@@ -632,6 +634,17 @@ class BertSavedModel:
         valid batch for this model (see ``check_inputs``), before
         TensorFlow sees them.
         """
+        outputs = self._outputs(input_word_ids, input_mask, segment_ids)
+        if isinstance(outputs, dict):
+            pooled, sequence = (outputs[n] for n in OUTPUT_NAMES)
+        else:
+            pooled, sequence = outputs[0], outputs[1]
+        return (np.asarray(pooled, dtype=np.float32),
+                np.asarray(sequence, dtype=np.float32))
+
+    def _outputs(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
+                 segment_ids: np.ndarray) -> Any:
+        """The model's raw outputs for a checked batch (see ``__call__``)."""
         import tensorflow as tf
         arrays = check_inputs(
             dict(zip(INPUT_NAMES, (input_word_ids, input_mask, segment_ids))),
@@ -639,14 +652,26 @@ class BertSavedModel:
         inputs = {name: tf.convert_to_tensor(value,
                                              dtype=self._input_dtypes[name])
                   for name, value in arrays.items()}
-        outputs = (self._invoke(inputs) if self._compiled is None
-                   else self._invoke_compiled(inputs))
+        return (self._invoke(inputs) if self._compiled is None
+                else self._invoke_compiled(inputs))
+
+    def call_with_layers(self, input_word_ids: np.ndarray,
+                         input_mask: np.ndarray, segment_ids: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """``__call__``'s outputs plus ``encoder_outputs``: each transformer
+        layer's ``[B, S, H]`` token outputs, first layer first, as float32
+        (an empty list when the model does not return them: only models
+        with the ``dict`` interface that have an ``encoder_outputs`` output,
+        such as TF Hub's newer BERT encoders, do)."""
+        outputs = self._outputs(input_word_ids, input_mask, segment_ids)
         if isinstance(outputs, dict):
             pooled, sequence = (outputs[n] for n in OUTPUT_NAMES)
+            layers = list(outputs.get(ENCODER_OUTPUTS) or [])
         else:
-            pooled, sequence = outputs[0], outputs[1]
+            pooled, sequence, layers = outputs[0], outputs[1], []
         return (np.asarray(pooled, dtype=np.float32),
-                np.asarray(sequence, dtype=np.float32))
+                np.asarray(sequence, dtype=np.float32),
+                [np.asarray(layer, dtype=np.float32) for layer in layers])
 
 
 def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
@@ -706,6 +731,30 @@ def probe_model(model_dir: str) -> int:
             f"{path}: unexpected output shapes pooled {pooled.shape}, "
             f"sequence {sequence.shape} for a [1, 2] input")
     return int(pooled.shape[1])
+
+
+def probe_encoder_layers(model_dir: str) -> int:
+    """How many per-layer ``encoder_outputs`` the model returns (0: none),
+    from one two-token call; launchers ask before a pooling that needs
+    them (``first_last_avg``) starts any work.  Like ``probe_model`` it is
+    not counted by ``load_count``."""
+    import tensorflow as tf
+    path = resolve_model_path(model_dir)
+    _read_saved_model_proto(path)
+    try:
+        model = BertSavedModel(path, tf.saved_model.load(path),
+                               limits=read_model_limits(path))
+    except (tf.errors.OpError, KeyError) as err:
+        raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
+                               f"{_one_line(err)}") from err
+    ids = np.array([[101, 102]], dtype=np.int32)
+    try:
+        _, _, layers = model.call_with_layers(ids, np.ones_like(ids),
+                                              np.zeros_like(ids))
+    except (tf.errors.OpError, ValueError, TypeError) as err:
+        raise ModelFormatError(f"{path}: a test call of the model failed: "
+                               f"{_one_line(err)}") from err
+    return len(layers)
 
 
 def load_count() -> int:

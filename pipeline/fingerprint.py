@@ -6,8 +6,12 @@ fingerprint equals this run's.  The hash covers the SavedModel's variables
 (``variables/variables.index`` and every data shard, streamed), the
 vocabulary file's content, and the settings that change token ids or model
 inputs: ``do_lower_case``, ``max_seq_length``, ``long_text``, the chunk
-stride and the arithmetic precision.  The model's graph is not hashed: two
-exports of the same weights with the same interface give the same vectors.
+stride and the arithmetic precision, and those that change the vector
+written as ``pooled_output``: ``--pooling`` and ``--normalize``.  These two
+enter the hash only when they differ from the defaults (``cls``, not
+normalized), so runs made before they existed keep their fingerprints.
+The model's graph is not hashed: two exports of the same weights with the
+same interface give the same vectors.
 
 Hashing BERT-Base's 400 MB of variables takes about a second; the result is
 cached per process by file paths, sizes and modification times.
@@ -80,16 +84,21 @@ def variables_files(model_dir: str) -> list[str]:
 def model_fingerprint(model_dir: str, vocab_path: str, do_lower_case: bool,
                       max_seq_length: int, long_text: str = "truncate",
                       chunk_stride: Optional[int] = None,
-                      precision: str = "float32") -> str:
-    """32 hex digits identifying the model, vocabulary and token settings.
+                      precision: str = "float32", pooling: str = "cls",
+                      normalize: bool = False) -> str:
+    """32 hex digits identifying the model, vocabulary, token settings and
+    pooling.
 
     ``chunk_stride`` is the effective stride (``None`` when not chunking).
     """
-    settings = json.dumps({
+    fields: dict[str, Any] = {
         "do_lower_case": bool(do_lower_case),
         "max_seq_length": int(max_seq_length), "long_text": long_text,
         "chunk_stride": chunk_stride if long_text == "chunk" else None,
-        "precision": precision}, sort_keys=True)
+        "precision": precision}
+    if pooling != "cls" or normalize:
+        fields.update(pooling=pooling, normalize=bool(normalize))
+    settings = json.dumps(fields, sort_keys=True)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(settings.encode("utf-8"))
     digest.update(hash_files(variables_files(model_dir)).encode("ascii"))

@@ -60,6 +60,11 @@ class JobConfig:
     long_text: str = "truncate"
     chunk_stride: Optional[int] = None
     document_vectors: bool = False
+    # How pooled_output is made (transforms.pooling); recorded in the
+    # manifest's options, where pipeline.embed reads them back.
+    pooling: str = "cls"
+    normalize: bool = False
+    vocab_file: str = ""  # the vocabulary's path, for pipeline.embed
     precision: str = "float32"
     jit_compile: bool = True
     xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
@@ -157,7 +162,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads,
-        config.jit_compile, config.max_seq_length, config.xla_cache_dir)
+        config.jit_compile, config.max_seq_length, config.xla_cache_dir,
+        config.pooling, config.normalize)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,
@@ -169,7 +175,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.outputs, config.num_shards, config.chunked, settings)
     if config.document_vectors:
         _ = (embeddings
-             | "DocumentVectors" >> DocumentVectors()
+             | "DocumentVectors" >> DocumentVectors(config.normalize)
              | "WriteDocumentVectors" >> WriteEmbeddings(
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
                  config.hidden_size, ("pooled",), config.num_shards,

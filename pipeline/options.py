@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from model.runtime import PRECISIONS
 from transforms.batch import check_bucket_boundaries
 from transforms.infer import OUTPUT_KINDS
+from transforms.pooling import DEFAULT_POOLING, POOLINGS
 from transforms.read import DEFAULT_MAX_TEXT_CHARS, ENCODINGS, INPUT_FORMATS
 from transforms.tokenize import LONG_TEXT_MODES
 from transforms.write import (FORMATS, PARQUET_CODECS, SEQUENCE_DTYPES,
@@ -187,6 +188,18 @@ class EmbedOptions(PipelineOptions):
             "--outputs", type=parse_outputs, default=["pooled", "sequence"],
             help="Which embeddings to write: pooled, sequence or "
                  "pooled,sequence.")
+        group.add_argument(
+            "--pooling", default=DEFAULT_POOLING, choices=POOLINGS,
+            help="How the pooled_output vector is made: cls (the model's "
+                 "pooled output, tanh on [CLS]), mean (mean of the token "
+                 "vectors, [CLS] and [SEP] included, padding not), "
+                 "first_last_avg (mean over tokens of the first and last "
+                 "layers' average; needs a model returning "
+                 "encoder_outputs).")
+        group.add_argument(
+            "--normalize", action="store_true",
+            help="Scale pooled_output (and document vectors) to unit L2 "
+                 "length, so a dot product is the cosine.")
         group.add_argument(
             "--precision", default="float32", choices=PRECISIONS,
             help="Model arithmetic: float32, or bfloat16 (oneDNN's automatic "

@@ -42,6 +42,7 @@ from model import xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
 from model.load import check_max_seq_length
+from pipeline.embed import check_model_pooling
 from pipeline.fingerprint import file_sha256, model_fingerprint
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
@@ -115,6 +116,10 @@ def _check_flags(options: EmbedOptions) -> None:
                          "(chunks must not skip tokens)")
     if options.document_vectors and "pooled" not in options.outputs:
         raise UsageError("--document_vectors needs pooled in --outputs")
+    if (options.pooling != "cls" or options.normalize) and \
+            "pooled" not in options.outputs:
+        raise UsageError("--pooling and --normalize make the pooled vector: "
+                         "they need pooled in --outputs")
 
 
 def input_size(patterns: Sequence[str]) -> Optional[int]:
@@ -176,6 +181,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     settings = tokenizer_settings_with_overrides(
         model_dir, options.vocab_file, lower_case_override(options))
     vocab = load_vocab(settings.vocab_path)
+    check_model_pooling(model_dir, options.pooling)
     probed = probe_model(model_dir)
     hidden_size = infer_hidden_size(model_dir, len(vocab))
     if probed != hidden_size:
@@ -200,6 +206,8 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         num_shards=options.num_shards, long_text=options.long_text,
         chunk_stride=options.chunk_stride,
         document_vectors=options.document_vectors,
+        pooling=options.pooling, normalize=options.normalize,
+        vocab_file=settings.vocab_path,
         precision=options.precision, jit_compile=options.xla == "on",
         xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
@@ -210,7 +218,8 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         model_fingerprint=model_fingerprint(
             resolve_model_path(model_dir), settings.vocab_path,
             settings.do_lower_case, options.max_seq_length,
-            options.long_text, stride, options.precision),
+            options.long_text, stride, options.precision, options.pooling,
+            options.normalize),
         sequence_dtype=options.sequence_dtype,
         parquet_compression=options.parquet_compression,
         parquet_row_group_rows=options.parquet_row_group_rows,

@@ -1,9 +1,11 @@
 """Document vectors for chunked runs: the mean of a document's chunk vectors.
 
 With ``--long_text chunk`` a long document is embedded as several chunks;
-``DocumentVectors`` groups them by ``doc_id`` and averages their pooled
-outputs into one vector per document, so a long text still has a single
-vector for retrieval or clustering.
+``DocumentVectors`` groups them by ``doc_id`` and averages their vectors
+(the ``pooled_output`` column: the run's ``--pooling``, already unit length
+with ``--normalize``) into one vector per document, scaled to unit length
+again with ``--normalize``, so a long text still has a single vector for
+retrieval or clustering.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Optional
 import apache_beam as beam
 import numpy as np
 
+from transforms.pooling import l2_normalize
 from transforms.records import DocumentEmbedding
 
 # (sum of pooled vectors in float64, number of chunks, tokens over chunks)
@@ -20,7 +23,12 @@ _Accumulator = tuple[Optional[np.ndarray], int, int]
 
 
 class MeanOfChunks(beam.CombineFn):
-    """Averages ``pooled_output`` over a document's chunks."""
+    """Averages ``pooled_output`` over a document's chunks; ``normalize``
+    scales the mean to unit length."""
+
+    def __init__(self, normalize: bool = False) -> None:
+        super().__init__()
+        self._normalize = normalize
 
     def create_accumulator(self) -> _Accumulator:
         return None, 0, 0
@@ -44,7 +52,9 @@ class MeanOfChunks(beam.CombineFn):
 
     def extract_output(self, acc: _Accumulator) -> tuple[np.ndarray, int, int]:
         total, count, tokens = acc
-        return (total / count).astype(np.float32), count, tokens
+        mean = total / count
+        return (l2_normalize(mean) if self._normalize
+                else mean.astype(np.float32)), count, tokens
 
 
 def _document_row(item: tuple[tuple[str, str], tuple[np.ndarray, int, int]]
@@ -57,12 +67,16 @@ def _document_row(item: tuple[tuple[str, str], tuple[np.ndarray, int, int]]
 class DocumentVectors(beam.PTransform):
     """Chunk embeddings in, one ``DocumentEmbedding`` per document out.
 
-    The output rows carry the document id as ``id``, the mean pooled vector
-    as ``pooled_output``, the tokens of all chunks as ``num_tokens`` and the
-    document's ``content_hash``.  Chunks are grouped by document id and
-    content hash, so two different texts that share an id are not averaged
-    together.
+    The output rows carry the document id as ``id``, the mean of the chunk
+    vectors as ``pooled_output`` (unit length when ``normalize``), the
+    tokens of all chunks as ``num_tokens`` and the document's
+    ``content_hash``.  Chunks are grouped by document id and content hash,
+    so two different texts that share an id are not averaged together.
     """
+
+    def __init__(self, normalize: bool = False) -> None:
+        super().__init__()
+        self._normalize = normalize
 
     def expand(self, chunks: beam.PCollection) -> beam.PCollection:
         # Only the pooled vector and the token count cross the shuffle, not
@@ -71,5 +85,6 @@ class DocumentVectors(beam.PTransform):
                 | "KeyByDocument" >> beam.Map(
                     lambda c: ((c.doc_id, c.content_hash),
                                (c.pooled_output, c.num_tokens)))
-                | "MeanOfChunks" >> beam.CombinePerKey(MeanOfChunks())
+                | "MeanOfChunks" >> beam.CombinePerKey(
+                    MeanOfChunks(self._normalize))
                 | "ToRow" >> beam.Map(_document_row))

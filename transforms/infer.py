@@ -23,6 +23,7 @@ from model import xla_cache
 from model.load import BertSavedModel, load_bert_saved_model
 from model.runtime import PRECISIONS, configure_tensorflow
 from transforms.batch import BatchByLength, batch_width
+from transforms.pooling import check_pooling, needs_layers, pool
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
                                 DocumentEmbedding, TokenizedDocument)
 
@@ -75,6 +76,10 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     (``pad_to_steps``), which the batcher must use too, and compiled
     executables are shared with later runs through ``xla_cache_dir``
     (``auto``, ``none`` or a path: see ``model.xla_cache``).
+
+    ``pooling`` and ``normalize`` say how the ``pooled`` vector is made from
+    the model's outputs (``transforms.pooling``: ``cls`` keeps the model's
+    ``pooled_output``).
     """
 
     def __init__(self, model_dir: str,
@@ -84,7 +89,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                  inter_op_threads: Optional[int] = None,
                  jit_compile: bool = False,
                  max_seq_length: int = 512,
-                 xla_cache_dir: str = xla_cache.OFF):
+                 xla_cache_dir: str = xla_cache.OFF,
+                 pooling: str = "cls", normalize: bool = False):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
@@ -105,6 +111,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._max_seq_length = max_seq_length
         self.pad_to_steps = max_seq_length if self._jit_compile else None
         self._xla_cache_dir = xla_cache_dir
+        self._pooling = check_pooling(pooling)
+        self._normalize = normalize
 
     def load_model(self) -> BertSavedModel:
         """Loads the model once per worker process; raises ``ValueError``
@@ -133,7 +141,15 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
         ids, mask, segments = pad_batch(batch, self.pad_to_steps)
-        pooled, sequence = model(ids, mask, segments)
+        layers = None
+        if needs_layers(self._pooling):
+            pooled, sequence, layers = model.call_with_layers(
+                ids, mask, segments)
+        else:
+            pooled, sequence = model(ids, mask, segments)
+        if self._keep_pooled:
+            pooled = pool(self._pooling, pooled, sequence, mask, layers,
+                          self._normalize)
         self._computed.inc(ids.size)
         for row, doc in enumerate(batch):
             yield PredictionResult(doc, DocumentEmbedding(
