@@ -708,6 +708,15 @@ def probe_model(model_dir: str) -> int:
     return int(pooled.shape[1])
 
 
+def count_load() -> int:
+    """Counts one model load by an engine that does not go through
+    ``load_bert_saved_model`` (``model.engines``); returns the count."""
+    global _load_count
+    with _load_lock:
+        _load_count += 1
+        return _load_count
+
+
 def load_count() -> int:
     """How many times this process has loaded a model (for tests and logs)."""
     return _load_count

@@ -38,7 +38,7 @@ if __name__ == "__main__":
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model import xla_cache
+from model import engines, xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
 from model.load import check_max_seq_length
@@ -54,7 +54,6 @@ from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
                               staging_prefix)
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
-from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
 from transforms.tokenization import load_vocab
@@ -148,6 +147,49 @@ def _check_remote_paths(options: EmbedOptions) -> None:
                          + ", ".join(local) + " (use gs://...)")
 
 
+def _workers_hint(options: EmbedOptions) -> int:
+    """Worker processes the job will likely have (``--direct_num_workers``,
+    Dataflow's ``--num_workers`` or ``--max_num_workers``; else 1)."""
+    from apache_beam.options.pipeline_options import (DirectOptions,
+                                                      WorkerOptions)
+    workers = options.view_as(WorkerOptions)
+    counts = [options.view_as(DirectOptions).direct_num_workers,
+              workers.num_workers, workers.max_num_workers]
+    return max([int(c) for c in counts if c] or [1])
+
+
+def _plan_engine(options: EmbedOptions,
+                 total_bytes: Optional[int]) -> tuple[bool, str]:
+    """Checks ``--engine``/``--precision``/``--int8_model`` (UsageError for
+    a combination that cannot run) and decides ``--xla`` for the job:
+    returns (XLA on, why).  The engine ``auto`` would pick on this machine
+    stands in for the workers'."""
+    if options.int8_model and options.precision != "int8":
+        raise UsageError("--int8_model needs --precision int8")
+    try:
+        planned = engines.choose_engine(options.engine, options.precision,
+                                        engines.detect_hardware())
+        warm = (options.xla == "auto"
+                and planned.engine == engines.TENSORFLOW
+                and planned.precision == "float32"
+                and xla_cache.is_warm(options.xla_cache_dir))
+        return engines.decide_xla(options.xla, planned, total_bytes,
+                                  _workers_hint(options), warm)
+    except engines.EngineError as err:
+        raise UsageError(str(err)) from err
+
+
+def _precision_key(options: EmbedOptions, model_dir: str) -> str:
+    """The precision as the model fingerprint records it: ``int8`` names
+    its quantized model's digest (UsageError when there is none)."""
+    if options.precision != "int8":
+        return options.precision
+    from model import openvino_engine
+    path = openvino_engine.find_int8_model(resolve_model_path(model_dir),
+                                           options.int8_model)
+    return f"int8:{openvino_engine.int8_digest(path)}"
+
+
 def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     """Turns flags into a ``ResolvedJob`` (with ``run_id``, or a new one).
 
@@ -156,12 +198,14 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     """
     _check_flags(options)
     _check_remote_paths(options)
-    if xla_applies(options.xla == "on", options.precision):
+    total_bytes = input_size(options.input)
+    jit_compile, why = _plan_engine(options, total_bytes)
+    _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
+    if engines.xla_applies(jit_compile, options.precision, options.engine):
         # Now, before this process first uses TensorFlow: a DirectRunner
         # runs the model in this process, and TensorFlow reads its XLA
         # flags once, when its runtime starts.
         xla_cache.process_cache(options.xla_cache_dir)
-    total_bytes = input_size(options.input)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:
         boundaries = read_analysis_boundaries(options.analysis)
@@ -176,6 +220,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     settings = tokenizer_settings_with_overrides(
         model_dir, options.vocab_file, lower_case_override(options))
     vocab = load_vocab(settings.vocab_path)
+    precision_key = _precision_key(options, model_dir)
     probed = probe_model(model_dir)
     hidden_size = infer_hidden_size(model_dir, len(vocab))
     if probed != hidden_size:
@@ -199,7 +244,8 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         num_shards=options.num_shards, long_text=options.long_text,
         chunk_stride=options.chunk_stride,
         document_vectors=options.document_vectors,
-        precision=options.precision, jit_compile=options.xla == "on",
+        precision=options.precision, jit_compile=jit_compile,
+        engine=options.engine, int8_model=options.int8_model,
         xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,
@@ -209,7 +255,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         model_fingerprint=model_fingerprint(
             resolve_model_path(model_dir), settings.vocab_path,
             settings.do_lower_case, options.max_seq_length,
-            options.long_text, stride, options.precision),
+            options.long_text, stride, precision_key),
         sequence_dtype=options.sequence_dtype,
         parquet_compression=options.parquet_compression,
         parquet_row_group_rows=options.parquet_row_group_rows,
