@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from model.bert import BertConfig, BertEncoder
 from model.export import CONFIG_FILENAME
-from model.load import INPUT_NAMES, ModelFormatError
+from model.load import (INPUT_NAMES, ModelFormatError, ModelLimits,
+                        check_inputs, read_model_limits)
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,11 +83,12 @@ def read_weights(model_dir: str) -> tuple[BertConfig, dict[str, np.ndarray]]:
     in this project's layout; ModelFormatError for any other model."""
     config = _read_config(model_dir)
     restored = tf.saved_model.load(model_dir)
-    variables = getattr(getattr(restored, "encoder", None),
-                        "weight_variables", None)
+    variables = getattr(restored, "bert_weights", None) or getattr(
+        getattr(restored, "encoder", None), "weight_variables", None)
     if variables is None:
         raise ModelFormatError(f"{model_dir}: the SavedModel has no "
-                               "encoder.weight_variables to re-trace")
+                               "bert_weights or encoder.weight_variables "
+                               "to re-trace")
     try:
         weights = {str(name): variable.numpy()
                    for name, variable in variables.items()}
@@ -99,14 +101,17 @@ def read_weights(model_dir: str) -> tuple[BertConfig, dict[str, np.ndarray]]:
 class Bfloat16BertModel:
     """The re-traced encoder with ``BertSavedModel``'s call:
     ``model(input_word_ids, input_mask, segment_ids) -> (pooled, sequence)``
-    as float32 numpy arrays."""
+    as float32 numpy arrays; inputs are checked against ``limits`` first
+    (``model.load.check_inputs``)."""
 
     engine = "tensorflow"
     precision = "bfloat16"
 
-    def __init__(self, model_dir: str, encoder: Bfloat16Encoder) -> None:
+    def __init__(self, model_dir: str, encoder: Bfloat16Encoder,
+                 limits: ModelLimits = ModelLimits()) -> None:
         self.model_dir = model_dir
         self.encoder = encoder
+        self.limits = limits
         self.notes: list[str] = []
         self._call = tf.function(
             lambda ids, mask, segments: encoder(ids, mask, segments),
@@ -118,13 +123,10 @@ class Bfloat16BertModel:
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        arrays = [np.asarray(a) for a in (input_word_ids, input_mask,
-                                          segment_ids)]
-        if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 2:
-            raise ValueError("inputs must be three 2-D arrays of one shape, "
-                             f"got {[list(a.shape) for a in arrays]}")
-        pooled, sequence = self._call(*(tf.constant(a, tf.int32)
-                                        for a in arrays))
+        arrays = check_inputs(dict(zip(INPUT_NAMES, (
+            input_word_ids, input_mask, segment_ids))), self.limits)
+        pooled, sequence = self._call(*(tf.constant(arrays[name], tf.int32)
+                                        for name in INPUT_NAMES))
         return (np.asarray(pooled, np.float32),
                 np.asarray(sequence, np.float32))
 
@@ -135,7 +137,8 @@ def load_bfloat16_model(model_dir: str) -> Bfloat16BertModel:
     in this project's layout."""
     started = time.perf_counter()
     config, weights = read_weights(model_dir)
-    model = Bfloat16BertModel(model_dir, Bfloat16Encoder(config, weights))
+    model = Bfloat16BertModel(model_dir, Bfloat16Encoder(config, weights),
+                              read_model_limits(model_dir))
     _LOG.info("Re-traced %s with bfloat16 matrix products in %.1f s",
               model_dir, time.perf_counter() - started)
     return model

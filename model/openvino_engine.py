@@ -199,19 +199,37 @@ def converted_model(model_dir: str, core: Any) -> tuple[Any, Optional[str]]:
 
 
 def read_int8_info(int8_dir: str) -> dict[str, Any]:
-    """The ``int8.json`` of a quantized model directory; ModelFormatError
-    when the directory is not one."""
-    info_path = os.path.join(int8_dir, INT8_INFO_FILE)
-    if not os.path.isfile(os.path.join(int8_dir, IR_XML)) or \
-            not os.path.isfile(info_path):
+    """The ``int8.json`` of a quantized model directory (local or a
+    TensorFlow file-system path such as ``gs://``); ModelFormatError when
+    the directory is not one."""
+    import tensorflow as tf
+    base = int8_dir.rstrip("/")
+    info_path = f"{base}/{INT8_INFO_FILE}"
+    if not tf.io.gfile.exists(f"{base}/{IR_XML}") or \
+            not tf.io.gfile.exists(info_path):
         raise ModelFormatError(
             f"{int8_dir} is not an int8 model of python -m model.quantize "
             f"(no {IR_XML} or {INT8_INFO_FILE})")
     try:
-        with open(info_path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as err:
+        with tf.io.gfile.GFile(info_path, "r") as handle:
+            return json.loads(handle.read())
+    except (tf.errors.OpError, ValueError) as err:
         raise ModelFormatError(f"{info_path}: unreadable ({err})") from err
+
+
+def _local_int8_dir(int8_dir: str) -> str:
+    """``int8_dir`` itself when local, else a local copy of its IR (in a
+    temporary directory removed at exit), which OpenVINO can read."""
+    if "://" not in int8_dir:
+        return int8_dir
+    import atexit
+    import tensorflow as tf
+    local = tempfile.mkdtemp(prefix="bert-zh-embed-int8-")
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    for name in (IR_XML, IR_BIN):
+        tf.io.gfile.copy(f"{int8_dir.rstrip('/')}/{name}",
+                         os.path.join(local, name))
+    return local
 
 
 def find_int8_model(model_dir: str, int8_model: Optional[str]) -> str:
@@ -241,8 +259,8 @@ def int8_digest(int8_dir: str) -> str:
     """Hash of a quantized model's files: part of the run's fingerprint, so
     a re-calibrated model counts as a different model."""
     from pipeline.fingerprint import hash_files
-    return hash_files([os.path.join(int8_dir, IR_XML),
-                       os.path.join(int8_dir, IR_BIN)])
+    base = int8_dir.rstrip("/")
+    return hash_files([f"{base}/{IR_XML}", f"{base}/{IR_BIN}"])
 
 
 # --- compiling and running ---------------------------------------------------
@@ -412,7 +430,7 @@ def load_openvino_model(model_dir: str, precision: str,
     ir_dir = None
     if precision == "int8":
         path = find_int8_model(model_dir, int8_model)
-        model = core.read_model(os.path.join(path, IR_XML))
+        model = core.read_model(os.path.join(_local_int8_dir(path), IR_XML))
         notes.append(f"int8 model {path}")
     else:
         model, ir_dir = converted_model(model_dir, core)

@@ -138,9 +138,15 @@ def _check_remote_paths(options: EmbedOptions) -> None:
     if options.model is None:
         raise UsageError("--runner DataflowRunner needs --model (a gs:// "
                          "SavedModel): the demo model lives on this machine")
+    if options.precision == "int8" and not options.int8_model:
+        raise UsageError("--runner DataflowRunner with --precision int8 "
+                         "needs --int8_model (a gs:// directory): the "
+                         "quantize cache lives on this machine")
     local = [f"{flag} {path}" for flag, paths in (
         ("--model", [options.model]), ("--input", options.input),
-        ("--output", [options.output])) for path in paths
+        ("--output", [options.output]),
+        ("--int8_model", [options.int8_model] if options.int8_model
+         else [])) for path in paths
         if "://" not in path]
     if local:
         raise UsageError("Dataflow workers cannot read local paths: "

@@ -338,3 +338,18 @@ def test_int8_without_a_quantized_model_exits_2(corpus, tmp_path,
     assert _launch(corpus, tmp_path, tiny_model_dir, "--precision", "int8",
                    "--int8_model", str(not_one)) == EXIT_USAGE
     assert "is not an int8 model" in capsys.readouterr().err
+
+
+def test_int8_on_dataflow_needs_a_cloud_int8_model(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.options import EmbedOptions
+    from pipeline.run import UsageError, resolve_config
+    common = ["--input", "gs://bucket/in/*.jsonl", "--output",
+              "gs://bucket/out/emb", "--model", "gs://bucket/model",
+              "--runner", "DataflowRunner", "--precision", "int8"]
+    for extra, message in (([], "needs --int8_model"),
+                           (["--int8_model", str(tmp_path)],
+                            f"--int8_model {tmp_path}")):
+        options = PipelineOptions(common + extra).view_as(EmbedOptions)
+        with pytest.raises(UsageError, match=message):
+            resolve_config(options)

@@ -78,6 +78,25 @@ def test_the_int8_model_runs_close_to_float32(quantized, tiny_model_dir):
     assert not np.array_equal(pooled, want)
 
 
+def test_an_int8_model_on_a_tensorflow_file_system(quantized,
+                                                  tiny_model_dir):
+    """A gs:// int8 model (tested on TensorFlow's ram:// file system) is
+    checked where it is and copied locally for OpenVINO to read."""
+    import tensorflow as tf
+    remote = "ram://int8/tiny_int8"
+    tf.io.gfile.makedirs(remote)
+    for path in quantized.iterdir():
+        tf.io.gfile.copy(str(path), f"{remote}/{path.name}", overwrite=True)
+    assert openvino_engine.find_int8_model(tiny_model_dir, remote) == remote
+    model = openvino_engine.load_openvino_model(tiny_model_dir, "int8",
+                                                int8_model=remote)
+    local = openvino_engine.load_openvino_model(
+        tiny_model_dir, "int8", int8_model=str(quantized))
+    ids = np.array([[101, 110, 120, 102]], np.int32)
+    args = (ids, np.ones_like(ids), np.zeros_like(ids))
+    np.testing.assert_array_equal(model(*args)[0], local(*args)[0])
+
+
 def test_a_run_with_int8(quantized, tiny_model_dir, e2e_corpus, tmp_path):
     common = ["--input", str(e2e_corpus), "--model", tiny_model_dir,
               "--max_seq_length", "32", "--runner", "DirectRunner"]
