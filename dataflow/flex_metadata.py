@@ -49,7 +49,8 @@ LABELS = {
     "chunk_stride": "Chunk stride", "document_vectors": "Document vectors",
     "batch_size": "Batch size",
     "max_tokens_per_batch": "Padded tokens per batch",
-    "outputs": "Embeddings to write", "precision": "Model arithmetic",
+    "outputs": "Embeddings to write", "engine": "Inference engine",
+    "precision": "Model arithmetic", "int8_model": "int8 model",
     "xla": "XLA compilation", "xla_cache_dir": "XLA compile cache",
     "tf_intra_op_threads": "TensorFlow intra-op threads",
     "tf_inter_op_threads": "TensorFlow inter-op threads",
@@ -65,7 +66,7 @@ _GCS = r"gs://[a-z0-9][-_.a-z0-9]{1,221}[a-z0-9]"
 _PATH_REGEXES = {
     name: f"^{_GCS}/.+$" for name in (
         "input", "output", "model", "vocab_file", "analysis",
-        "previous_index")}
+        "previous_index", "int8_model")}
 _PATH_REGEXES["xla_cache_dir"] = f"^(auto|none|{_GCS}(/.*)?)$"
 
 _KIND = "|".join(OUTPUT_KINDS)

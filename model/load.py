@@ -757,6 +757,15 @@ def probe_encoder_layers(model_dir: str) -> int:
     return len(layers)
 
 
+def count_load() -> int:
+    """Counts one model load by an engine that does not go through
+    ``load_bert_saved_model`` (``model.engines``); returns the count."""
+    global _load_count
+    with _load_lock:
+        _load_count += 1
+        return _load_count
+
+
 def load_count() -> int:
     """How many times this process has loaded a model (for tests and logs)."""
     return _load_count

@@ -20,7 +20,7 @@ PRECISIONS = ("float32", "bfloat16")
 
 # CPU flags that make oneDNN's bfloat16 kernels fast (native bf16 dot
 # products); without them TensorFlow emulates bf16 and it is slower.
-_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def usable_cores() -> int:
@@ -59,7 +59,7 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has_fast_bfloat16() -> bool:
     """Whether the CPU has native bfloat16 instructions."""
-    return not cpu_flags().isdisjoint(_BF16_CPU_FLAGS)
+    return not cpu_flags().isdisjoint(BF16_CPU_FLAGS)
 
 
 def configure_tensorflow(intra_op_threads: Optional[int] = None,

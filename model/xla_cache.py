@@ -80,6 +80,25 @@ def _gpu_models() -> list[str]:
     return models
 
 
+def gpu_models() -> list[str]:
+    """The NVIDIA GPU models this machine's driver lists (empty without a
+    driver); engine selection reads them without starting TensorFlow."""
+    return _gpu_models()
+
+
+def is_warm(value: str) -> bool:
+    """Whether the compile cache that ``--xla_cache_dir value`` names holds
+    executables from earlier runs on this machine kind (so a run with XLA
+    loads them instead of compiling); False when off or unreadable."""
+    root = resolve_root(value)
+    if root is None:
+        return False
+    try:
+        return bool(_entries(f"{root.rstrip('/')}/{machine_key()}"))
+    except Exception:  # pylint: disable=broad-except
+        return False  # an unreadable cache is a cold one
+
+
 def machine_key() -> str:
     """The shared directory's sub-directory for this machine kind: the
     TensorFlow version plus a digest of the CPU model, CPU flags and GPU

@@ -33,7 +33,7 @@ from model.load import (check_max_seq_length, infer_hidden_size,
                         probe_encoder_layers, resolve_model_path,
                         tokenizer_settings_with_overrides)
 from pipeline.cli import UsageError
-from pipeline.fingerprint import model_fingerprint
+from pipeline.fingerprint import model_fingerprint, precision_key
 from transforms.batch import cut_batches
 from transforms.infer import BertModelHandler
 from transforms.pooling import (DEFAULT_POOLING, check_pooling,
@@ -90,6 +90,8 @@ class EmbedSettings:
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
+    engine: str = "auto"
+    int8_model: Optional[str] = None
 
     @property
     def effective_stride(self) -> Optional[int]:
@@ -104,8 +106,10 @@ class EmbedSettings:
         return model_fingerprint(
             resolve_model_path(self.model_dir), self.vocab_file,
             self.do_lower_case, self.max_seq_length, self.long_text,
-            self.effective_stride, self.precision, self.pooling,
-            self.normalize)
+            self.effective_stride,
+            precision_key(self.precision, resolve_model_path(self.model_dir),
+                          self.int8_model),
+            self.pooling, self.normalize)
 
 
 def model_settings(model: Optional[str] = None,
@@ -183,7 +187,8 @@ def index_settings(manifest: dict[str, Any], model: Optional[str] = None,
         batch_size or int(options.get("batch_size", DEFAULT_BATCH_SIZE)),
         int(options.get("max_tokens_per_batch",
                         DEFAULT_MAX_TOKENS_PER_BATCH)),
-        options.get("intra_op_threads"), options.get("inter_op_threads"))
+        options.get("intra_op_threads"), options.get("inter_op_threads"),
+        options.get("engine", "tensorflow"), options.get("int8_model"))
 
 
 def check_same_vectors(settings: EmbedSettings, manifest: dict[str, Any],
@@ -229,7 +234,8 @@ class Embedder:
             settings.intra_op_threads, settings.inter_op_threads,
             jit_compile=False, max_seq_length=settings.max_seq_length,
             xla_cache_dir=xla_cache.OFF, pooling=settings.pooling,
-            normalize=settings.normalize)
+            normalize=settings.normalize, engine=settings.engine,
+            int8_model=settings.int8_model)
         self._model = self._handler.load_model()
 
     def _tokens(self, index: int, text: str) -> list[TokenizedDocument]:

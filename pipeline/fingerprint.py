@@ -104,3 +104,15 @@ def model_fingerprint(model_dir: str, vocab_path: str, do_lower_case: bool,
     digest.update(hash_files(variables_files(model_dir)).encode("ascii"))
     digest.update(hash_files([vocab_path], with_names=False).encode("ascii"))
     return digest.hexdigest()
+
+
+def precision_key(precision: str, model_dir: str,
+                  int8_model: Optional[str] = None) -> str:
+    """The precision as a model fingerprint records it: ``int8`` names the
+    digest of its quantized model (``model.openvino_engine``), which the
+    vectors depend on; raises that module's error when there is none."""
+    if precision != "int8":
+        return precision
+    from model import openvino_engine
+    path = openvino_engine.find_int8_model(model_dir, int8_model)
+    return f"int8:{openvino_engine.int8_digest(path)}"

@@ -66,6 +66,8 @@ class JobConfig:
     normalize: bool = False
     vocab_file: str = ""  # the vocabulary's path, for pipeline.embed
     precision: str = "float32"
+    engine: str = "tensorflow"  # see model.engines
+    int8_model: Optional[str] = None
     jit_compile: bool = True
     xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
     intra_op_threads: Optional[int] = None
@@ -163,7 +165,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads,
         config.jit_compile, config.max_seq_length, config.xla_cache_dir,
-        config.pooling, config.normalize)
+        config.pooling, config.normalize, config.engine, config.int8_model)
     embeddings, infer_failures = (
         tokenized.tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,

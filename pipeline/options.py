@@ -11,7 +11,7 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model.runtime import PRECISIONS
+from model.engines import ENGINES, PRECISIONS
 from transforms.batch import check_bucket_boundaries
 from transforms.infer import OUTPUT_KINDS
 from transforms.pooling import DEFAULT_POOLING, POOLINGS
@@ -201,18 +201,32 @@ class EmbedOptions(PipelineOptions):
             help="Scale pooled_output (and document vectors) to unit L2 "
                  "length, so a dot product is the cosine.")
         group.add_argument(
-            "--precision", default="float32", choices=PRECISIONS,
-            help="Model arithmetic: float32, or bfloat16 (oneDNN's automatic "
-                 "rewrite; fast only on CPUs with AVX512-BF16/AMX).")
+            "--engine", default="auto", choices=ENGINES,
+            help="Inference engine per worker: openvino (CPUs; the "
+                 "SavedModel converted once, cached), tensorflow (GPUs), or "
+                 "auto: tensorflow where it sees a GPU, else openvino if "
+                 "installed, else tensorflow (logged once per worker).")
         group.add_argument(
-            "--xla", default="on", choices=("on", "off"),
-            help="Compile the model with XLA, once per batch shape (batch "
-                 "widths are rounded up to steps of 8 tokens, 16 above 128, "
-                 "so few shapes recur): model calls ~17%% faster on a 2-core "
-                 "CPU after about a second of compiling per shape, so it "
-                 "pays from a few thousand documents per worker.  float32 "
-                 "only; a model XLA cannot compile runs without it "
-                 "(logged).")
+            "--precision", default="auto", choices=PRECISIONS,
+            help="Model arithmetic: float32; bfloat16 (fast on CPUs with "
+                 "AMX/AVX512-BF16 and GPUs from compute capability 8.0); "
+                 "int8 (OpenVINO, a model from python -m model.quantize); "
+                 "auto: bfloat16 where the hardware has it and it passes a "
+                 "self-check against float32 at load, else float32.")
+        group.add_argument(
+            "--int8_model", default=None,
+            help="With --precision int8: the directory python -m "
+                 "model.quantize wrote (default: the one it cached for "
+                 "--model).")
+        group.add_argument(
+            "--xla", default="auto", choices=("auto", "on", "off"),
+            help="TensorFlow engine, float32: compile the model with XLA "
+                 "once per batch shape (batch widths rounded up to steps "
+                 "of 8 tokens, 16 above 128): model calls ~10%% faster "
+                 "after 3-8 s of compiling per shape on BERT-Base.  auto: "
+                 "on when the engine is tensorflow and the input is large "
+                 "(8 MiB or more per worker) or the compile cache holds "
+                 "executables from earlier runs, off otherwise.")
         group.add_argument(
             "--xla_cache_dir", default="auto",
             help="Where XLA-compiled executables are kept for later runs "

@@ -38,12 +38,14 @@ if __name__ == "__main__":
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model import xla_cache
+from model import engines, xla_cache
 from model.load import (ModelFormatError, infer_hidden_size, probe_model,
                         resolve_model_path, tokenizer_settings_with_overrides)
 from model.load import check_max_seq_length
 from pipeline.embed import check_model_pooling
-from pipeline.fingerprint import file_sha256, model_fingerprint
+from transforms.pooling import needs_layers
+from pipeline.fingerprint import (file_sha256, model_fingerprint,
+                                  precision_key)
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
@@ -55,7 +57,6 @@ from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
                               staging_prefix)
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
-from transforms.infer import xla_applies
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
 from transforms.tokenization import load_vocab
@@ -144,13 +145,55 @@ def _check_remote_paths(options: EmbedOptions) -> None:
     if options.model is None:
         raise UsageError("--runner DataflowRunner needs --model (a gs:// "
                          "SavedModel): the demo model lives on this machine")
+    if options.precision == "int8" and not options.int8_model:
+        raise UsageError("--runner DataflowRunner with --precision int8 "
+                         "needs --int8_model (a gs:// directory): the "
+                         "quantize cache lives on this machine")
     local = [f"{flag} {path}" for flag, paths in (
         ("--model", [options.model]), ("--input", options.input),
-        ("--output", [options.output])) for path in paths
+        ("--output", [options.output]),
+        ("--int8_model", [options.int8_model] if options.int8_model
+         else [])) for path in paths
         if "://" not in path]
     if local:
         raise UsageError("Dataflow workers cannot read local paths: "
                          + ", ".join(local) + " (use gs://...)")
+
+
+def _workers_hint(options: EmbedOptions) -> int:
+    """Worker processes the job will likely have (``--direct_num_workers``,
+    Dataflow's ``--num_workers`` or ``--max_num_workers``; else 1)."""
+    from apache_beam.options.pipeline_options import (DirectOptions,
+                                                      WorkerOptions)
+    workers = options.view_as(WorkerOptions)
+    counts = [options.view_as(DirectOptions).direct_num_workers,
+              workers.num_workers, workers.max_num_workers]
+    return max([int(c) for c in counts if c] or [1])
+
+
+def _plan_engine(options: EmbedOptions,
+                 total_bytes: Optional[int]) -> tuple[bool, str]:
+    """Checks ``--engine``/``--precision``/``--int8_model`` (UsageError for
+    a combination that cannot run) and decides ``--xla`` for the job:
+    returns (XLA on, why).  The engine ``auto`` would pick on this machine
+    stands in for the workers'."""
+    if options.int8_model and options.precision != "int8":
+        raise UsageError("--int8_model needs --precision int8")
+    if needs_layers(options.pooling) and options.engine == engines.OPENVINO:
+        raise UsageError(f"--pooling {options.pooling} needs the model's "
+                         "encoder_outputs, which only --engine tensorflow "
+                         "returns")
+    try:
+        planned = engines.choose_engine(options.engine, options.precision,
+                                        engines.detect_hardware())
+        warm = (options.xla == "auto"
+                and planned.engine == engines.TENSORFLOW
+                and planned.precision == "float32"
+                and xla_cache.is_warm(options.xla_cache_dir))
+        return engines.decide_xla(options.xla, planned, total_bytes,
+                                  _workers_hint(options), warm)
+    except engines.EngineError as err:
+        raise UsageError(str(err)) from err
 
 
 def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
@@ -161,12 +204,14 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     """
     _check_flags(options)
     _check_remote_paths(options)
-    if xla_applies(options.xla == "on", options.precision):
+    total_bytes = input_size(options.input)
+    jit_compile, why = _plan_engine(options, total_bytes)
+    _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
+    if engines.xla_applies(jit_compile, options.precision, options.engine):
         # Now, before this process first uses TensorFlow: a DirectRunner
         # runs the model in this process, and TensorFlow reads its XLA
         # flags once, when its runtime starts.
         xla_cache.process_cache(options.xla_cache_dir)
-    total_bytes = input_size(options.input)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:
         boundaries = read_analysis_boundaries(options.analysis)
@@ -182,6 +227,8 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         model_dir, options.vocab_file, lower_case_override(options))
     vocab = load_vocab(settings.vocab_path)
     check_model_pooling(model_dir, options.pooling)
+    precision = precision_key(options.precision, resolve_model_path(model_dir),
+                              options.int8_model)
     probed = probe_model(model_dir)
     hidden_size = infer_hidden_size(model_dir, len(vocab))
     if probed != hidden_size:
@@ -208,7 +255,8 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         document_vectors=options.document_vectors,
         pooling=options.pooling, normalize=options.normalize,
         vocab_file=settings.vocab_path,
-        precision=options.precision, jit_compile=options.xla == "on",
+        precision=options.precision, jit_compile=jit_compile,
+        engine=options.engine, int8_model=options.int8_model,
         xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,
@@ -218,7 +266,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         model_fingerprint=model_fingerprint(
             resolve_model_path(model_dir), settings.vocab_path,
             settings.do_lower_case, options.max_seq_length,
-            options.long_text, stride, options.precision, options.pooling,
+            options.long_text, stride, precision, options.pooling,
             options.normalize),
         sequence_dtype=options.sequence_dtype,
         parquet_compression=options.parquet_compression,

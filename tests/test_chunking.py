@@ -59,7 +59,8 @@ def chunked_run(tmp_path_factory, tiny_model_dir):
         "--input", str(corpus), "--output", str(root / "emb"),
         "--model", tiny_model_dir, "--max_seq_length", str(MAX_SEQ),
         "--long_text", "chunk", "--chunk_stride", "8",
-        "--document_vectors", "--batch_size", "2"])
+        "--document_vectors", "--batch_size", "2",
+        "--engine", "tensorflow", "--precision", "float32"])
     return summary, root
 
 
@@ -122,7 +123,8 @@ def test_chunked_tfrecord_matches_parquet(tmp_path, chunked_run,
         "--input", str(root / "c.jsonl"), "--output", str(tmp_path / "emb"),
         "--model", tiny_model_dir, "--max_seq_length", str(MAX_SEQ),
         "--long_text", "chunk", "--chunk_stride", "8", "--format",
-        "tfrecord", "--batch_size", "2"])
+        "tfrecord", "--batch_size", "2",
+        "--engine", "tensorflow", "--precision", "float32"])
     assert summary.reconciled
     a = load_embeddings(str(root / "emb-[0-9]*.parquet"))
     b = load_embeddings(str(tmp_path / "emb-[0-9]*.tfrecord"))

@@ -82,7 +82,7 @@ def controlled(tmp_path_factory, tiny_model_dir):
         for i, t in enumerate(E2E_TEXTS)), encoding="utf-8")
     common = ["--input", str(corpus), "--model", tiny_model_dir,
               "--max_seq_length", "32", "--sequence_dtype", "float16",
-              "--write_text", "--num_shards", "1"]
+              "--write_text", "--num_shards", "1", "--precision", "float32"]
     parquet = run(common + ["--output", str(root / "pq" / "emb"),
                             "--parquet_compression", "zstd",
                             "--parquet_row_group_rows", "2"])

@@ -25,9 +25,12 @@ MAX_SEQ = 32
 
 
 def _run(corpus: Path, out: Path, model_dir: str, *extra: str):
+    # TensorFlow float32 through XLA, as these runs were written for
+    # (tests/test_openvino_engine.py runs the OpenVINO engine end to end).
     return run([
         "--input", str(corpus), "--output", str(out), "--model", model_dir,
         "--max_seq_length", str(MAX_SEQ), "--batch_size", "3",
+        "--engine", "tensorflow", "--precision", "float32", "--xla", "on",
         "--runner", "DirectRunner", *extra])
 
 

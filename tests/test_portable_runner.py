@@ -156,7 +156,7 @@ def _run_job(corpus: Path, out: Path, model_dir: str,
     """``pipeline.run.run`` on the corpus with the tiny model."""
     return run(["--input", str(corpus), "--output", str(out),
                 "--model", model_dir, "--max_seq_length", str(MAX_SEQ),
-                "--batch_size", "3", *runner_args])
+                "--batch_size", "3", "--precision", "float32", *runner_args])
 
 
 @pytest.fixture(scope="module")

@@ -207,6 +207,7 @@ def _run_job(corpus: Path, out: Path, model_dir: str, cache: Path):
         [sys.executable, "-c", _JOB, "--input", str(corpus), "--output",
          str(out), "--model", model_dir, "--runner", "DirectRunner",
          "--max_seq_length", "32", "--batch_size", "4",
+         "--engine", "tensorflow", "--precision", "float32", "--xla", "on",
          "--xla_cache_dir", str(cache)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
         check=False)

@@ -20,8 +20,9 @@ from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
 from model import xla_cache
-from model.load import BertSavedModel, load_bert_saved_model
-from model.runtime import PRECISIONS, configure_tensorflow
+from model.engines import (OPENVINO, PRECISIONS, TENSORFLOW, EngineSpec,
+                           load_engine, xla_applies)
+from model.load import BertSavedModel
 from transforms.batch import BatchByLength, batch_width
 from transforms.pooling import check_pooling, needs_layers, pool
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
@@ -53,12 +54,6 @@ def pad_batch(docs: Sequence[TokenizedDocument],
     return ids, mask, np.zeros_like(ids)
 
 
-def xla_applies(jit_compile: bool, precision: str) -> bool:
-    """Whether a run compiles the model with XLA: float32 only, since
-    TensorFlow's bfloat16 rewrite works on graphs XLA does not see."""
-    return jit_compile and precision == "float32"
-
-
 class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                                     BertSavedModel]):
     """RunInference handler for a TF Hub–style BERT SavedModel.
@@ -70,12 +65,16 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     when the run writes it), so no join of the large embedding rows with
     the documents is needed after inference.
 
-    ``jit_compile`` runs the model through XLA (float32 only: TensorFlow's
-    bfloat16 rewrite works on graphs XLA does not see); batch widths are
-    then rounded up to length steps capped at ``max_seq_length``
+    ``engine`` and ``precision`` (``auto`` or a name, see
+    ``model.engines``) pick the engine each worker loads; ``int8_model``
+    is the quantized model for ``int8``.  ``jit_compile`` runs the
+    TensorFlow engine through XLA (float32 only: TensorFlow's bfloat16
+    paths are graphs XLA does not see); where a worker may do so, batch
+    widths are rounded up to length steps capped at ``max_seq_length``
     (``pad_to_steps``), which the batcher must use too, and compiled
     executables are shared with later runs through ``xla_cache_dir``
-    (``auto``, ``none`` or a path: see ``model.xla_cache``).
+    (``auto``, ``none`` or a path: see ``model.xla_cache``).  OpenVINO
+    runs each batch at its own width.
 
     ``pooling`` and ``normalize`` say how the ``pooled`` vector is made from
     the model's outputs (``transforms.pooling``: ``cls`` keeps the model's
@@ -90,7 +89,9 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                  jit_compile: bool = False,
                  max_seq_length: int = 512,
                  xla_cache_dir: str = xla_cache.OFF,
-                 pooling: str = "cls", normalize: bool = False):
+                 pooling: str = "cls", normalize: bool = False,
+                 engine: str = TENSORFLOW,
+                 int8_model: Optional[str] = None):
         unknown = set(outputs) - set(OUTPUT_KINDS)
         if unknown or not outputs:
             raise ValueError(f"outputs must be a non-empty subset of "
@@ -107,28 +108,30 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
             METRICS_NAMESPACE, "tokens_computed")
         self._keep_pooled = "pooled" in outputs
         self._keep_sequence = "sequence" in outputs
-        self._jit_compile = xla_applies(jit_compile, precision)
+        self._jit_compile = xla_applies(jit_compile, precision, engine)
         self._max_seq_length = max_seq_length
         self.pad_to_steps = max_seq_length if self._jit_compile else None
         self._xla_cache_dir = xla_cache_dir
         self._pooling = check_pooling(pooling)
         self._normalize = normalize
+        if needs_layers(self._pooling):
+            # Per-layer outputs come from the TensorFlow wrapper only.
+            if engine == OPENVINO:
+                raise ValueError(f"pooling {pooling} needs the model's "
+                                 "encoder_outputs, which only the "
+                                 "tensorflow engine returns")
+            engine = TENSORFLOW
+        self._spec = EngineSpec(model_dir, engine, precision,
+                                intra_op_threads, inter_op_threads,
+                                self._jit_compile, xla_cache_dir, int8_model)
 
     def load_model(self) -> BertSavedModel:
-        """Loads the model once per worker process; raises ``ValueError``
-        when ``max_seq_length`` exceeds the model's position table (the
-        launcher checks this first; this guards graphs built without it),
-        since every longer batch would fail."""
-        cache = None
-        if self._jit_compile:
-            # Before configure_tensorflow: TensorFlow reads its XLA flags
-            # when its runtime starts.
-            cache = xla_cache.process_cache(self._xla_cache_dir)
-            if cache is not None:
-                cache.load_entries()
-        configure_tensorflow(*self._threads, precision=self._precision)
-        model = load_bert_saved_model(self._model_dir, self._jit_compile,
-                                      cache)
+        """This worker's engine for the job's model (see
+        ``model.engines.load_engine``); raises ``ValueError`` when
+        ``max_seq_length`` exceeds the model's position table (the launcher
+        checks this first; this guards graphs built without it), since
+        every longer batch would fail."""
+        model = load_engine(self._spec)
         positions = model.limits.max_positions
         if positions is not None and self._max_seq_length > positions:
             raise ValueError(

@@ -1,0 +1,190 @@
+"""int8 for the OpenVINO engine: post-training quantization, made offline.
+
+    python -m model.quantize --model DIR --calibration corpus.jsonl \\
+        [--samples 300] [--eval_samples 200] [--output DIR_int8]
+
+Converts the SavedModel (through the engine's IR cache), calibrates NNCF's
+post-training quantization (``nncf.quantize``, transformer preset) on
+``--samples`` real documents tokenized exactly as the pipeline does, then
+measures the int8 model against float32 on ``--eval_samples`` other
+documents (``model.accuracy``).  A model whose minimum cosine misses
+``--min_cosine`` (default: the int8 target, 0.99) is not written (exit 1).
+Otherwise the IR and ``int8.json`` (the source model's digest, the
+calibration data and settings, the measured accuracy, the OpenVINO and
+NNCF versions) are written to a private directory and renamed into place:
+``--output``, or by default the cache, where ``--precision int8`` finds it
+for this model without ``--int8_model``.
+
+NNCF is an optional extra (``pip install 'bert-zh-embed[int8]'``); only
+this tool imports it.  Exit codes: 0 written, 1 accuracy missed or the
+quantization failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import random
+import sys
+from typing import Optional, Sequence
+
+from model.accuracy import ACCURACY_TARGETS, compare_engines, read_texts, \
+    token_batches
+
+_LOG = logging.getLogger(__name__)
+
+
+class QuantizeError(RuntimeError):
+    """Quantization ran but its result is not usable; one line."""
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.quantize",
+        description="Post-training int8 quantization (OpenVINO + NNCF) of a "
+                    "BERT SavedModel, calibrated on real text.")
+    parser.add_argument("--model", required=True,
+                        help="SavedModel directory (TF Hub BERT interface)")
+    parser.add_argument("--calibration", action="append", required=True,
+                        help="JSONL (or text) file or glob of real "
+                             "documents; repeatable")
+    parser.add_argument("--text_field", default="text")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="documents to calibrate on")
+    parser.add_argument("--eval_samples", type=int, default=200,
+                        help="other documents to measure accuracy on")
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_cosine", type=float,
+                        default=ACCURACY_TARGETS["int8"],
+                        help="lowest pooled and mean-pooled cosine to "
+                             "float32 a model must keep to be written")
+    parser.add_argument("--output", default=None,
+                        help="directory to write (must not exist); default: "
+                             "the cache, where --precision int8 finds it")
+    return parser
+
+
+def _split(texts: list[str], samples: int, eval_samples: int, seed: int
+           ) -> tuple[list[str], list[str]]:
+    """Disjoint seeded random calibration and evaluation sets."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    calibration = [texts[i] for i in order[:samples]]
+    evaluation = [texts[i] for i in order[samples:samples + eval_samples]]
+    return calibration, evaluation
+
+
+def quantize(model_dir: str, calibration_files: Sequence[str],
+             output: Optional[str] = None, samples: int = 300,
+             eval_samples: int = 200, max_seq_length: int = 128,
+             seed: int = 0, min_cosine: float = ACCURACY_TARGETS["int8"],
+             text_field: str = "text") -> tuple[str, dict]:
+    """Quantizes the SavedModel at ``model_dir`` and writes it (see the
+    module docstring); returns the directory and its ``int8.json``.
+
+    Raises ValueError/FileNotFoundError for bad arguments, QuantizeError
+    when the result misses ``min_cosine``.
+    """
+    import nncf
+    import numpy as np
+    import openvino as ov
+    from model import openvino_engine
+    from model.load import read_tokenizer_settings, resolve_model_path
+    from transforms.tokenization import load_vocab
+    model_dir = resolve_model_path(model_dir)
+    digest = openvino_engine.model_digest(model_dir)
+    output = output or openvino_engine.default_int8_dir(digest)
+    if os.path.exists(output):
+        raise ValueError(f"{output} already exists: delete it or pass "
+                         "another --output")
+    settings = read_tokenizer_settings(model_dir)
+    if settings is None:
+        raise ValueError(f"{model_dir} carries no vocab asset to tokenize "
+                         "the calibration text with")
+    texts = read_texts(calibration_files, text_field)
+    if len(texts) < samples + eval_samples:
+        raise ValueError(f"the calibration files hold {len(texts)} "
+                         f"documents; --samples {samples} and "
+                         f"--eval_samples {eval_samples} need more")
+    calibration, evaluation = _split(texts, samples, eval_samples, seed)
+    vocab = load_vocab(settings.vocab_path)
+    # One document per calibration item, at its own length (the model's
+    # shapes are dynamic).
+    items = [dict(zip(("input_word_ids", "input_mask", "segment_ids"), b))
+             for b in token_batches(calibration, vocab,
+                                    settings.do_lower_case, max_seq_length,
+                                    batch_size=1)]
+    core = ov.Core()
+    model, _ = openvino_engine.converted_model(model_dir, core)
+    reference = openvino_engine.OpenVINOBertModel(
+        model_dir, core.compile_model(
+            model, "CPU", openvino_engine.compile_config("float32")),
+        "float32")
+    quantized = nncf.quantize(
+        model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(items))
+    candidate = openvino_engine.OpenVINOBertModel(
+        model_dir, core.compile_model(
+            quantized, "CPU", openvino_engine.compile_config("int8")),
+        "int8")
+    stats = compare_engines(reference, candidate, token_batches(
+        evaluation, vocab, settings.do_lower_case, max_seq_length))
+    if not stats.meets(min_cosine):
+        raise QuantizeError(
+            f"the int8 model misses --min_cosine {min_cosine} against "
+            f"float32 ({stats.summary()}); nothing written")
+    info = {
+        "format": 1,
+        "source_model": model_dir, "source_digest": digest,
+        "openvino": openvino_engine.openvino_version(),
+        "nncf": nncf.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "calibration": {"files": list(calibration_files),
+                        "documents": len(items),
+                        "max_seq_length": max_seq_length, "seed": seed,
+                        "model_type": "transformer"},
+        "accuracy": {"reference": "openvino float32", "target": min_cosine,
+                     **stats.to_dict()},
+        "mean_tokens_per_calibration_document": float(np.mean(
+            [item["input_mask"].sum() for item in items])),
+    }
+    openvino_engine.save_ir(quantized, output, info,
+                            openvino_engine.INT8_INFO_FILE)
+    return output, info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        import nncf  # noqa: F401  (the optional extra)
+    except ImportError:
+        print("error: model.quantize needs NNCF: pip install "
+              "'bert-zh-embed[int8]'", file=sys.stderr)
+        return 2
+    from model.load import ModelFormatError
+    try:
+        output, info = quantize(
+            args.model, args.calibration, args.output, args.samples,
+            args.eval_samples, args.max_seq_length, args.seed,
+            args.min_cosine, args.text_field)
+    except (ValueError, FileNotFoundError, ModelFormatError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except QuantizeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    accuracy = info["accuracy"]
+    print(f"int8 model: {output}")
+    print(f"accuracy vs float32 on {accuracy['documents']} documents: pooled "
+          f"cosine min {accuracy['pooled_cosine_min']:.6f}, mean-pooled min "
+          f"{accuracy['mean_pooled_cosine_min']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The GPU bfloat16 path (``model.bf16_graph``), checked for graph
+correctness on the CPU: its matrix products are bfloat16 in the graph,
+its outputs float32 and close to float32's.  Its speed needs a GPU and is
+not measured here."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from model import engines
+from model.accuracy import ACCURACY_TARGETS, compare_engines, probe_batches
+from model.bf16_graph import Bfloat16BertModel, load_bfloat16_model
+from model.engines import AUTO, EngineSpec, Hardware, load_engine
+from model.load import BertSavedModel, ModelFormatError, load_bert_saved_model
+
+GPU_BF16 = Hardware(frozenset({"avx2"}), ("NVIDIA A100",), True, True)
+_MATMULS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"}
+
+
+@pytest.fixture(scope="module")
+def bert_like(tmp_path_factory, small_vocab):
+    """A small model with BERT's initialisation (std 0.02)."""
+    from model.bert import BertConfig
+    from model.export import export_bert_saved_model
+    config = BertConfig(vocab_size=len(small_vocab), hidden_size=256,
+                        num_layers=2, num_heads=4, intermediate_size=1024,
+                        max_position_embeddings=128)
+    return export_bert_saved_model(
+        str(tmp_path_factory.mktemp("bf16") / "model"), config, small_vocab,
+        seed=5)
+
+
+def test_every_matrix_product_is_bfloat16(bert_like):
+    graph = load_bfloat16_model(bert_like).concrete_function().graph
+    matmuls = [op for op in graph.get_operations() if op.type in _MATMULS]
+    # 6 dense layers and 2 attention products per layer, and the pooler.
+    assert len(matmuls) == 2 * 8 + 1
+    assert {op.inputs[0].dtype for op in matmuls} == {tf.bfloat16}
+    assert {op.inputs[1].dtype for op in matmuls} == {tf.bfloat16}
+    # Softmax and LayerNorm stay float32.
+    assert {op.outputs[0].dtype for op in graph.get_operations()
+            if op.type in ("Softmax", "Rsqrt", "Erf")} == {tf.float32}
+
+
+def test_outputs_are_float32_and_close_to_float32(bert_like):
+    model = load_bfloat16_model(bert_like)
+    reference = load_bert_saved_model(bert_like)
+    batches = probe_batches(bert_like)
+    pooled, sequence = model(*batches[0])
+    assert pooled.dtype == sequence.dtype == np.float32
+    stats = compare_engines(reference, model, batches)
+    assert stats.meets(ACCURACY_TARGETS["bfloat16"]), stats.summary()
+    assert stats.max_abs_pooled > 0  # not float32 in disguise
+
+
+def test_other_layouts_are_refused(tmp_path):
+    module = tf.Module()
+    module.v = tf.Variable(1.0)
+    tf.saved_model.save(module, str(tmp_path / "plain"))
+    with pytest.raises(ModelFormatError, match="bert_config.json"):
+        load_bfloat16_model(str(tmp_path / "plain"))
+
+
+def test_gpu_worker_runs_the_bfloat16_retrace(bert_like, monkeypatch,
+                                              caplog):
+    """The engine's GPU branch (a GPU is faked; the graph runs on the
+    CPU): bfloat16 by name loads the re-trace; auto keeps it after the
+    self-check, or runs float32 when the target is missed."""
+    from model import accuracy
+    caplog.set_level(logging.INFO, logger="model.engines")
+    named = load_engine(EngineSpec(bert_like, engines.TENSORFLOW,
+                                   "bfloat16"), GPU_BF16)
+    assert isinstance(named, Bfloat16BertModel)
+    assert named.engine_choice.device == "gpu"
+    monkeypatch.setattr(engines, "gpus_compute_bfloat16", lambda: True)
+    kept = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
+    assert isinstance(kept, Bfloat16BertModel)
+    assert "self-check" in kept.engine_choice.precision_reason
+    monkeypatch.setitem(accuracy.ACCURACY_TARGETS, "bfloat16", 1.5)
+    refused = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
+    assert isinstance(refused, BertSavedModel)
+    assert refused.engine_choice.precision == "float32"
+    assert "misses its accuracy target" in caplog.text
+    monkeypatch.setattr(engines, "gpus_compute_bfloat16", lambda: False)
+    older = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
+    assert older.engine_choice.precision == "float32"
+    assert "no native bfloat16" in older.engine_choice.precision_reason
