@@ -24,8 +24,12 @@ REQUIRED = [
 # --model https://tfhub.dev/...) and, with tf_keras (Keras 2, which
 # hub.KerasLayer needs on TF 2.16+), for fine-tuning exported models;
 # tensorflow-hub imports pkg_resources (removed in setuptools 82).
+# Plots: only ``python -m pipeline.analyze`` draws one (its token-length
+# histogram); without matplotlib it writes the JSON report and says so.
+PLOTS = ["matplotlib==3.11.2"]
+
 TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1",
-        "tf_keras==2.21.0", "setuptools==80.10.2"]
+        "tf_keras==2.21.0", "setuptools==80.10.2"] + PLOTS
 
 setuptools.setup(
     name="bert-zh-embed",
@@ -36,5 +40,5 @@ setuptools.setup(
                                                "transforms", "transforms.*",
                                                "model", "model.*"]),
     install_requires=REQUIRED,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "plots": PLOTS},
 )
