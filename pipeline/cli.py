@@ -10,9 +10,9 @@ lines, and errors of the libraries; TensorFlow's native start-up lines
 libraries' (Beam, absl, TensorFlow) INFO and WARNING lines are not shown.
 ``--verbose`` shows all of them, and our INFO lines.
 
-This module imports only the standard library at load time, so that an
-entry point can call ``exit_on_interrupt`` before its slow imports (Beam,
-TensorFlow) begin.
+This module imports only the standard library at load time (and
+``model.native_log``, which does too), so that an entry point can call
+``exit_on_interrupt`` before its slow imports (Beam, TensorFlow) begin.
 """
 
 from __future__ import annotations

@@ -113,6 +113,55 @@ def test_verbose_shows_the_rest_and_says_what_xla_did(runs):
     assert "XLA compiled" not in verbose.stderr
 
 
+def _read_terminal(master: int, process: subprocess.Popen) -> bytes:
+    """Everything written to a pseudo-terminal until the process ends."""
+    import select
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif process.poll() is not None:
+            break
+    return b"".join(chunks)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pty")
+def test_a_terminal_gets_a_live_progress_line(tmp_path, tiny_model_dir):
+    """stderr on a terminal: the progress line is drawn in place (carriage
+    returns, no newline) and cleared before the run ends; stdout (the
+    summary) is untouched."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"第{i}篇文档，客服回复很及时。\n"
+                              for i in range(600)), encoding="utf-8")
+    master, slave = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "--input", str(corpus),
+         "--output", str(tmp_path / "emb"), "--model", tiny_model_dir,
+         "--max_seq_length", "32", "--batch_size", "1", "--xla", "off"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        terminal = _read_terminal(master, process).decode("utf-8", "replace")
+        stdout = process.communicate(timeout=600)[0].decode("utf-8")
+    finally:
+        os.close(master)
+    assert process.returncode == 0, terminal[-3000:]
+    assert re.search(r"\rprogress: \d+ of ~\d{3} documents done \(\d+%; "
+                     r"\d+ embedded\), \d+ read, .*documents/s.*\x1b\[K",
+                     terminal)
+    assert terminal.rstrip("\n").endswith("\r\x1b[K")  # cleared at the end
+    assert not [line for line in terminal.replace("\r", "\n").splitlines()
+                if NOISE.search(line)]
+    assert stdout.startswith(SUMMARY_START) and "progress" not in stdout
+
+
 def test_an_error_is_still_one_line_in_a_quiet_run(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pipeline.run", "--input",
