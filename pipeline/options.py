@@ -255,8 +255,8 @@ class EmbedOptions(PipelineOptions):
                  "warnings, errors and progress).")
         group.add_argument(
             "--worker_connect_timeout", type=_seconds, default=60.0,
-            help="With --environment_type EXTERNAL (a worker pool, e.g. "
-                 "for the PortableRunner) and a job service on this "
+            help="With --runner PortableRunner, --environment_type "
+                 "EXTERNAL (a worker pool) and a job service on this "
                  "machine: seconds to wait, before the run starts, for the "
                  "pool at --environment_config to start an SDK worker that "
                  "connects; exit 2 if none does (0: no check).")

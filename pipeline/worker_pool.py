@@ -12,9 +12,11 @@ that ends the worker's session as soon as it connects, and raises
 ``WorkerPoolUnavailable`` (one line) when no worker has connected within
 ``--worker_connect_timeout`` seconds.
 
-The check runs only where the job service runs on this machine (an
-embedded one, or one at a local address): the pool's address is then the
-same from here as from the runner.
+The check runs only for the PortableRunner with its job service on this
+machine (an embedded one, or one at a local address): the pool's address
+is then the same from here as from the runner.  (A Flink or Spark cluster
+reaches its pools from its own machines, which this launcher cannot
+check.)
 """
 
 from __future__ import annotations
@@ -167,15 +169,19 @@ def check_worker_pool(address: str, timeout: float) -> float:
 
 
 def check_environment(options: Any, timeout: float) -> Optional[float]:
-    """``check_worker_pool`` for a job's ``PipelineOptions`` when its
-    environment is EXTERNAL, its job service runs on this machine and
-    ``timeout`` is not 0; returns the seconds it took, or None when it did
-    not apply."""
-    from apache_beam.options.pipeline_options import PortableOptions
+    """``check_worker_pool`` for a job's ``PipelineOptions`` when it runs on
+    the PortableRunner with an EXTERNAL environment and a job service on
+    this machine, and ``timeout`` is not 0; returns the seconds it took, or
+    None when it did not apply."""
+    from apache_beam.options.pipeline_options import (PortableOptions,
+                                                      StandardOptions)
+    runner = str(options.view_as(StandardOptions).runner or "")
     portable = options.view_as(PortableOptions)
     address = pool_address(portable.environment_type,
                            portable.environment_config,
                            portable.environment_options)
-    if not timeout or address is None or not is_local(portable.job_endpoint):
+    if (not timeout or address is None
+            or not runner.lower().endswith("portablerunner")
+            or not is_local(portable.job_endpoint)):
         return None
     return check_worker_pool(address, timeout)

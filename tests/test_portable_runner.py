@@ -43,7 +43,8 @@ from model import load as model_load
 from pipeline.read_embeddings import load_embeddings
 from pipeline.run import run
 from pipeline.summary import COUNTERS, RunSummary
-from pipeline.worker_pool import WorkerPoolUnavailable, check_worker_pool
+from pipeline.worker_pool import (WorkerPoolUnavailable, check_environment,
+                                  check_worker_pool, is_local, pool_address)
 from tests.conftest import E2E_TEXTS, ROOT
 
 MAX_SEQ = 32
@@ -229,6 +230,35 @@ def _failing_python(folder: Path) -> Path:
                     "exit 1\n")
     fake.chmod(0o755)
     return folder
+
+
+def test_which_jobs_the_launch_check_applies_to():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    assert pool_address("EXTERNAL", "localhost:5") == "localhost:5"
+    assert pool_address("external", '{"url": "h:1"}') == "h:1"
+    assert pool_address("EXTERNAL", None,
+                        ["x=1", "external_service_address=h:2"]) == "h:2"
+    assert pool_address("DOCKER", "apache/beam_python3.11_sdk") is None
+    assert all(is_local(a) for a in ("embed", "localhost:8099",
+                                     "127.0.0.1:1", "[::1]:5", None))
+    assert not is_local("jobs.example.com:8099")
+    closed = f"localhost:{_free_port()}"
+
+    def check(*flags: str, timeout: float = 0.5):
+        return check_environment(PipelineOptions(list(flags)), timeout)
+
+    pool = ("--environment_type", "EXTERNAL", "--environment_config", closed)
+    with pytest.raises(WorkerPoolUnavailable, match="no SDK worker pool"):
+        check("--runner", "PortableRunner", "--job_endpoint", "embed", *pool)
+    # Not checked: no timeout, another environment, a job service elsewhere,
+    # or a Flink/Spark cluster (whose machines reach their own pools).
+    assert check("--runner", "PortableRunner", *pool, timeout=0) is None
+    assert check("--runner", "PortableRunner", "--environment_type",
+                 "LOOPBACK") is None
+    assert check("--runner", "PortableRunner", "--job_endpoint",
+                 "jobs.example.com:8099", *pool) is None
+    assert check("--runner", "FlinkRunner", *pool) is None
+    assert check("--runner", "DirectRunner") is None
 
 
 def test_no_worker_pool_is_one_line_and_exit_2(corpus, tmp_path,
