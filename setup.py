@@ -33,14 +33,18 @@ INT8 = ["nncf==3.4.0"]
 # tensorflow-hub imports pkg_resources (removed in setuptools 82); NNCF so
 # the quantize tool is tested; DuckDB and Polars, to check that tools other
 # than ours read the outputs.
+# Plots: only ``python -m pipeline.analyze`` draws one (its token-length
+# histogram); without matplotlib it writes the JSON report and says so.
+PLOTS = ["matplotlib==3.11.2"]
+
 TEST = ["pytest==9.2.0", "tokenizers==0.23.3", "tensorflow-hub==0.16.1",
         "tf_keras==2.21.0", "setuptools==80.10.2", "duckdb==2.0.1",
-        "polars==2.1.0", *INT8]
+        "polars==2.1.0", *INT8, *PLOTS]
 
 # Benchmarks (bench/): the chart of bench.throughput, and the peer it is
 # measured against, Hugging Face transformers on PyTorch (pinned: an
 # unpinned torch pulls a multi-GB CUDA build).
-BENCH = ["matplotlib==3.11.2", "torch==2.13.0", "transformers==5.24.0"]
+BENCH = [*PLOTS, "torch==2.13.0", "transformers==5.24.0"]
 
 setuptools.setup(
     name="bert-zh-embed",
@@ -51,5 +55,6 @@ setuptools.setup(
                                                "transforms", "transforms.*",
                                                "model", "model.*"]),
     install_requires=REQUIRED,
-    extras_require={"test": TEST, "bench": BENCH, "int8": INT8},
+    extras_require={"test": TEST, "bench": BENCH, "int8": INT8,
+                    "plots": PLOTS},
 )

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from model import xla_cache
 from model.xla_cache import CompileCache
 
 _LOG = logging.getLogger(__name__)
@@ -85,12 +86,14 @@ def _xla_errors() -> tuple[type, ...]:
 
 @dataclasses.dataclass
 class CompileStats:
-    """XLA compilations in this process: input shapes compiled, and the
-    seconds and padded tokens (batch x width) of their first calls
-    (compile plus one run)."""
+    """XLA in this process: input shapes made ready (compiled, or loaded
+    from the compile cache: ``loaded_from_cache`` of them), and the seconds
+    and padded tokens (batch x width) of their first calls (compile or
+    load, plus one run)."""
     shapes: int = 0
     first_call_seconds: float = 0.0
     first_call_tokens: int = 0
+    loaded_from_cache: int = 0
 
 
 _compile_stats = CompileStats()
@@ -566,9 +569,12 @@ class BertSavedModel:
             if shape in self._compiled_shapes:
                 return self._call_xla(inputs)
             started = time.perf_counter()
+            staged = (self._compile_cache.staging_state()
+                      if self._compile_cache is not None else None)
             outputs = self._call_xla(inputs)
             if self._compiled is not None:
-                self._record_compile(shape, time.perf_counter() - started)
+                self._record_compile(shape, time.perf_counter() - started,
+                                     staged)
             return outputs
 
     def _call_xla(self, inputs: dict[str, Any]) -> Any:
@@ -612,19 +618,37 @@ class BertSavedModel:
                     self._xla_compiles = False
             return self._xla_compiles
 
-    def _record_compile(self, shape: tuple[int, ...], seconds: float) -> None:
-        """Counts a new shape's first call and publishes what it compiled."""
+    def _record_compile(self, shape: tuple[int, ...], seconds: float,
+                        staged: Optional[dict[str, int]] = None) -> None:
+        """Counts a new shape's first call, publishes what it compiled, and
+        logs whether XLA compiled the shape or loaded it from the compile
+        cache (``staged``: the cache's staging files before the call; a
+        compile writes or rewrites one, a load writes none)."""
+        cache = self._compile_cache
+        loaded = (cache is not None and staged is not None
+                  and not cache.written_since(staged))
         self._compiled_shapes.add(shape)
         self._xla_compiles = True
         with _load_lock:
             _compile_stats.shapes += 1
             _compile_stats.first_call_seconds += seconds
             _compile_stats.first_call_tokens += int(np.prod(shape))
-        published = (self._compile_cache.publish()
-                     if self._compile_cache is not None else 0)
-        _LOG.info("XLA compiled the model for input shape %s (first call "
-                  "%.1f s; %d shapes in this model; %d new cache entries)",
-                  list(shape), seconds, len(self._compiled_shapes), published)
+            _compile_stats.loaded_from_cache += int(loaded)
+        published = cache.publish() if cache is not None else 0
+        count = len(self._compiled_shapes)
+        if loaded:
+            _LOG.info("XLA loaded the model for input shape %s from the "
+                      "compile cache (first call %.1f s; %d shapes in this "
+                      "model)", list(shape), seconds, count)
+        elif cache is None and xla_cache.user_cache_flag():
+            _LOG.info("XLA compiled the model for input shape %s, or loaded "
+                      "it from the cache TF_XLA_FLAGS names (first call "
+                      "%.1f s; %d shapes in this model)", list(shape),
+                      seconds, count)
+        else:
+            _LOG.info("XLA compiled the model for input shape %s (first call "
+                      "%.1f s; %d shapes in this model; %d new cache "
+                      "entries)", list(shape), seconds, count, published)
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -189,6 +189,26 @@ class CompileCache:
                   self.directory, count)
         return count
 
+    def staging_state(self) -> dict[str, int]:
+        """The entries in staging and their modification times: compare
+        with ``written_since`` after a compile."""
+        state = {}
+        for name in _entries(self.staging):
+            try:
+                state[name] = os.stat(os.path.join(self.staging,
+                                                   name)).st_mtime_ns
+            except OSError:
+                continue
+        return state
+
+    def written_since(self, state: dict[str, int]) -> int:
+        """How many staging entries TensorFlow wrote or rewrote since
+        ``staging_state`` returned ``state``: 0 after a call that XLA served
+        from the cache, at least 1 after one it compiled."""
+        now = self.staging_state()
+        return sum(1 for name, stamp in now.items()
+                   if state.get(name) != stamp)
+
     def publish(self) -> int:
         """Publishes the entries TensorFlow wrote to staging since the last
         call; returns how many.  Call it only while no compile is running
@@ -268,11 +288,18 @@ def process_cache(value: str) -> Optional[CompileCache]:
         return cache
 
 
+def user_cache_flag() -> bool:
+    """Whether ``TF_XLA_FLAGS`` names a persistent cache of its own (it
+    then wins over ``--xla_cache_dir``)."""
+    return bool(re.search(re.escape(_FLAG) + r"=\S",
+                          os.environ.get("TF_XLA_FLAGS", "")))
+
+
 def _new_cache(value: str) -> Optional[CompileCache]:
     root = resolve_root(value)
     if root is None:
         return None
-    if re.search(re.escape(_FLAG) + r"=\S", os.environ.get("TF_XLA_FLAGS", "")):
+    if user_cache_flag():
         _LOG.info("TF_XLA_FLAGS sets %s; --xla_cache_dir is not used", _FLAG)
         return None
     if _tensorflow_started():

@@ -9,6 +9,12 @@ tf.Transform analyzers (``tft.size``, ``tft.sum``, ``tft.max``,
 ``tft.quantiles``) reduce the measurements over the whole corpus in one
 Beam pass, so it scales to corpora that do not fit on one machine.
 
+The report is printed, written as JSON to ``--output``, and drawn as a
+PNG (``--plot``, by default next to the JSON): the token-length histogram
+with the ``--max_seq_length`` cut and the recommended bucket boundaries
+marked.  Drawing needs matplotlib (``pip install 'bert-zh-embed[plots]'``);
+without it the plot is skipped with one line and the JSON still written.
+
 The analyzer results are read back by writing the ``transform_fn`` and
 running it on a one-row dummy batch: ``preprocessing_fn`` returns every
 analyzer result broadcast to the batch, so row 0 of the transformed dummy
@@ -28,10 +34,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -47,8 +53,9 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions,
 
 from model.load import ModelFormatError, tokenizer_settings_with_overrides
 from model.load import check_max_seq_length
-from pipeline.cli import (UsageError, check_known_flags, setup_logging,
-                          wants_help)
+from pipeline.cli import (DefaultsHelpFormatter, UsageError,
+                          check_known_flags, setup_console, wants_help,
+                          wants_verbose)
 from pipeline.options import (EmbedOptions, _positive_int,
                               lower_case_override)
 from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
@@ -72,6 +79,14 @@ CANDIDATE_LENGTHS = tuple(range(LENGTH_STEP, MAX_RECOMMENDED_LENGTH + 1,
 BOUNDARY_MULTIPLE = 8
 DEFAULT_NUM_BUCKETS = 4
 DEFAULT_COVERAGE = 0.99
+
+# The length histogram: bins HISTOGRAM_STEP tokens wide up to
+# max(HISTOGRAM_MAX, max_seq_length), and one bin for longer documents.
+HISTOGRAM_STEP = 8
+HISTOGRAM_MAX = 512
+# --plot values: next to --output, or no plot.
+PLOT_AUTO, PLOT_NONE = "auto", "none"
+PLOTS_EXTRA = "pip install 'bert-zh-embed[plots]'"
 
 # Per-document features handed to tf.Transform.
 FEATURES = ("num_tokens", "num_wordpieces", "num_unk")
@@ -100,6 +115,14 @@ class AnalyzeOptions(PipelineOptions):
             "--length_coverage", type=_share, default=DEFAULT_COVERAGE,
             help="Share of documents the recommended max_seq_length must "
                  "hold without truncation (default 0.99).")
+        group.add_argument(
+            "--plot", default=PLOT_AUTO,
+            help="PNG of the token-length distribution with the "
+                 "--max_seq_length cut and the recommended bucket "
+                 "boundaries marked: a path (local or gs://), auto (next "
+                 "to --output, its name ending .png; none without "
+                 "--output) or none (default: auto).  Needs matplotlib: "
+                 + PLOTS_EXTRA.replace("%", "%%") + ".")
 
 
 def _share(value: str) -> float:
@@ -126,6 +149,28 @@ class AnalysisConfig:
     input_encoding: str = "utf-8"
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     output: Optional[str] = None
+    plot: Optional[str] = None
+
+
+def plot_path(plot: str, output: Optional[str]) -> Optional[str]:
+    """Where ``--plot`` puts the PNG: ``auto`` is ``--output`` with its
+    ``.json`` suffix (if any) replaced by ``.png`` (None without
+    ``--output``), ``none`` is None, anything else a path."""
+    if plot.lower() == PLOT_NONE:
+        return None
+    if plot.lower() != PLOT_AUTO:
+        return plot
+    if not output:
+        return None
+    return (output[:-len(".json")] if output.endswith(".json")
+            else output) + ".png"
+
+
+def histogram_uppers(max_seq_length: int) -> list[int]:
+    """Upper bounds of the histogram's bins, ``HISTOGRAM_STEP`` apart."""
+    top = max(HISTOGRAM_MAX, max_seq_length)
+    top = HISTOGRAM_STEP * math.ceil(top / HISTOGRAM_STEP)
+    return list(range(HISTOGRAM_STEP, top + 1, HISTOGRAM_STEP))
 
 
 def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
@@ -166,7 +211,8 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
         coverage=ours.length_coverage, input_format=shared.input_format,
         id_field=shared.id_field, text_field=shared.text_field,
         input_encoding=shared.input_encoding,
-        max_text_chars=shared.max_text_chars, output=shared.output)
+        max_text_chars=shared.max_text_chars, output=shared.output,
+        plot=plot_path(ours.plot, shared.output))
     return config, demo
 
 
@@ -251,6 +297,9 @@ def make_preprocessing_fn(max_seq_length: int, num_buckets: int) -> Any:
         candidates = tf.constant(CANDIDATE_LENGTHS, tf.int64)
         fits = tf.logical_and(kept[:, None] <= candidates[None, :],
                               nonempty[:, None])
+        uppers = tf.constant(histogram_uppers(max_seq_length), tf.int64)
+        at_most = tf.logical_and(kept[:, None] <= uppers[None, :],
+                                 nonempty[:, None])
         stats = {
             "documents": tft.size(tokens),
             "nonempty": tft.sum(tf.cast(nonempty, tf.int64)),
@@ -262,6 +311,8 @@ def make_preprocessing_fn(max_seq_length: int, num_buckets: int) -> Any:
                 tf.logical_and(nonempty, tokens > max_seq_length), tf.int64)),
             "fits": tft.sum(tf.cast(fits, tf.int64),
                             reduce_instance_dims=False),
+            "at_most": tft.sum(tf.cast(at_most, tf.int64),
+                               reduce_instance_dims=False),
             "percentiles": tf.reshape(tft.quantiles(
                 lengths, _PERCENTILE_BUCKETS, QUANTILE_EPSILON), [-1]),
         }
@@ -392,6 +443,7 @@ def build_report(stats: dict[str, np.ndarray], config: AnalysisConfig,
     boundaries = (recommend_bucket_boundaries(
         bucket_quantiles, config.num_buckets, recommended) if nonempty
         else [])
+    at_most = [int(v) for v in np.ravel(stats["at_most"])]
     return {
         "documents": documents,
         "empty_documents": documents - nonempty,
@@ -410,9 +462,91 @@ def build_report(stats: dict[str, np.ndarray], config: AnalysisConfig,
         "recommended_max_seq_length_coverage": covered,
         "num_buckets": config.num_buckets,
         "recommended_bucket_boundaries": boundaries,
+        "token_length_histogram": length_histogram(
+            histogram_uppers(config.max_seq_length), at_most, nonempty),
         "vocab_file": config.vocab_path,
         "do_lower_case": config.do_lower_case,
     }
+
+
+def length_histogram(uppers: Sequence[int], at_most: Sequence[int],
+                     nonempty: int) -> dict[str, Any]:
+    """The histogram from cumulative counts: ``at_most[i]`` non-empty
+    documents have at most ``uppers[i]`` tokens.  ``counts[i]`` documents
+    have more than ``bin_edges[i]`` and at most ``bin_edges[i + 1]``;
+    ``longer`` have more than the last edge."""
+    counts = [at_most[0]] + [b - a for a, b in zip(at_most, at_most[1:])]
+    return {"bin_edges": [0] + list(uppers), "counts": counts,
+            "longer": nonempty - (at_most[-1] if at_most else 0)}
+
+
+def length_figure(report: dict[str, Any]) -> Any:
+    """A matplotlib ``Figure`` of the report's token-length histogram with
+    ``--max_seq_length`` (and the share it truncates), the recommended
+    max_seq_length and the recommended bucket boundaries marked as vertical
+    lines.  A plain ``Figure`` renders with Agg: no display, no pyplot
+    state.  Raises ``ImportError`` without matplotlib."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    hist = report["token_length_histogram"]
+    edges, counts = hist["bin_edges"], hist["counts"]
+    step = edges[1] - edges[0]
+    figure = Figure(figsize=(9, 4.8), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(edges[:-1], counts, width=step, align="edge", color="#4c72b0",
+             edgecolor="white", linewidth=0.5, label="documents")
+    cut = report["max_seq_length"]
+    recommended = report["recommended_max_seq_length"]
+    bounds = report["recommended_bucket_boundaries"]
+    right = max([cut, recommended] + [edges[i + 1] for i, count
+                                      in enumerate(counts) if count])
+    if hist["longer"]:
+        axes.bar([edges[-1]], [hist["longer"]], width=step, align="edge",
+                 color="#c44e52", hatch="//", edgecolor="white",
+                 label=f"longer than {edges[-1]}")
+        right = max(right, edges[-1] + step)
+    axes.axvline(cut, color="#c44e52", linewidth=2,
+                 label=f"--max_seq_length {cut}: "
+                       f"{report['truncated_share']:.1%} truncated")
+    if recommended != cut:
+        covered = report["recommended_max_seq_length_coverage"]
+        axes.axvline(recommended, color="#dd8452", linestyle=":",
+                     linewidth=2, label=f"recommended max_seq_length "
+                                        f"{recommended} (holds {covered:.1%})")
+    for index, bound in enumerate(bounds):
+        axes.axvline(bound, color="#55a868", linestyle="--", linewidth=1.2,
+                     label=None if index else "recommended bucket "
+                     "boundaries " + ",".join(map(str, bounds)))
+    axes.set_xlim(0, right * 1.04)
+    axes.set_xlabel("tokens per document (with [CLS] and [SEP], "
+                    "untruncated)")
+    axes.set_ylabel("documents")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_title(f"Token lengths of {report['documents']:,} documents "
+                   f"({report['empty_documents']:,} empty, not shown)")
+    axes.legend(loc="upper right", fontsize="small")
+    return figure
+
+
+def render_plot(report: dict[str, Any]) -> bytes:
+    """``length_figure`` as PNG bytes (900 x 480 pixels)."""
+    buffer = io.BytesIO()
+    length_figure(report).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_plot(report: dict[str, Any], path: str) -> bool:
+    """Writes ``render_plot`` to ``path`` (local or cloud); without
+    matplotlib prints one line saying how to get it and returns False."""
+    try:
+        png = render_plot(report)
+    except ImportError:
+        print(f"plot skipped: it needs matplotlib ({PLOTS_EXTRA})",
+              file=sys.stderr)
+        return False
+    with FileSystems.create(path) as handle:
+        handle.write(png)
+    return True
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -510,17 +644,21 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if config.output:
         write_report(report, config.output)
         print(f"report:             {config.output}")
+    if config.plot and write_plot(report, config.plot):
+        print(f"plot:               {config.plot}")
     return report
 
 
 _SHARED_FLAGS = ("input", "input_format", "id_field", "text_field", "model",
-                 "vocab_file", "do_lower_case", "max_seq_length", "output")
+                 "vocab_file", "do_lower_case", "max_seq_length", "output",
+                 "verbose")
 
 
 def print_help() -> None:
     """``--help``: the flags this job reads, and a pointer to Beam's own."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.analyze",
+        formatter_class=DefaultsHelpFormatter,
         description="Corpus analysis with tf.Transform: document count, "
                     "token-length quantiles, truncated share, [UNK] rate, "
                     "recommended max_seq_length and bucket boundaries.",
@@ -533,7 +671,8 @@ def print_help() -> None:
         if action.dest in _SHARED_FLAGS:
             action = copy.copy(action)
             if action.dest == "output":
-                action.help = "Write the report as JSON to this path."
+                action.help = ("Write the report as JSON to this path "
+                               "(default: printed only).")
             elif action.dest == "max_seq_length":
                 action.help = "The run's length limit: the report says " \
                               "which share of documents it truncates."
@@ -549,7 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if wants_help(args):
         print_help()
         return 0
-    setup_logging()
+    setup_console(wants_verbose(args))
     try:
         run(args)
     except (UsageError, FileNotFoundError, ModelFormatError) as err:
@@ -559,5 +698,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

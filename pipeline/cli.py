@@ -1,32 +1,57 @@
 """What the command-line entry points (``pipeline.run``,
 ``pipeline.analyze``, the Flex Template's ``dataflow/flex_main.py``) share:
-spotting ``--help``, refusing unknown flags, setting up logging, and ending
-quietly on Ctrl-C.
+spotting ``--help`` and ``--verbose``, refusing unknown flags, a quiet
+console, a live progress line, and ending quietly on Ctrl-C.
 
-This module imports only the standard library at load time, so that an
-entry point can call ``exit_on_interrupt`` before its slow imports (Beam,
-TensorFlow) begin.
+The console is quiet by default: our own warnings and errors, progress
+lines, and errors of the libraries; TensorFlow's native start-up lines
+(``model.native_log``), its C++ INFO, WARNING and ERROR log lines
+(``TF_CPP_MIN_LOG_LEVEL=3`` unless the user set it), Python warnings and the
+libraries' (Beam, absl, TensorFlow) INFO and WARNING lines are not shown.
+``--verbose`` shows all of them, and our INFO lines.
+
+This module imports only the standard library at load time (and
+``model.native_log``, which does too), so that an entry point can call
+``exit_on_interrupt`` before its slow imports (Beam, TensorFlow) begin.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import logging
 import os
+import re
+import shutil
 import signal
+import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence, TextIO
 
-# This project's packages log at INFO; everything else (Beam, TensorFlow)
-# only from WARNING, so a run's own progress lines stay readable.
+from model import native_log
+
+# This project's packages; their INFO lines are shown with --verbose.
 _OUR_PACKAGES = ("pipeline", "model", "transforms")
+# Progress lines are shown without --verbose too.
+_PROGRESS_LOGGER = "transforms.progress"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# TensorFlow's C++ log level when the user has not set one: 3 hides its
+# INFO, WARNING and ERROR lines (CUDA probes on CPU machines, XLA cache
+# format notes); FATAL ones, and Python errors, still show.
+QUIET_TF_LOG_LEVEL = "3"
+# Where Beam's local job service relays its SDK workers' log lines (local
+# multi-process and portable runs), one "Worker: <LogEntry>" line each.
+_WORKER_RELAY_LOGGER = "apache_beam.runners.portability.local_job_service"
 
 # What a shell reports for a process ended by Ctrl-C (128 + SIGINT).
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 INTERRUPTED = "interrupted, nothing published"
 
 _LOG = logging.getLogger("pipeline.cli")
+# Whether this process set TF_CPP_MIN_LOG_LEVEL itself (undone by a later
+# verbose setup in the same process).
+_set_tf_log_level: list[bool] = []
 
 
 class UsageError(ValueError):
@@ -38,13 +63,253 @@ def wants_help(args: Sequence[str]) -> bool:
     return "-h" in args or "--help" in args
 
 
-def setup_logging() -> None:
-    """Timestamped log lines: WARNING for libraries, INFO for ours."""
-    logging.basicConfig(level=logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: "
-                               "%(message)s")
-    for package in _OUR_PACKAGES:
-        logging.getLogger(package).setLevel(logging.INFO)
+def wants_verbose(args: Sequence[str]) -> bool:
+    """Whether the command line asks for the full console (``--verbose``)."""
+    return "--verbose" in args
+
+
+def setup_console(verbose: bool = False) -> None:
+    """The console of a command-line run: quiet, or everything with
+    ``verbose`` (see the module docstring).  Call it before TensorFlow is
+    imported; local worker processes inherit the choice through their
+    environment."""
+    if verbose:
+        if _set_tf_log_level:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+            _set_tf_log_level.clear()
+        os.environ.pop(native_log.QUIET_ENV, None)
+    else:
+        if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+            _set_tf_log_level.append(True)
+        os.environ[native_log.QUIET_ENV] = "1"
+    native_log.quiet_tensorflow_import(not verbose)
+    setup_logging(verbose)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Timestamped log lines on stderr through a ``ConsoleFilter``; our
+    loggers (and the relayed lines of local workers) at INFO, so that the
+    filter decides what shows."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = ConsoleHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if isinstance(handler, ConsoleHandler):
+            for old in list(handler.filters):
+                handler.removeFilter(old)
+            handler.addFilter(ConsoleFilter(verbose))
+    root.setLevel(logging.WARNING)
+    for name in _OUR_PACKAGES + (_WORKER_RELAY_LOGGER,):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # Python warnings (deprecations in the libraries) become log records
+    # of the py.warnings logger: hidden unless verbose.
+    logging.captureWarnings(not verbose)
+
+
+def _ours(name: str) -> bool:
+    return name.split(".", 1)[0] in _OUR_PACKAGES
+
+
+# Log levels of Beam's LogEntry severities (beam_fn_api.proto: TRACE 1,
+# DEBUG 2, INFO 3, NOTICE 4, WARN 5, ERROR 6, CRITICAL 7).
+_ENTRY_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO,
+                 4: logging.INFO, 5: logging.WARNING, 6: logging.ERROR,
+                 7: logging.CRITICAL}
+_SOURCE_MODULE = re.compile(
+    r"(?:^|/)((?:%s)/[\w/]+)\.py:\d+$" % "|".join(_OUR_PACKAGES))
+
+
+def relayed_worker_line(text: str) -> Optional[tuple[int, str, str]]:
+    """``(level, logger, message)`` of a worker's log line that Beam's job
+    service relays as the text of a ``LogEntry``; None for other text.
+    ``logger`` is our module's name where the line came from our code,
+    else ``worker``."""
+    if not text.lstrip().startswith(("severity:", "timestamp", "message:")):
+        return None
+    try:
+        from apache_beam.portability.api import beam_fn_api_pb2
+        from google.protobuf import text_format
+        entry = text_format.Parse(text, beam_fn_api_pb2.LogEntry())
+    except Exception:  # pylint: disable=broad-except
+        return None
+    source = _SOURCE_MODULE.search(entry.log_location)
+    module = source.group(1).replace("/", ".") if source else ""
+    # One of our modules (the launcher has them all), not a library's
+    # namesake such as apache_beam/transforms/core.py.
+    logger = module if module in sys.modules else "worker"
+    return (_ENTRY_LEVELS.get(entry.severity, logging.INFO), logger,
+            entry.message)
+
+
+class ConsoleFilter(logging.Filter):
+    """Which log records the console shows.
+
+    Quiet: our warnings and errors, progress lines, and other errors.
+    Verbose: our INFO lines too, and the libraries' warnings.  Lines that
+    local workers log reach the launcher relayed by Beam's job service as
+    one protobuf text each; they are shown (as ``worker: <message>``, under
+    the module that logged them) by the same rules.
+    """
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self._verbose = verbose
+
+    def _shown(self, name: str, level: int) -> bool:
+        if _ours(name):
+            floor = logging.INFO if (
+                self._verbose or name == _PROGRESS_LOGGER) else logging.WARNING
+        else:
+            floor = logging.WARNING if self._verbose else logging.ERROR
+        return level >= floor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        relayed = None
+        if record.name in (_WORKER_RELAY_LOGGER, "root"):
+            try:
+                relayed = relayed_worker_line(
+                    record.args[0] if record.msg == "Worker: %s"
+                    and record.args else str(record.getMessage()))
+            except Exception:  # pylint: disable=broad-except
+                relayed = None
+        if relayed is None:
+            return self._shown(record.name, record.levelno)
+        level, name, message = relayed
+        if not self._shown(name, level):
+            return False
+        if name != "worker":
+            message = f"worker: {message}"
+        record.name, record.msg, record.args = name, message, ()
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        return True
+
+
+class StatusLine:
+    """One line at the bottom of a terminal, rewritten in place (the live
+    progress line); log records are written above it (``ConsoleHandler``).
+    """
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._text = ""
+        self._lock = threading.RLock()
+
+    def show(self, text: str) -> None:
+        """Replaces the line with ``text``, cut to the terminal's width."""
+        width = shutil.get_terminal_size((100, 24)).columns - 1
+        text = text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+        with self._lock:
+            self._write("\r" + text + "\x1b[K")
+            self._text = text
+
+    def clear(self) -> None:
+        """Removes the line (before the run's summary is printed)."""
+        with self._lock:
+            if self._text:
+                self._write("\r\x1b[K")
+                self._text = ""
+
+    @contextlib.contextmanager
+    def moved_down(self) -> Iterator[None]:
+        """Clears the line while the block writes, then shows it again."""
+        with self._lock:
+            text = self._text
+            if text:
+                self._write("\r\x1b[K")
+            try:
+                yield
+            finally:
+                if text:
+                    self._write("\r" + text + "\x1b[K")
+
+    def _write(self, data: str) -> None:
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+STATUS = StatusLine(sys.stderr)
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A stderr handler that writes log records above the live progress
+    line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is STATUS._stream:  # pylint: disable=protected-access
+            with STATUS.moved_down():
+                super().emit(record)
+        else:
+            super().emit(record)
+
+
+@contextlib.contextmanager
+def live_progress(interval: float, stream: Optional[TextIO] = None
+                  ) -> Iterator[bool]:
+    """While the block runs (a pipeline in this process), shows this
+    process's progress as a live line on ``stream`` (stderr) when it is a
+    terminal and ``interval`` (``--progress_interval``) is not 0; yields
+    whether it does.  Worker processes, and runs whose stderr is a file or
+    pipe, log periodic lines instead (``transforms.progress``)."""
+    stream = stream or sys.stderr
+    if not interval or not _isatty(stream):
+        yield False
+        return
+    from transforms.progress import TRACKER
+    status = STATUS if stream is STATUS._stream else StatusLine(stream)  # pylint: disable=protected-access
+    TRACKER.show_live(status.show)
+    try:
+        yield True
+    finally:
+        TRACKER.show_live(None)
+        status.clear()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each flag's default: ``(default: X)`` is added to a
+    help text that does not already state it (``(default ...``,
+    ``Default: ...``) or say that the flag is required; on/off flags show
+    ``off``, lists are comma-joined."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is argparse.SUPPRESS
+                or STATES_DEFAULT.search(text)):
+            return text
+        return f"{text} (default: {help_default(action.default)})"
+
+
+# A help text that states its flag's default itself, or that it has none.
+STATES_DEFAULT = re.compile(r"\(default\b|\bdefault:|\brequired\b", re.I)
+
+
+def help_default(value: Any) -> str:
+    """A default as ``--help`` shows it (``%`` escaped for argparse)."""
+    if value is None:
+        shown = "none"
+    elif value is False:
+        shown = "off"
+    elif value is True:
+        shown = "on"
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        shown = ",".join(map(str, value))
+    else:
+        shown = str(value)
+    return shown.replace("%", "%%")
 
 
 def check_known_flags(args: Sequence[str]) -> None:

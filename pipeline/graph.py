@@ -127,11 +127,11 @@ def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
     embed, index entries of unchanged documents or None, documents dropped
     by --dedup or None)."""
     documents, same_id = documents | "UniqueIds" >> KeepLastPerId()
-    _track(same_id, "ProgressSameId", "documents", progress)
+    _track(same_id, "ProgressSameId", "done", progress)
     duplicates = None
     if config.dedup:
         documents, duplicates = documents | "Dedup" >> DropDuplicates()
-        _track(duplicates, "ProgressDuplicates", "documents", progress)
+        _track(duplicates, "ProgressDuplicates", "done", progress)
     if config.previous_index_files is None:
         return documents, None, duplicates
     dropped = duplicates
@@ -142,7 +142,7 @@ def _select_documents(pipeline: beam.Pipeline, config: JobConfig,
         config.reuse_previous)
     _ = split[DELETED_TAG] | "WriteDeleted" >> WriteDeleted(
         config.output + DELETED_SUFFIX)
-    _track(split[UNCHANGED_TAG], "ProgressUnchanged", "documents", progress)
+    _track(split[UNCHANGED_TAG], "ProgressUnchanged", "done", progress)
     return split.to_embed, split[UNCHANGED_TAG], dropped
 
 

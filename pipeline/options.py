@@ -87,7 +87,8 @@ class EmbedOptions(PipelineOptions):
         group.add_argument(
             "--input", action="append", default=None,
             help="File or glob of documents (local, gs://, ...; .gz/.bz2 "
-                 "are decompressed). Repeat the flag for several patterns.")
+                 "are decompressed). Repeat the flag for several patterns. "
+                 "Required.")
         group.add_argument(
             "--input_format", default="auto", choices=INPUT_FORMATS,
             help="text: one document per line; jsonl: one JSON object per "
@@ -114,7 +115,8 @@ class EmbedOptions(PipelineOptions):
         group.add_argument(
             "--max_error_rate", type=_share, default=None,
             help="Fail the run (exit 3, nothing published) when failed / "
-                 "read exceeds this fraction, e.g. 0.01.")
+                 "read exceeds this fraction, e.g. 0.01 (default: no "
+                 "limit).")
         group.add_argument(
             "--dedup", action="store_true",
             help="Embed exact duplicate texts once (the others are counted "
@@ -124,11 +126,13 @@ class EmbedOptions(PipelineOptions):
             help="An earlier run's manifest, output prefix, or a glob of "
                  "manifests (the newest successful one is used): documents "
                  "whose id, content hash and model fingerprint are already "
-                 "there are not embedded again.")
+                 "there are not embedded again (default: none, every "
+                 "document is embedded).")
         group.add_argument(
             "--output", default=None,
             help="Output prefix: writes <output>-SSSSS-of-NNNNN.<format>, "
-                 "<output>-errors-*.jsonl and <output>-summary.json.")
+                 "<output>-errors-*.jsonl and <output>-summary.json. "
+                 "Required.")
         group.add_argument(
             "--model", default=None,
             help="BERT SavedModel directory with the TF Hub interface, e.g. "
@@ -136,7 +140,8 @@ class EmbedOptions(PipelineOptions):
                  "model with RANDOM weights, built once and cached.")
         group.add_argument(
             "--vocab_file", default=None,
-            help="Override the model's vocab_file asset.")
+            help="Override the model's vocab_file asset (default: the "
+                 "model's).")
         group.add_argument(
             "--do_lower_case", default="auto",
             choices=("auto", "true", "false"),
@@ -266,7 +271,22 @@ class EmbedOptions(PipelineOptions):
             help="Add a text column with each document's text.")
         group.add_argument(
             "--progress_interval", type=_seconds, default=60.0,
-            help="Seconds between progress log lines per worker (0: off).")
+            help="Seconds between progress log lines per worker process "
+                 "(0: off); a local run on a terminal shows a live line "
+                 "instead.")
+        group.add_argument(
+            "--verbose", action="store_true",
+            help="Show every log line: our INFO lines, the libraries' "
+                 "warnings and TensorFlow's native start-up and C++ log "
+                 "lines (default: off, the console shows the summary, "
+                 "warnings, errors and progress).")
+        group.add_argument(
+            "--worker_connect_timeout", type=_seconds, default=60.0,
+            help="With --runner PortableRunner, --environment_type "
+                 "EXTERNAL (a worker pool) and a job service on this "
+                 "machine: seconds to wait, before the run starts, for the "
+                 "pool at --environment_config to start an SDK worker that "
+                 "connects; exit 2 if none does (0: no check).")
 
 
 def embed_flags() -> dict[str, argparse.Action]:

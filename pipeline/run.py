@@ -27,8 +27,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
-from pipeline.cli import (UsageError, check_known_flags, exit_on_interrupt,
-                          interrupts_deferred, setup_logging, wants_help)
+from pipeline.cli import (DefaultsHelpFormatter, UsageError,
+                          check_known_flags, exit_on_interrupt,
+                          interrupts_deferred, live_progress, setup_console,
+                          wants_help, wants_verbose)
 
 if __name__ == "__main__":
     # Before the slow imports below: Ctrl-C while they load ends quietly too.
@@ -55,6 +57,7 @@ from transforms.batch import check_bucket_boundaries
 from pipeline.lock import OutputLock, OutputLocked, OutputNotWritable
 from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
                               staging_prefix)
+from pipeline.worker_pool import check_environment
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
 from transforms.read import check_patterns_match
@@ -204,6 +207,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     """
     _check_flags(options)
     _check_remote_paths(options)
+    check_environment(options, options.worker_connect_timeout)
     total_bytes = input_size(options.input)
     jit_compile, why = _plan_engine(options, total_bytes)
     _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
@@ -377,7 +381,8 @@ def _run_locked(pipeline_options: PipelineOptions, options: EmbedOptions,
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, dataclasses.replace(
         config, output=active.staged_prefix))
-    result = _execute(pipeline, active, job.demo)
+    with live_progress(config.progress_interval):
+        result = _execute(pipeline, active, job.demo)
     counts, loads = collect_counts(result)
     summary = RunSummary(
         counts=counts, model_loads=loads,
@@ -409,6 +414,7 @@ def print_help() -> None:
     """``--help``: our flags, and a pointer to Beam's own."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.run",
+        formatter_class=DefaultsHelpFormatter,
         description="Embed Chinese text with BERT on Apache Beam: read -> "
                     "tokenize -> batch -> infer -> write.",
         epilog="Apache Beam's pipeline options pass through as well, e.g. "
@@ -430,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if wants_help(args):
         print_help()
         return 0
-    setup_logging()
+    setup_console(wants_verbose(args))
     try:
         summary = run(args)
     except (UsageError, FileNotFoundError, ModelFormatError,

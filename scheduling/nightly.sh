@@ -21,7 +21,6 @@ MODEL="${MODEL:-/models/bert_zh_L-12_H-768_A-12}"
 NIGHT="${NIGHT:-$(date -u +%Y-%m-%d)}"
 
 cd "$PROJECT_DIR"
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 exec .venv/bin/python -m pipeline.run \
   --input "$CORPUS" \
   --output "$INDEX_ROOT/$NIGHT/emb" \

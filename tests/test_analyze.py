@@ -24,7 +24,8 @@ REPORT_KEYS = {
     "truncated_documents", "truncated_share", "unk_rate",
     "length_coverage_target", "recommended_max_seq_length",
     "recommended_max_seq_length_coverage", "num_buckets",
-    "recommended_bucket_boundaries", "vocab_file", "do_lower_case"}
+    "recommended_bucket_boundaries", "token_length_histogram",
+    "vocab_file", "do_lower_case"}
 
 
 def _corpus_texts() -> list[str]:

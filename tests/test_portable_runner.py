@@ -16,6 +16,11 @@ The workers import the project from ``PYTHONPATH`` (a real cluster installs
 it in the worker image).  Each run must write exactly what the DirectRunner
 writes for the same input, count the same, and load the model in a worker
 process, not in this one.
+
+Before a run, the launcher checks that the pool starts a worker that
+connects (``pipeline.worker_pool``): no pool, or a pool whose ``python``
+cannot run a Beam worker, ends the launch with one line instead of a hang;
+and the README's recipe for starting a pool works as written.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +43,8 @@ from model import load as model_load
 from pipeline.read_embeddings import load_embeddings
 from pipeline.run import run
 from pipeline.summary import COUNTERS, RunSummary
+from pipeline.worker_pool import (WorkerPoolUnavailable, check_environment,
+                                  check_worker_pool, is_local, pool_address)
 from tests.conftest import E2E_TEXTS, ROOT
 
 MAX_SEQ = 32
@@ -67,11 +75,13 @@ def _service_env() -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
     """Starts a service in its own process group, logging to ``log``."""
     with log.open("wb") as handle:
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT,
-                                env=_service_env(), start_new_session=True)
+                                env=env or _service_env(), cwd=cwd,
+                                start_new_session=True)
 
 
 def _stop(process: subprocess.Popen, sig: int) -> None:
@@ -201,3 +211,141 @@ def test_portable_runner_matches_direct_runner(
     assert model_load.load_count() == loads_here
     assert "Starting worker with command" in \
         Path(services["pool_log"]).read_text(errors="replace")
+
+
+# --- the launch check --------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def _failing_python(folder: Path) -> Path:
+    """A folder whose ``python`` exits at once, as one without Beam does."""
+    folder.mkdir()
+    fake = folder / "python"
+    fake.write_text("#!/bin/sh\necho 'No module named apache_beam' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    return folder
+
+
+def test_which_jobs_the_launch_check_applies_to():
+    from apache_beam.options.pipeline_options import PipelineOptions
+    assert pool_address("EXTERNAL", "localhost:5") == "localhost:5"
+    assert pool_address("external", '{"url": "h:1"}') == "h:1"
+    assert pool_address("EXTERNAL", None,
+                        ["x=1", "external_service_address=h:2"]) == "h:2"
+    assert pool_address("DOCKER", "apache/beam_python3.11_sdk") is None
+    assert all(is_local(a) for a in ("embed", "localhost:8099",
+                                     "127.0.0.1:1", "[::1]:5", None))
+    assert not is_local("jobs.example.com:8099")
+    closed = f"localhost:{_free_port()}"
+
+    def check(*flags: str, timeout: float = 0.5):
+        return check_environment(PipelineOptions(list(flags)), timeout)
+
+    pool = ("--environment_type", "EXTERNAL", "--environment_config", closed)
+    with pytest.raises(WorkerPoolUnavailable, match="no SDK worker pool"):
+        check("--runner", "PortableRunner", "--job_endpoint", "embed", *pool)
+    # Not checked: no timeout, another environment, a job service elsewhere,
+    # or a Flink/Spark cluster (whose machines reach their own pools).
+    assert check("--runner", "PortableRunner", *pool, timeout=0) is None
+    assert check("--runner", "PortableRunner", "--environment_type",
+                 "LOOPBACK") is None
+    assert check("--runner", "PortableRunner", "--job_endpoint",
+                 "jobs.example.com:8099", *pool) is None
+    assert check("--runner", "FlinkRunner", *pool) is None
+    assert check("--runner", "DirectRunner") is None
+
+
+def test_no_worker_pool_is_one_line_and_exit_2(corpus, tmp_path,
+                                               tiny_model_dir):
+    """Nothing listens at --environment_config: one line, exit 2, within the
+    timeout, nothing written."""
+    port = _free_port()
+    out = tmp_path / "emb"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", "--input", str(corpus),
+         "--output", str(out), "--model", tiny_model_dir,
+         "--runner", "PortableRunner", "--job_endpoint", "embed",
+         "--environment_type", "EXTERNAL",
+         "--environment_config", f"localhost:{port}",
+         "--worker_connect_timeout", "3"],
+        cwd=ROOT, env=_service_env(), capture_output=True, text=True,
+        timeout=300, check=False)
+    lines = [line for line in (done.stdout + done.stderr).splitlines()
+             if line.strip()]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert lines == [
+        f"error: no SDK worker pool answers at localhost:{port} "
+        "(--environment_config) within 3 s: start one (see the README, "
+        "Runners) or correct the address"]
+    assert time.monotonic() - started < 120
+    assert not list(tmp_path.glob("emb*"))
+
+
+def test_a_pool_whose_python_cannot_run_a_worker_fails_in_time(tmp_path):
+    """The README's old recipe: the pool answers, but the ``python`` on its
+    PATH has no Beam, so no worker ever connects (Beam would wait
+    forever)."""
+    env = _service_env()
+    env["PATH"] = os.pathsep.join([str(_failing_python(tmp_path / "bin")),
+                                   "/usr/bin", "/bin"])
+    log = tmp_path / "pool.log"
+    pool = _start([sys.executable, "-c", _POOL_COMMAND], log, env)
+    try:
+        address = _wait_for(_pool_address(log), pool, log)
+        started = time.monotonic()
+        with pytest.raises(WorkerPoolUnavailable) as raised:
+            check_worker_pool(address, 8)
+        assert time.monotonic() - started < 30
+    finally:
+        _stop(pool, signal.SIGINT)
+    assert str(raised.value) == (
+        f"the worker pool at {address} started no SDK worker that connected "
+        "within 8 s (--worker_connect_timeout): it starts workers as "
+        "`python` from its own PATH, which must have apache-beam and this "
+        "project; see the README, Runners")
+    assert "No module named apache_beam" in log.read_text(errors="replace")
+
+
+def test_the_check_passes_with_a_working_pool(services):
+    assert 0 < check_worker_pool(services["pool"], 60) < 60
+
+
+def _readme_pool_command() -> str:
+    """The README's command that starts the worker pool (Runners)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Runners"):]
+    (line,) = [line for line in section.splitlines()
+               if "worker_pool_main" in line and "--service_port" in line]
+    return line
+
+
+@pytest.mark.skipif(not (Path(sys.prefix) / "bin" / "python").exists(),
+                    reason="needs a virtual environment with bin/python")
+def test_the_readme_recipe_starts_a_pool_that_works(tmp_path):
+    """The recipe, run as written from a folder whose .venv is this
+    interpreter's environment, with a ``python`` without Beam first on the
+    PATH: its workers must still connect."""
+    command = _readme_pool_command()
+    assert command.endswith(" &") and "--service_port 50000" in command
+    port = _free_port()
+    command = command[:-2].replace("--service_port 50000",
+                                   f"--service_port {port}")
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    env = _service_env()
+    env["PATH"] = os.pathsep.join([str(_failing_python(tmp_path / "bin")),
+                                   "/usr/bin", "/bin"])
+    env["PWD"] = str(tmp_path)
+    log = tmp_path / "pool.log"
+    pool = _start(["bash", "-c", command], log, env, cwd=tmp_path)
+    try:
+        assert check_worker_pool(f"localhost:{port}", 60) < 60
+    finally:
+        _stop(pool, signal.SIGINT)
+    assert "Starting worker with command" in log.read_text(errors="replace")
