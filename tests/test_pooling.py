@@ -124,7 +124,8 @@ def _corpus(root) -> str:
 def _run(root, model_dir, *flags) -> object:
     summary = run(["--input", _corpus(root), "--output", str(root / "emb"),
                    "--model", model_dir, "--max_seq_length", str(MAX_SEQ),
-                   "--batch_size", "3", *flags])
+                   "--batch_size", "3", "--engine", "tensorflow",
+                   "--precision", "float32", *flags])
     assert summary.reconciled and summary.status != "failed"
     return summary
 
