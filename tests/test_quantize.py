@@ -57,6 +57,7 @@ def test_the_tool_writes_an_int8_ir_and_what_it_was_made_from(
         openvino_engine.model_digest(tiny_model_dir)
     assert info["calibration"]["documents"] == SAMPLES
     assert info["calibration"]["files"] == [str(calibration)]
+    assert info["calibration"]["smooth_quant"] is False
     accuracy = info["accuracy"]
     assert accuracy["documents"] == EVAL
     assert min(accuracy["pooled_cosine_min"],
