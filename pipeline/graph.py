@@ -68,6 +68,10 @@ class JobConfig:
     precision: str = "float32"
     engine: str = "tensorflow"  # see model.engines
     int8_model: Optional[str] = None
+    # What ``--engine``/``--precision`` resolve to on the launcher's machine
+    # (workers on other hardware may choose otherwise, and log it).
+    planned_engine: str = ""
+    planned_precision: str = ""
     jit_compile: bool = True
     xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
     intra_op_threads: Optional[int] = None

@@ -187,6 +187,9 @@ def dataset_description(config: Any) -> dict[str, Any]:
         "normalize": bool(getattr(config, "normalize", False)),
         "precision": getattr(config, "precision", "float32"),
         "engine": getattr(config, "engine", "tensorflow"),
+        # ``auto`` settings as the launcher's machine resolves them.
+        "planned_engine": getattr(config, "planned_engine", ""),
+        "planned_precision": getattr(config, "planned_precision", ""),
         "sequence_dtype": config.sequence_dtype,
         "format": config.output_format,
     }

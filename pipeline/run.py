@@ -174,12 +174,12 @@ def _workers_hint(options: EmbedOptions) -> int:
     return max([int(c) for c in counts if c] or [1])
 
 
-def _plan_engine(options: EmbedOptions,
-                 total_bytes: Optional[int]) -> tuple[bool, str]:
+def _plan_engine(options: EmbedOptions, total_bytes: Optional[int]
+                 ) -> tuple[bool, str, "engines.EngineChoice"]:
     """Checks ``--engine``/``--precision``/``--int8_model`` (UsageError for
     a combination that cannot run) and decides ``--xla`` for the job:
-    returns (XLA on, why).  The engine ``auto`` would pick on this machine
-    stands in for the workers'."""
+    returns (XLA on, why, the engine and precision ``auto`` picks on this
+    machine, which stands in for the workers')."""
     if options.int8_model and options.precision != "int8":
         raise UsageError("--int8_model needs --precision int8")
     if needs_layers(options.pooling) and options.engine == engines.OPENVINO:
@@ -193,8 +193,9 @@ def _plan_engine(options: EmbedOptions,
                 and planned.engine == engines.TENSORFLOW
                 and planned.precision == "float32"
                 and xla_cache.is_warm(options.xla_cache_dir))
-        return engines.decide_xla(options.xla, planned, total_bytes,
-                                  _workers_hint(options), warm)
+        jit_compile, why = engines.decide_xla(
+            options.xla, planned, total_bytes, _workers_hint(options), warm)
+        return jit_compile, why, planned
     except engines.EngineError as err:
         raise UsageError(str(err)) from err
 
@@ -209,7 +210,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     _check_remote_paths(options)
     check_environment(options, options.worker_connect_timeout)
     total_bytes = input_size(options.input)
-    jit_compile, why = _plan_engine(options, total_bytes)
+    jit_compile, why, planned = _plan_engine(options, total_bytes)
     _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
     if engines.xla_applies(jit_compile, options.precision, options.engine):
         # Now, before this process first uses TensorFlow: a DirectRunner
@@ -261,6 +262,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         vocab_file=settings.vocab_path,
         precision=options.precision, jit_compile=jit_compile,
         engine=options.engine, int8_model=options.int8_model,
+        planned_engine=planned.engine, planned_precision=planned.precision,
         xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,

@@ -62,6 +62,7 @@ def _run_cli(corpus: Path, out: Path, model_dir: str, cache: Path,
         [sys.executable, "-m", "pipeline.run", "--input", str(corpus),
          "--output", str(out), "--model", model_dir,
          "--max_seq_length", "32", "--batch_size", "4",
+         "--engine", "tensorflow", "--precision", "float32", "--xla", "on",
          "--xla_cache_dir", str(cache), *extra],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
         check=False)
@@ -144,7 +145,10 @@ def test_a_terminal_gets_a_live_progress_line(tmp_path, tiny_model_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", "--input", str(corpus),
          "--output", str(tmp_path / "emb"), "--model", tiny_model_dir,
-         "--max_seq_length", "32", "--batch_size", "1", "--xla", "off"],
+         "--max_seq_length", "32", "--batch_size", "1", "--xla", "off",
+         # The plain TensorFlow graph at batch 1 keeps the run over the
+         # line's one-second redraw; a faster engine may finish before it.
+         "--engine", "tensorflow", "--precision", "float32"],
         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     try:

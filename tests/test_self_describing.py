@@ -67,9 +67,16 @@ def _check_description(record: dict, summary, described: dict) -> None:
     assert tokenizer["vocab_sha256"] == described["vocab_sha256"]
     assert (tokenizer["do_lower_case"], tokenizer["max_seq_length"]) == \
         (True, 32)
-    assert (record["pooling"], record["normalize"], record["precision"]) == \
-        ("cls", False, "float32")
-    assert record["engine"]
+    assert (record["pooling"], record["normalize"], record["precision"],
+            record["engine"]) == ("cls", False, "auto", "auto")
+    # ``auto`` as this machine resolves it: a real engine and precision.
+    from model.engines import ENGINES, PRECISIONS, choose_engine, \
+        detect_hardware
+    planned = choose_engine("auto", "auto", detect_hardware())
+    assert (record["planned_engine"], record["planned_precision"]) == (
+        planned.engine, planned.precision)
+    assert record["planned_engine"] in ENGINES[1:]
+    assert record["planned_precision"] in ("float32", "bfloat16")
 
 
 def test_parquet_footer_says_what_made_the_vectors(described):
