@@ -726,6 +726,32 @@ def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
     return model
 
 
+def _restore_for_probe(model_dir: str) -> tuple[str, "BertSavedModel"]:
+    """``(path, model)``: the SavedModel restored in this process for a
+    launcher's probe; ``ModelFormatError`` (one line) if it cannot be."""
+    import tensorflow as tf
+    path = resolve_model_path(model_dir)
+    _read_saved_model_proto(path)
+    try:
+        return path, BertSavedModel(path, tf.saved_model.load(path),
+                                    limits=read_model_limits(path))
+    except (tf.errors.OpError, KeyError) as err:
+        raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
+                               f"{_one_line(err)}") from err
+
+
+def _probe_call(path: str, call: Callable[..., Any]) -> Any:
+    """``call`` on one two-token input (``[CLS] [SEP]``);
+    ``ModelFormatError`` (one line) if the model fails on it."""
+    import tensorflow as tf
+    ids = np.array([[101, 102]], dtype=np.int32)
+    try:
+        return call(ids, np.ones_like(ids), np.zeros_like(ids))
+    except (tf.errors.OpError, ValueError, TypeError) as err:
+        raise ModelFormatError(f"{path}: a test call of the model failed: "
+                               f"{_one_line(err)}") from err
+
+
 def probe_model(model_dir: str) -> int:
     """Restores the model, checks its interface with one two-token call and
     returns its hidden size.
@@ -734,21 +760,8 @@ def probe_model(model_dir: str) -> int:
     wrong interface fails the job in seconds with one line.  It is not
     counted by ``load_count`` (that counts the workers' loads).
     """
-    import tensorflow as tf
-    path = resolve_model_path(model_dir)
-    _read_saved_model_proto(path)
-    try:
-        model = BertSavedModel(path, tf.saved_model.load(path),
-                               limits=read_model_limits(path))
-    except (tf.errors.OpError, KeyError) as err:
-        raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
-                               f"{_one_line(err)}") from err
-    ids = np.array([[101, 102]], dtype=np.int32)
-    try:
-        pooled, sequence = model(ids, np.ones_like(ids), np.zeros_like(ids))
-    except (tf.errors.OpError, ValueError, TypeError) as err:
-        raise ModelFormatError(f"{path}: a test call of the model failed: "
-                               f"{_one_line(err)}") from err
+    path, model = _restore_for_probe(model_dir)
+    pooled, sequence = _probe_call(path, model.__call__)
     if pooled.ndim != 2 or sequence.shape[:2] != (1, 2) or \
             sequence.shape[2] != pooled.shape[1]:
         raise ModelFormatError(
@@ -762,22 +775,8 @@ def probe_encoder_layers(model_dir: str) -> int:
     from one two-token call; launchers ask before a pooling that needs
     them (``first_last_avg``) starts any work.  Like ``probe_model`` it is
     not counted by ``load_count``."""
-    import tensorflow as tf
-    path = resolve_model_path(model_dir)
-    _read_saved_model_proto(path)
-    try:
-        model = BertSavedModel(path, tf.saved_model.load(path),
-                               limits=read_model_limits(path))
-    except (tf.errors.OpError, KeyError) as err:
-        raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
-                               f"{_one_line(err)}") from err
-    ids = np.array([[101, 102]], dtype=np.int32)
-    try:
-        _, _, layers = model.call_with_layers(ids, np.ones_like(ids),
-                                              np.zeros_like(ids))
-    except (tf.errors.OpError, ValueError, TypeError) as err:
-        raise ModelFormatError(f"{path}: a test call of the model failed: "
-                               f"{_one_line(err)}") from err
+    path, model = _restore_for_probe(model_dir)
+    _, _, layers = _probe_call(path, model.call_with_layers)
     return len(layers)
 
 
