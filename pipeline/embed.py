@@ -85,7 +85,7 @@ class EmbedSettings:
     chunk_stride: Optional[int] = None
     pooling: str = DEFAULT_POOLING
     normalize: bool = False
-    precision: str = "auto"
+    precision: str = "float32"
     batch_size: int = DEFAULT_BATCH_SIZE
     max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
     intra_op_threads: Optional[int] = None
@@ -120,7 +120,7 @@ def model_settings(model: Optional[str] = None,
                    do_lower_case: Optional[bool] = None,
                    long_text: str = "truncate",
                    chunk_stride: Optional[int] = None,
-                   precision: str = "auto") -> EmbedSettings:
+                   precision: str = "float32") -> EmbedSettings:
     """Settings for ``model`` (None: the demo model, random weights), its
     tokenizer read as the launcher reads it; raises ``UsageError`` or
     ``ModelFormatError`` (one line) for settings the model cannot take."""
