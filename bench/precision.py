@@ -55,25 +55,15 @@ def _batches(model_dir: str, docs: int, seed: int, max_seq_length: int,
                                                   np.ndarray]], str]:
     """The sampled corpus, tokenized, length-sorted and padded per batch,
     and a note saying which corpus it is."""
+    from model.accuracy import token_batches
     from model.load import read_tokenizer_settings
-    from transforms.batch import cut_batches
-    from transforms.infer import pad_batch
-    from transforms.tokenization import BertWordPieceTokenizer, load_vocab
-    from transforms.records import TokenizedDocument
+    from transforms.tokenization import load_vocab
     settings = read_tokenizer_settings(model_dir)
-    tokenizer = BertWordPieceTokenizer(load_vocab(settings.vocab_path),
-                                       do_lower_case=settings.do_lower_case)
     texts, note = throughput.sample_corpus(throughput.REAL_CORPUS, docs,
                                            seed)
-    tokenized = []
-    for index, text in enumerate(texts):
-        encoded = tokenizer.encode(text, max_seq_length)
-        if encoded.num_tokens > 2:
-            tokenized.append(TokenizedDocument(
-                f"d{index}", np.asarray(encoded.input_word_ids, np.int32),
-                encoded.truncated))
-    return [pad_batch(batch) for batch in
-            cut_batches(tokenized, 32, max_tokens, None)], note
+    return token_batches(texts, load_vocab(settings.vocab_path),
+                         settings.do_lower_case, max_seq_length, 32,
+                         max_tokens), note
 
 
 def _save_batches(batches, path: str) -> None:
