@@ -310,19 +310,32 @@ class BertEncoder(tf.Module):
         Returns:
           ``(pooled_output [B, H], sequence_output [B, S, H])`` float32.
         """
+        pooled, sequence, _ = self.encode(input_word_ids, input_mask,
+                                          segment_ids)
+        return pooled, sequence
+
+    def encode(self, input_word_ids: tf.Tensor, input_mask: tf.Tensor,
+               segment_ids: tf.Tensor
+               ) -> tuple[tf.Tensor, tf.Tensor, list[tf.Tensor]]:
+        """``__call__``'s outputs plus ``encoder_outputs``: every
+        transformer layer's ``[B, S, H]`` token outputs, first layer first
+        (the last one is ``sequence_output``; the embedding layer is not
+        included), as TF Hub's BERT encoders return them."""
         word_ids = tf.cast(input_word_ids, tf.int32)
         segment_ids = tf.cast(segment_ids, tf.int32)
         mask = tf.cast(input_mask, tf.float32)
         shape = tf.shape(word_ids)
         batch, seq_len = shape[0], shape[1]
+        hidden = self.config.hidden_size
         mask_bias = ((1.0 - mask) * _MASK_NEGATIVE)[:, tf.newaxis, tf.newaxis, :]
-        x = tf.reshape(self._embed(word_ids, segment_ids),
-                       [-1, self.config.hidden_size])
+        x = tf.reshape(self._embed(word_ids, segment_ids), [-1, hidden])
+        layers = []
         for index in range(self.config.num_layers):
             x = self._layer(x, mask_bias, batch, seq_len, index)
-        sequence = tf.reshape(x, [batch, seq_len, self.config.hidden_size])
+            layers.append(tf.reshape(x, [batch, seq_len, hidden]))
+        sequence = layers[-1]
         pooled = tf.tanh(self._dense(sequence[:, 0], "bert/pooler/dense"))
-        return pooled, sequence
+        return pooled, sequence, layers
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Copy all weights out as NumPy arrays keyed by Google names."""

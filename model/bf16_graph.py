@@ -116,6 +116,8 @@ class Bfloat16BertModel:
         self._call = tf.function(
             lambda ids, mask, segments: encoder(ids, mask, segments),
             input_signature=_INPUT_SPECS)
+        self._call_layers = tf.function(encoder.encode,
+                                        input_signature=_INPUT_SPECS)
 
     def concrete_function(self) -> Any:
         """The traced graph (dynamic batch and length), for inspection."""
@@ -129,6 +131,20 @@ class Bfloat16BertModel:
                                         for name in INPUT_NAMES))
         return (np.asarray(pooled, np.float32),
                 np.asarray(sequence, np.float32))
+
+    def call_with_layers(self, input_word_ids: np.ndarray,
+                         input_mask: np.ndarray, segment_ids: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """``__call__``'s outputs plus every layer's ``[B, S, H]`` tokens
+        (``encoder_outputs``, first layer first), for ``--pooling
+        first_last_avg``."""
+        arrays = check_inputs(dict(zip(INPUT_NAMES, (
+            input_word_ids, input_mask, segment_ids))), self.limits)
+        pooled, sequence, layers = self._call_layers(
+            *(tf.constant(arrays[name], tf.int32) for name in INPUT_NAMES))
+        return (np.asarray(pooled, np.float32),
+                np.asarray(sequence, np.float32),
+                [np.asarray(layer, np.float32) for layer in layers])
 
 
 def load_bfloat16_model(model_dir: str) -> Bfloat16BertModel:

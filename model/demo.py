@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the demo vocab, config or export format changes, so stale
 # cached models are not reused.
-DEMO_MODEL_VERSION = 1
+DEMO_MODEL_VERSION = 2  # 2: the model returns encoder_outputs too
 CACHE_ENV_VAR = "BERT_ZH_EMBED_CACHE"
 
 _SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -6,7 +6,18 @@ The exported root object behaves like TF Hub's ``bert_zh_L-12_H-768_A-12``:
   sequence_output]`` (int32 inputs of shape [batch, seq]);
 * ``model.vocab_file`` is a ``tf.saved_model.Asset`` holding ``vocab.txt``;
 * ``model.do_lower_case`` is a non-trainable bool ``tf.Variable``;
-* a ``serving_default`` signature takes keyword inputs and returns a dict.
+* a ``serving_default`` signature takes keyword inputs and returns a dict:
+  ``pooled_output``, ``sequence_output`` and ``encoder_outputs``, every
+  transformer layer's token outputs (first layer first, as TF Hub's
+  dict-interface encoders return them; ``--pooling first_last_avg`` needs
+  them), stacked into one ``[num_layers, batch, seq, hidden]`` tensor,
+  since a signature's outputs are tensors, not lists.  Consumers that
+  fetch outputs by name (TF Serving, OpenVINO's conversion here) compute
+  only what they ask for.
+
+The root call keeps its ``input_signature`` (one trace for every batch
+shape): a call without one would be traced again, once per input shape,
+after loading.
 
 Code written against the Hub model therefore works unchanged on models
 exported here, and vice versa.
@@ -31,6 +42,7 @@ VOCAB_FILENAME = "vocab.txt"
 _INPUT_NAMES = ("input_word_ids", "input_mask", "segment_ids")
 _INPUT_SPECS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in _INPUT_NAMES]
 _TRAINING_SPEC = tf.TensorSpec([], tf.bool, name="training")
+ENCODER_OUTPUTS = "encoder_outputs"
 
 
 class _HubBertModule(tf.Module):
@@ -88,9 +100,12 @@ class _HubBertModule(tf.Module):
     @tf.function(input_signature=_INPUT_SPECS)
     def serve(self, input_word_ids: tf.Tensor, input_mask: tf.Tensor,
               segment_ids: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Keyword-input serving signature returning named outputs."""
-        pooled, sequence = self.encoder(input_word_ids, input_mask, segment_ids)
-        return {"pooled_output": pooled, "sequence_output": sequence}
+        """Keyword-input serving signature returning named outputs;
+        ``encoder_outputs`` stacked ``[num_layers, batch, seq, hidden]``."""
+        pooled, sequence, layers = self.encoder.encode(
+            input_word_ids, input_mask, segment_ids)
+        return {"pooled_output": pooled, "sequence_output": sequence,
+                ENCODER_OUTPUTS: tf.stack(layers)}
 
 
 def _write_vocab(tokens: Sequence[str], path: str) -> None:

@@ -10,11 +10,17 @@ Three interfaces are recognised (checked in this order):
 ``dict``
     Newer TF Hub / Kaggle BERT encoders: ``model({"input_word_ids": ...,
     "input_mask": ..., "segment_ids": ...})`` returns a dict with
-    ``pooled_output`` and ``sequence_output`` (``encoder_outputs`` and any
-    other keys are ignored).
+    ``pooled_output`` and ``sequence_output`` (and ``encoder_outputs``,
+    each layer's tokens, which only ``call_with_layers`` reads; other keys
+    are ignored).
 ``signature``
     Any SavedModel whose ``serving_default`` signature takes those three
     inputs by name and returns those two outputs by name.
+
+``call_with_layers`` also wants ``encoder_outputs``: from the ``dict``
+call where it returns them, else from a ``serving_default`` signature that
+does (stacked ``[layers, batch, seq, hidden]``, as ``model.export`` writes
+it); every other call goes through the detected interface.
 
 Models may be local directories, paths on any TensorFlow file system
 (``gs://...``), or TF Hub / Kaggle handles resolved by ``resolve_model_path``
@@ -392,6 +398,36 @@ def _call_candidates(restored) -> list[tuple[str, Any]]:
     return found
 
 
+def _returns_layers(outputs: Any) -> bool:
+    """Whether traced or returned ``outputs`` hold ``encoder_outputs``."""
+    return isinstance(outputs, dict) and ENCODER_OUTPUTS in outputs
+
+
+def _signature_returns_layers(restored, dtypes: dict[str, Any]) -> bool:
+    """Whether the ``serving_default`` signature takes the BERT inputs (of
+    ``dtypes``) and returns ``encoder_outputs`` too."""
+    signature = (getattr(restored, "signatures", {}) or {}).get(
+        "serving_default")
+    if signature is None or not _signature_fits(signature):
+        return False
+    _, specs = signature.structured_input_signature
+    return (_returns_layers(signature.structured_outputs)
+            and {k: s.dtype for k, s in specs.items()} == dtypes)
+
+
+def _layers_of(outputs: Any) -> list[Any]:
+    """The per-layer token outputs in a model's ``outputs``: a list (the
+    ``dict`` call) or a ``[num_layers, B, S, H]`` stack (a signature, whose
+    outputs are tensors); none when there are none."""
+    value = outputs.get(ENCODER_OUTPUTS) if isinstance(outputs, dict) else None
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    stacked = np.asarray(value)
+    return list(stacked) if stacked.ndim == 4 else []
+
+
 def _accepts_training(restored) -> bool:
     """Whether the root call takes a ``training`` argument (Keras models),
     which must then be passed as False to disable dropout."""
@@ -502,24 +538,37 @@ class BertSavedModel:
         self.limits = limits
         self._restored = restored
         self.interface, self._input_dtypes = self._detect()
+        # A model whose call does not return encoder_outputs but whose
+        # signature does (model.export writes such models):
+        # call_with_layers takes the signature.
+        self._layers_via_signature = (
+            self.interface != "signature"
+            and not self._call_returns_layers()
+            and _signature_returns_layers(restored, self._input_dtypes))
         self._training_kwargs = (
             {"training": False}
             if self.interface != "signature" and _accepts_training(restored)
             else {})
         self._compiled = None
-        self._compiled_shapes: set[tuple[int, ...]] = set()
+        # The compiled call that returns encoder_outputs too, where that is
+        # another call than the plain one (built on first use).
+        self._compiled_layers = None
+        self._compiled_shapes: set[tuple[Any, ...]] = set()
         self._compile_cache = compile_cache
         # Whether XLA compiles this model at all (None: not known yet).
         self._xla_compiles: Optional[bool] = None
         if jit_compile:
-            import tensorflow as tf
-            # One trace for every batch shape (XLA still compiles each
-            # shape), so that the traced function, and with it the compile
-            # cache's key, does not depend on which shape came first.
-            spec = {name: tf.TensorSpec([None, None], dtype, name=name)
-                    for name, dtype in self._input_dtypes.items()}
-            self._compiled = tf.function(self._invoke, jit_compile=True,
-                                         input_signature=[spec])
+            self._compiled = self._compile(self._invoke)
+
+    def _compile(self, call: Callable[[dict[str, Any]], Any]) -> Any:
+        """``call`` compiled by XLA.  One trace for every batch shape (XLA
+        still compiles each shape), so that the traced function, and with
+        it the compile cache's key, does not depend on which shape came
+        first."""
+        import tensorflow as tf
+        spec = {name: tf.TensorSpec([None, None], dtype, name=name)
+                for name, dtype in self._input_dtypes.items()}
+        return tf.function(call, jit_compile=True, input_signature=[spec])
 
     @property
     def jit_compile(self) -> bool:
@@ -557,27 +606,60 @@ class BertSavedModel:
             return self._restored(inputs, **self._training_kwargs)
         return self._restored.signatures["serving_default"](**inputs)
 
-    def _invoke_compiled(self, inputs: dict[str, Any]) -> Any:
+    def _call_returns_layers(self) -> bool:
+        """Whether the detected call's outputs hold ``encoder_outputs``."""
+        if self.interface != "dict":
+            return False
+        function = self._restored.__call__
+        return any(_returns_layers(concrete.structured_outputs)
+                   for concrete in function.concrete_functions)
+
+    def _invoke_layers(self, inputs: dict[str, Any]) -> Any:
+        """Call the restored model so that it returns ``encoder_outputs``
+        if it can: through the signature where the detected call does not
+        return them."""
+        if self._layers_via_signature:
+            return self._restored.signatures["serving_default"](**inputs)
+        return self._invoke(inputs)
+
+    def _compiled_call(self, with_layers: bool) -> Any:
+        """The XLA-compiled call (None once XLA is off for this model);
+        ``with_layers``: the one that returns ``encoder_outputs``."""
+        if not with_layers or not self._layers_via_signature or \
+                self._compiled is None:
+            return self._compiled
+        if self._compiled_layers is None:
+            self._compiled_layers = self._compile(self._invoke_layers)
+        return self._compiled_layers
+
+    def _invoke_compiled(self, inputs: dict[str, Any],
+                         with_layers: bool = False) -> Any:
         """Call through XLA.  A new input shape compiles first (about a
         second for BERT-Base on a CPU, logged); compiles run one at a time
         in this process, so that the compile cache only ever publishes
         whole entries."""
         shape = tuple(inputs[INPUT_NAMES[0]].shape)
-        if shape in self._compiled_shapes:
-            return self._call_xla(inputs)
+        # The call with layers is another function (where it differs):
+        # its shapes compile apart.
+        key = shape + (("layers",)
+                       if with_layers and self._layers_via_signature
+                       else ())
+        if key in self._compiled_shapes:
+            return self._call_xla(inputs, with_layers)
         with _compile_lock:
-            if shape in self._compiled_shapes:
-                return self._call_xla(inputs)
+            if key in self._compiled_shapes:
+                return self._call_xla(inputs, with_layers)
             started = time.perf_counter()
             staged = (self._compile_cache.staging_state()
                       if self._compile_cache is not None else None)
-            outputs = self._call_xla(inputs)
+            outputs = self._call_xla(inputs, with_layers)
             if self._compiled is not None:
-                self._record_compile(shape, time.perf_counter() - started,
+                self._record_compile(key, time.perf_counter() - started,
                                      staged)
             return outputs
 
-    def _call_xla(self, inputs: dict[str, Any]) -> Any:
+    def _call_xla(self, inputs: dict[str, Any],
+                  with_layers: bool = False) -> Any:
         """The compiled call of a checked input.
 
         On an XLA error, whether XLA compiles this model at all is decided
@@ -587,7 +669,7 @@ class BertSavedModel:
         and keep XLA on.
         """
         try:
-            return self._compiled(inputs)
+            return self._compiled_call(with_layers)(inputs)
         except _xla_errors() as err:
             if self._xla_compiles_model():
                 shape = list(inputs[INPUT_NAMES[0]].shape)
@@ -596,8 +678,9 @@ class BertSavedModel:
                     f"{shape}: {_one_line(err)[:300]}") from err
             _LOG.warning("XLA cannot compile %s (%s); running it without "
                          "XLA", self.model_dir, _one_line(err)[:300])
-            self._compiled = None
-            return self._invoke(inputs)
+            self._compiled = self._compiled_layers = None
+            return (self._invoke_layers if with_layers
+                    else self._invoke)(inputs)
 
     def _xla_compiles_model(self) -> bool:
         """Whether XLA compiles and runs this model on a minimal
@@ -618,16 +701,21 @@ class BertSavedModel:
                     self._xla_compiles = False
             return self._xla_compiles
 
-    def _record_compile(self, shape: tuple[int, ...], seconds: float,
+    def _record_compile(self, key: tuple[Any, ...], seconds: float,
                         staged: Optional[dict[str, int]] = None) -> None:
         """Counts a new shape's first call, publishes what it compiled, and
         logs whether XLA compiled the shape or loaded it from the compile
         cache (``staged``: the cache's staging files before the call; a
-        compile writes or rewrites one, a load writes none)."""
+        compile writes or rewrites one, a load writes none).  ``key`` is
+        the input shape, ending in ``"layers"`` for the call that returns
+        ``encoder_outputs`` where that is another function."""
         cache = self._compile_cache
         loaded = (cache is not None and staged is not None
                   and not cache.written_since(staged))
-        self._compiled_shapes.add(shape)
+        self._compiled_shapes.add(key)
+        shape = tuple(n for n in key if isinstance(n, int))
+        label = str(list(shape)) + (" (with encoder_outputs)"
+                                    if len(key) > len(shape) else "")
         self._xla_compiles = True
         with _load_lock:
             _compile_stats.shapes += 1
@@ -639,16 +727,16 @@ class BertSavedModel:
         if loaded:
             _LOG.info("XLA loaded the model for input shape %s from the "
                       "compile cache (first call %.1f s; %d shapes in this "
-                      "model)", list(shape), seconds, count)
+                      "model)", label, seconds, count)
         elif cache is None and xla_cache.user_cache_flag():
             _LOG.info("XLA compiled the model for input shape %s, or loaded "
                       "it from the cache TF_XLA_FLAGS names (first call "
-                      "%.1f s; %d shapes in this model)", list(shape),
+                      "%.1f s; %d shapes in this model)", label,
                       seconds, count)
         else:
             _LOG.info("XLA compiled the model for input shape %s (first call "
                       "%.1f s; %d shapes in this model; %d new cache "
-                      "entries)", list(shape), seconds, count, published)
+                      "entries)", label, seconds, count, published)
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -667,8 +755,10 @@ class BertSavedModel:
                 np.asarray(sequence, dtype=np.float32))
 
     def _outputs(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
-                 segment_ids: np.ndarray) -> Any:
-        """The model's raw outputs for a checked batch (see ``__call__``)."""
+                 segment_ids: np.ndarray, with_layers: bool = False) -> Any:
+        """The model's raw outputs for a checked batch (see ``__call__``);
+        ``with_layers``: through the call that returns ``encoder_outputs``
+        (see ``call_with_layers``)."""
         import tensorflow as tf
         arrays = check_inputs(
             dict(zip(INPUT_NAMES, (input_word_ids, input_mask, segment_ids))),
@@ -676,21 +766,24 @@ class BertSavedModel:
         inputs = {name: tf.convert_to_tensor(value,
                                              dtype=self._input_dtypes[name])
                   for name, value in arrays.items()}
-        return (self._invoke(inputs) if self._compiled is None
-                else self._invoke_compiled(inputs))
+        if self._compiled is not None:
+            return self._invoke_compiled(inputs, with_layers)
+        return (self._invoke_layers if with_layers else self._invoke)(inputs)
 
     def call_with_layers(self, input_word_ids: np.ndarray,
                          input_mask: np.ndarray, segment_ids: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """``__call__``'s outputs plus ``encoder_outputs``: each transformer
         layer's ``[B, S, H]`` token outputs, first layer first, as float32
-        (an empty list when the model does not return them: only models
-        with the ``dict`` interface that have an ``encoder_outputs`` output,
-        such as TF Hub's newer BERT encoders, do)."""
-        outputs = self._outputs(input_word_ids, input_mask, segment_ids)
+        (an empty list when the model does not return them).  A ``dict``
+        call or a ``serving_default`` signature with an ``encoder_outputs``
+        output gives them (the models ``model.export`` and
+        ``model.convert`` write have such a signature)."""
+        outputs = self._outputs(input_word_ids, input_mask, segment_ids,
+                                with_layers=True)
         if isinstance(outputs, dict):
             pooled, sequence = (outputs[n] for n in OUTPUT_NAMES)
-            layers = list(outputs.get(ENCODER_OUTPUTS) or [])
+            layers = _layers_of(outputs)
         else:
             pooled, sequence, layers = outputs[0], outputs[1], []
         return (np.asarray(pooled, dtype=np.float32),

@@ -37,7 +37,8 @@ from typing import Any, Optional
 import numpy as np
 
 from model.load import (INPUT_NAMES, OUTPUT_NAMES, ModelFormatError,
-                        ModelLimits, check_inputs, read_model_limits)
+                        ModelLimits, check_inputs, read_model_limits,
+                        resolve_model_path)
 
 _LOG = logging.getLogger(__name__)
 
@@ -110,10 +111,25 @@ def _check_interface(model: Any, where: str) -> None:
             f"{sorted(inputs)}, outputs {sorted(outputs)})")
 
 
+def _only_bert_outputs(model: Any) -> Any:
+    """``model`` with only ``pooled_output`` and ``sequence_output`` as
+    outputs.  A serving signature may return more (``model.export``'s
+    also returns ``encoder_outputs``, every layer's tokens): as outputs
+    they would keep each layer's buffer alive and be copied out on every
+    call, for nothing."""
+    import openvino as ov
+    wanted = set(OUTPUT_NAMES)
+    kept = [port for port in model.outputs if set(port.get_names()) & wanted]
+    if len(kept) == len(model.outputs):
+        return model
+    return ov.Model([port.get_node() for port in kept],
+                    model.get_parameters(), model.get_friendly_name())
+
+
 def convert(model_dir: str) -> Any:
     """``ov.convert_model`` of the SavedModel at ``model_dir`` (local or a
     TensorFlow file-system path, copied to a temporary directory first),
-    checked for the BERT interface."""
+    checked for the BERT interface, with the other outputs dropped."""
     import openvino as ov
     if "://" not in model_dir:
         model = ov.convert_model(model_dir)
@@ -125,7 +141,7 @@ def convert(model_dir: str) -> Any:
         finally:
             shutil.rmtree(local, ignore_errors=True)
     _check_interface(model, model_dir)
-    return model
+    return _only_bert_outputs(model)
 
 
 def _publish_dir(staging: str, target: str) -> bool:
@@ -414,7 +430,8 @@ def load_openvino_model(model_dir: str, precision: str,
                         int8_model: Optional[str] = None,
                         check_accuracy: bool = False
                         ) -> OpenVINOBertModel:
-    """Loads the SavedModel at ``model_dir`` into OpenVINO at
+    """Loads the SavedModel at ``model_dir`` (a directory, or a TF Hub
+    handle: see ``model.load.resolve_model_path``) into OpenVINO at
     ``precision`` (``float32``, ``bfloat16`` or ``int8``).
 
     ``int8`` runs the quantized model ``int8_model`` (or the cached one,
@@ -425,6 +442,7 @@ def load_openvino_model(model_dir: str, precision: str,
     """
     import openvino as ov
     from model.runtime import cpu_flags
+    model_dir = resolve_model_path(model_dir)
     core = ov.Core()
     notes = []
     ir_dir = None

@@ -124,8 +124,8 @@ class _Parser(argparse.ArgumentParser):
         _usage(f"{message}; see --help")
 
 
-def parse_args(argv: Sequence[str]) -> CompactJob:
-    """``CompactJob`` from the command line; ``UsageError`` otherwise."""
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``python -m pipeline.compact``."""
     parser = _Parser(prog="python -m pipeline.compact",
                      description="Write the current dataset of an index as "
                                  "one Parquet dataset.")
@@ -139,7 +139,12 @@ def parse_args(argv: Sequence[str]) -> CompactJob:
                              "32 MiB each)")
     parser.add_argument("--parquet_compression", default="none",
                         choices=PARQUET_CODECS)
-    args = parser.parse_args(list(argv))
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> CompactJob:
+    """``CompactJob`` from the command line; ``UsageError`` otherwise."""
+    args = build_parser().parse_args(list(argv))
     if args.row_group_rows < 0:
         _usage("--row_group_rows must be >= 0")
     try:

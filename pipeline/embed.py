@@ -58,15 +58,18 @@ def check_model_pooling(model_dir: str, pooling: str,
                         flag: str = "--pooling") -> None:
     """Raises ``UsageError`` (one line) when the model cannot give
     ``pooling``: ``first_last_avg`` needs a model that returns its layers'
-    ``encoder_outputs``; the models ``model.export`` writes (and the demo
-    model) return only ``pooled_output`` and ``sequence_output``."""
+    ``encoder_outputs`` (dict-interface encoders and the models
+    ``model.export`` and ``model.convert`` write do; list-interface models
+    such as TF Hub's ``bert_zh_L-12_H-768_A-12/1``, and models exported
+    before this, do not)."""
     check_pooling(pooling)
     if needs_layers(pooling) and probe_encoder_layers(model_dir) < 1:
         raise UsageError(
             f"{flag} {pooling} needs a model that returns encoder_outputs "
             "(each layer's token vectors, as TF Hub's dict-interface BERT "
-            f"encoders do); {model_dir} returns only pooled_output and "
-            "sequence_output: use --pooling mean or cls")
+            "encoders and the models python -m model.convert writes do); "
+            f"{model_dir} returns only pooled_output and sequence_output: "
+            "use --pooling mean or cls")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -424,7 +424,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """Flags of ``python -m pipeline.query``."""
     parser = _Parser(
         prog="python -m pipeline.query",
         description="Print the documents of an embeddings index nearest "
@@ -461,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from pipeline.manifest import ManifestError
     from pipeline.read_embeddings import DatasetError
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = _parser()
+    parser = build_parser()
     if wants_help(args):
         parser.print_help()
         return EXIT_OK

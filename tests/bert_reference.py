@@ -101,6 +101,17 @@ class ReferenceBert:
         pooled = np.tanh(self._linear(x[0], "bert/pooler/dense"))
         return pooled, x
 
+    def layers_one(self, ids: np.ndarray, mask: np.ndarray,
+                   segments: np.ndarray) -> list[np.ndarray]:
+        """Each transformer layer's [S, H] output for one example, first
+        layer first (what TF Hub calls ``encoder_outputs``)."""
+        x = self._embeddings(np.asarray(ids), np.asarray(segments))
+        layers = []
+        for index in range(self.num_layers):
+            x = self._layer(x, np.asarray(mask), index)
+            layers.append(x)
+        return layers
+
     def __call__(self, ids: np.ndarray, mask: np.ndarray,
                  segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Encode a [B, S] batch: returns (pooled [B, H], sequence [B, S, H])."""

@@ -57,6 +57,28 @@ def test_outputs_are_float32_and_close_to_float32(bert_like):
     assert stats.max_abs_pooled > 0  # not float32 in disguise
 
 
+def test_layers_for_first_last_avg(bert_like):
+    """``--pooling first_last_avg`` on a GPU worker: the re-trace returns
+    every layer too, close to the float32 model's encoder_outputs, its
+    last layer its sequence output."""
+    model = load_bfloat16_model(bert_like)
+    reference = load_bert_saved_model(bert_like)
+    ids, mask, segments = probe_batches(bert_like)[0]
+    pooled, sequence, layers = model.call_with_layers(ids, mask, segments)
+    want_pooled, _, want_layers = reference.call_with_layers(ids, mask,
+                                                             segments)
+    assert len(layers) == len(want_layers) == 2
+    assert all(layer.dtype == np.float32 for layer in layers)
+    np.testing.assert_array_equal(layers[-1], sequence)
+    np.testing.assert_array_equal(pooled, model(ids, mask, segments)[0])
+    real = mask.astype(bool)
+    for got, want in zip(layers, want_layers):
+        cosine = np.sum(got[real] * want[real], -1) / (
+            np.linalg.norm(got[real], axis=-1)
+            * np.linalg.norm(want[real], axis=-1))
+        assert cosine.min() > 0.99
+
+
 def test_other_layouts_are_refused(tmp_path):
     module = tf.Module()
     module.v = tf.Variable(1.0)

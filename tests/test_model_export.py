@@ -113,10 +113,38 @@ def test_serving_signature_agrees_with_list_call(loaded):
     serve = loaded.signatures["serving_default"]
     out = serve(input_word_ids=tf.constant(ids), input_mask=tf.constant(mask),
                 segment_ids=tf.constant(segments))
-    assert set(out) == {"pooled_output", "sequence_output"}
+    assert set(out) == {"pooled_output", "sequence_output", "encoder_outputs"}
     np.testing.assert_allclose(out["pooled_output"].numpy(), pooled, atol=1e-6)
     np.testing.assert_allclose(out["sequence_output"].numpy(), sequence,
                                atol=1e-6)
+    # The layers, stacked: a signature's outputs are tensors, not lists.
+    layers = out["encoder_outputs"].numpy()
+    assert layers.shape == (TINY.num_layers, 2, 9, TINY.hidden_size)
+    np.testing.assert_allclose(layers[-1], sequence, atol=1e-6)
+
+
+def test_signature_returns_every_layer(loaded, reference):
+    """``encoder_outputs``, as TF Hub's dict-interface encoders name them:
+    each transformer layer's tokens, first layer first, the last one
+    ``sequence_output``, equal to the NumPy reference layer by layer."""
+    ids, mask, segments = _random_batch(np.random.default_rng(8), [5, 12, 1],
+                                        12, TINY.vocab_size)
+    out = loaded.signatures["serving_default"](
+        input_word_ids=tf.constant(ids), input_mask=tf.constant(mask),
+        segment_ids=tf.constant(segments))
+    layers = out["encoder_outputs"].numpy()
+    assert layers.shape == (TINY.num_layers,) + ids.shape + (
+        TINY.hidden_size,)
+    np.testing.assert_allclose(layers[-1], out["sequence_output"].numpy(),
+                               atol=1e-6)
+    for row in range(len(ids)):
+        real = mask[row].astype(bool)
+        want = reference.layers_one(ids[row], mask[row], segments[row])
+        assert len(want) == TINY.num_layers
+        for got, expected in zip(layers, want):
+            np.testing.assert_allclose(got[row][real], expected[real],
+                                       atol=1e-4, rtol=0)
+    assert not np.allclose(layers[0], layers[-1])  # really other layers
 
 
 def test_vocab_asset_and_config(loaded, export_dir):

@@ -69,6 +69,48 @@ def test_bad_input_is_our_one_line_error(tiny_model_dir, small_vocab):
         assert "\n" not in str(err.value)
 
 
+def test_only_the_two_bert_outputs_are_kept(tiny_model_dir, small_vocab):
+    """The exported signature also returns encoder_outputs (every layer):
+    the converted model keeps only pooled_output and sequence_output, so
+    no call copies the layers out."""
+    import openvino as ov
+    raw = {n for port in ov.convert_model(tiny_model_dir).outputs
+           for n in port.get_names()}
+    assert "encoder_outputs" in raw
+    model = openvino_engine.convert(tiny_model_dir)
+    assert [sorted(port.get_names()) for port in model.outputs] in (
+        [["pooled_output"], ["sequence_output"]],
+        [["sequence_output"], ["pooled_output"]])
+    compiled = OpenVINOBertModel(tiny_model_dir, openvino_engine._compile(
+        ov.Core(), model, "float32", None), "float32")
+    reference = load_bert_saved_model(tiny_model_dir)
+    for ids, mask, segments in _batches(vocab_size=len(small_vocab)):
+        pooled, sequence = compiled(ids, mask, segments)
+        want_pooled, want_sequence = reference(ids, mask, segments)
+        np.testing.assert_allclose(pooled, want_pooled, atol=1e-4)
+        real = mask.astype(bool)
+        np.testing.assert_allclose(sequence[real], want_sequence[real],
+                                   atol=1e-4)
+
+
+def test_a_tf_hub_handle_is_resolved_first(tiny_model_dir, tmp_path,
+                                           monkeypatch):
+    """A handle (here from a pre-filled TF Hub cache, no network) runs on
+    OpenVINO like its directory, instead of failing over to TensorFlow."""
+    import hashlib
+    import shutil
+    pytest.importorskip("tensorflow_hub")
+    handle = "https://tfhub.dev/tensorflow/bert_zh_L-12_H-768_A-12/1"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    shutil.copytree(tiny_model_dir, tmp_path / hashlib.sha1(
+        handle.encode("utf-8")).hexdigest())
+    model = load_openvino_model(handle, "float32")
+    ids, mask, segments = next(_batches(seed=2))
+    np.testing.assert_allclose(model(ids, mask, segments)[0],
+                               load_bert_saved_model(tiny_model_dir)(
+                                   ids, mask, segments)[0], atol=1e-4)
+
+
 def test_the_ir_is_converted_once_and_cached(tiny_model_dir, monkeypatch):
     digest = openvino_engine.model_digest(tiny_model_dir)
     entry = openvino_engine.ir_cache_dir(digest)

@@ -339,21 +339,102 @@ def test_first_last_avg_embed_texts(layered_model_dir, small_vocab):
             atol=1e-5)
 
 
+# --- first_last_avg on the models model.export / model.convert write -----
+
+
+def _first_last_from_signature(model, token_ids: np.ndarray) -> np.ndarray:
+    """NumPy from the encoder_outputs of an exported model's serving
+    signature (stacked [layers, batch, seq, hidden]) for one input."""
+    ids = tf.constant([token_ids], tf.int32)
+    out = model.signatures["serving_default"](
+        input_word_ids=ids, input_mask=tf.ones_like(ids),
+        segment_ids=tf.zeros_like(ids))
+    layers = np.asarray(out["encoder_outputs"], np.float64)[:, 0]
+    assert layers.shape == (2, len(token_ids), 32)
+    return ((layers[0] + layers[-1]) / 2).mean(axis=0)
+
+
+@pytest.mark.parametrize("xla", ["off", "on"])
+def test_first_last_avg_with_an_exported_model(tmp_path, tiny_model_dir,
+                                               small_vocab, xla):
+    """The exported model returns encoder_outputs (from its serving
+    signature; the pipeline keeps its list call for everything else):
+    runs, with and without XLA, and embed_texts give NumPy's
+    first_last_avg of those layers."""
+    model = tf.saved_model.load(tiny_model_dir)
+    _run(tmp_path, tiny_model_dir, "--pooling", "first_last_avg",
+         "--outputs", "pooled", "--normalize", "--xla", xla)
+    emb = load_embeddings(str(tmp_path / "emb-[0-9]*.parquet"))
+    vectors = embed_texts(TEXTS, model=tiny_model_dir,
+                          max_seq_length=MAX_SEQ, pooling="first_last_avg",
+                          normalize=True)
+    tokenize = TokenizeDocuments(small_vocab, True, MAX_SEQ)
+    tokenize.setup()
+    seen = 0
+    for i, text in enumerate(E2E_TEXTS):
+        for doc in tokenize.process(Document(f"d{i}", text)):
+            want = _first_last_from_signature(model, doc.input_word_ids)
+            want /= np.linalg.norm(want)
+            np.testing.assert_allclose(
+                emb.pooled_output[emb.ids.index(doc.id)], want, atol=1e-5)
+            np.testing.assert_allclose(vectors[TEXTS.index(text)], want,
+                                       atol=1e-5)
+            seen += 1
+    assert seen == len(TEXTS) == len(emb.ids)
+    # Not the mean of the last layer alone (a pooling mix-up).
+    mean = embed_texts(TEXTS, model=tiny_model_dir, max_seq_length=MAX_SEQ,
+                       pooling="mean", normalize=True)
+    assert np.abs(mean - vectors).max() > 1e-3
+
+
+class _ListOnlyBert(tf.Module):
+    """TF Hub's legacy interface (``bert_zh_L-12_H-768_A-12/1``): a list
+    call returning [pooled, sequence] and nothing else."""
+
+    def __init__(self, encoder: BertEncoder, vocab_path: str) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.vocab_file = tf.saved_model.Asset(vocab_path)
+        self.do_lower_case = tf.Variable(True, trainable=False)
+
+    @tf.function(input_signature=[[
+        tf.TensorSpec([None, None], tf.int32, name=n) for n in NAMES]])
+    def __call__(self, inputs):
+        return list(self.encoder(*inputs))
+
+
+@pytest.fixture(scope="module")
+def list_only_model_dir(tmp_path_factory, small_vocab) -> str:
+    root = tmp_path_factory.mktemp("list_only")
+    vocab = root / "vocab.txt"
+    vocab.write_text("".join(t + "\n" for t in small_vocab), encoding="utf-8")
+    config = BertConfig(vocab_size=len(small_vocab), hidden_size=32,
+                        num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=128)
+    path = str(root / "model")
+    tf.saved_model.save(_ListOnlyBert(BertEncoder(config, seed=5),
+                                      str(vocab)), path)
+    return path
+
+
 # --- launch errors -------------------------------------------------------
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--pooling", "first_last_avg"], "needs a model that returns "
-                                      "encoder_outputs"),
-    (["--pooling", "mean", "--outputs", "sequence"], "need pooled in"),
-    (["--normalize", "--outputs", "sequence"], "need pooled in"),
+@pytest.mark.parametrize("model, flags, message", [
+    ("list_only", ["--pooling", "first_last_avg"],
+     "needs a model that returns encoder_outputs"),
+    ("exported", ["--pooling", "mean", "--outputs", "sequence"],
+     "need pooled in"),
+    ("exported", ["--normalize", "--outputs", "sequence"], "need pooled in"),
 ])
-def test_pooling_usage_errors(tmp_path, tiny_model_dir, capsys, flags,
-                              message):
+def test_pooling_usage_errors(tmp_path, tiny_model_dir, list_only_model_dir,
+                              capsys, model, flags, message):
     corpus = tmp_path / "c.txt"
     corpus.write_text("你好\n", encoding="utf-8")
+    model_dir = {"list_only": list_only_model_dir,
+                 "exported": tiny_model_dir}[model]
     assert main(["--input", str(corpus), "--output", str(tmp_path / "o"),
-                 "--model", tiny_model_dir, *flags]) == 2
+                 "--model", model_dir, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(message in line for line in err)
     assert [line for line in err if line.startswith("error:")] == [
