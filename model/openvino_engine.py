@@ -24,6 +24,7 @@ BERT-Base it saved under 0.3 s of a ~1.3 s compile and stores another
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ _LOG = logging.getLogger(__name__)
 CACHE_SUBDIR = "openvino"
 IR_XML, IR_BIN = "model.xml", "model.bin"
 INFO_FILE = "info.json"  # what a cache entry was made from
+LIMITS_FILE = "limits.json"  # the model's input limits, beside its IR
 INT8_INFO_FILE = "int8.json"  # written by model.quantize
 INT8_SUBDIR = "int8"
 _HINTS = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
@@ -66,7 +68,7 @@ def model_digest(model_dir: str) -> str:
 
 def cache_root() -> str:
     """``openvino/`` under the project's cache directory."""
-    from model.demo import default_cache_dir
+    from model.runtime import default_cache_dir
     return os.path.join(default_cache_dir(), CACHE_SUBDIR)
 
 
@@ -181,6 +183,15 @@ def save_ir(model: Any, target: str, info: dict[str, Any],
     return _publish_dir(staging, target)
 
 
+def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
+    """Writes ``data`` as JSON to ``path`` whole (a private file renamed
+    over it), so a reader sees the old file or the new one."""
+    partial = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(partial, path)
+
+
 def converted_model(model_dir: str, core: Any) -> tuple[Any, Optional[str]]:
     """The model as OpenVINO IR, from the cache or converted now (and
     cached); returns it with its cache directory (None when the cache
@@ -211,6 +222,41 @@ def converted_model(model_dir: str, core: Any) -> tuple[Any, Optional[str]]:
     return model, target
 
 
+def limits_from_json(data: Any) -> Optional[ModelLimits]:
+    """``ModelLimits`` from its ``dataclasses.asdict`` form, or None when
+    ``data`` is not one."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return ModelLimits(**data)
+    except TypeError:
+        return None
+
+
+def model_limits(model_dir: str, entry: Optional[str]) -> ModelLimits:
+    """The model's input limits (``model.load.read_model_limits``), kept
+    as ``limits.json`` in ``entry`` (its IR cache directory; None: not
+    kept).  Reading them from the SavedModel needs TensorFlow, about
+    660 MB of a worker's memory; a worker whose cache entry holds them
+    never imports it."""
+    path = os.path.join(entry, LIMITS_FILE) if entry else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                limits = limits_from_json(json.load(handle))
+            if limits is not None:
+                return limits
+        except (OSError, ValueError):
+            pass  # read them again
+    limits = read_model_limits(model_dir)
+    if path:
+        try:
+            _write_json_atomically(path, dataclasses.asdict(limits))
+        except OSError:
+            pass  # read from the model again next time
+    return limits
+
+
 # --- int8 models -------------------------------------------------------------
 
 
@@ -218,18 +264,29 @@ def read_int8_info(int8_dir: str) -> dict[str, Any]:
     """The ``int8.json`` of a quantized model directory (local or a
     TensorFlow file-system path such as ``gs://``); ModelFormatError when
     the directory is not one."""
-    import tensorflow as tf
     base = int8_dir.rstrip("/")
     info_path = f"{base}/{INT8_INFO_FILE}"
-    if not tf.io.gfile.exists(f"{base}/{IR_XML}") or \
-            not tf.io.gfile.exists(info_path):
+    if "://" in base:  # TensorFlow's file systems; local ones need no TF
+        import tensorflow as tf
+        exists, read_errors = tf.io.gfile.exists, (tf.errors.OpError,
+                                                   ValueError)
+
+        def read() -> str:
+            with tf.io.gfile.GFile(info_path, "r") as handle:
+                return handle.read()
+    else:
+        exists, read_errors = os.path.exists, (OSError, ValueError)
+
+        def read() -> str:
+            with open(info_path, encoding="utf-8") as handle:
+                return handle.read()
+    if not exists(f"{base}/{IR_XML}") or not exists(info_path):
         raise ModelFormatError(
             f"{int8_dir} is not an int8 model of python -m model.quantize "
             f"(no {IR_XML} or {INT8_INFO_FILE})")
     try:
-        with tf.io.gfile.GFile(info_path, "r") as handle:
-            return json.loads(handle.read())
-    except (tf.errors.OpError, ValueError) as err:
+        return json.loads(read())
+    except read_errors as err:
         raise ModelFormatError(f"{info_path}: unreadable ({err})") from err
 
 
@@ -353,7 +410,10 @@ class OpenVINOBertModel:
             input_word_ids, input_mask, segment_ids))), self.limits)
         feed = {self._inputs[n]: np.ascontiguousarray(a, self._dtypes[n])
                 for n, a in arrays.items()}
-        results = self._request().infer(feed)
+        # Shared outputs are views of the request's buffers, which its next
+        # call overwrites: one copy each (OpenVINO's own copy was a second).
+        results = self._request().infer(feed, share_inputs=True,
+                                        share_outputs=True)
         pooled, sequence = (np.array(results[port], dtype=np.float32)
                             for port in self._outputs)
         return pooled, sequence
@@ -379,13 +439,6 @@ def _self_check_file(ir_dir: Optional[str], precision: str) -> Optional[str]:
     cpu = hashlib.sha256((cpu_model_name() + " " + " ".join(
         sorted(cpu_flags()))).encode("utf-8")).hexdigest()[:16]
     return os.path.join(ir_dir, f"selfcheck-{precision}-{cpu}.json")
-
-
-def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    partial = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(partial, path)
 
 
 def self_check(model_dir: str, core: Any, model: Any, candidate: Any,
@@ -450,8 +503,14 @@ def load_openvino_model(model_dir: str, precision: str,
         path = find_int8_model(model_dir, int8_model)
         model = core.read_model(os.path.join(_local_int8_dir(path), IR_XML))
         notes.append(f"int8 model {path}")
+        limits = limits_from_json(read_int8_info(path).get("limits"))
+        if limits is None:
+            entry = ir_cache_dir(model_digest(model_dir))
+            limits = model_limits(model_dir, entry if os.path.isfile(
+                os.path.join(entry, IR_XML)) else None)
     else:
         model, ir_dir = converted_model(model_dir, core)
+        limits = model_limits(model_dir, ir_dir)
     compiled = _compile(core, model, precision, threads)
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
@@ -459,7 +518,6 @@ def load_openvino_model(model_dir: str, precision: str,
     if warning:
         _LOG.warning("%s", warning)
         notes.append(warning)
-    limits = read_model_limits(model_dir)
     result = OpenVINOBertModel(model_dir, compiled, effective, limits)
     if check_accuracy and effective != "float32":
         ok, note = self_check(model_dir, core, model, result, effective,

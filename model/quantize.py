@@ -24,6 +24,7 @@ quantization failed, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -103,7 +104,8 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
     import numpy as np
     import openvino as ov
     from model import openvino_engine
-    from model.load import read_tokenizer_settings, resolve_model_path
+    from model.load import (read_model_limits, read_tokenizer_settings,
+                            resolve_model_path)
     from transforms.tokenization import load_vocab
     model_dir = resolve_model_path(model_dir)
     digest = openvino_engine.model_digest(model_dir)
@@ -165,6 +167,9 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
                         "model_type": "transformer", "smooth_quant": False},
         "accuracy": {"reference": "openvino float32", "target": min_cosine,
                      **stats.to_dict()},
+        # Read here, so that a worker running this model need not import
+        # TensorFlow to read them (see openvino_engine.model_limits).
+        "limits": dataclasses.asdict(read_model_limits(model_dir)),
         "mean_tokens_per_calibration_document": float(np.mean(
             [item["input_mask"].sum() for item in items])),
     }

@@ -22,6 +22,16 @@ PRECISIONS = ("float32", "bfloat16")
 # products); without them TensorFlow emulates bf16 and it is slower.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
+CACHE_ENV_VAR = "BERT_ZH_EMBED_CACHE"
+
+
+def default_cache_dir() -> str:
+    """``$BERT_ZH_EMBED_CACHE`` if set (non-empty), else ``~/.cache/bert_zh_embed``."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return os.path.expanduser(configured)
+    return os.path.join(os.path.expanduser("~"), ".cache", "bert_zh_embed")
+
 
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, not the machine)."""

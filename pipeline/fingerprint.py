@@ -19,26 +19,45 @@ cached per process by file paths, sizes and modification times.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import types
 from typing import Any, Optional
 
 _CHUNK = 8 << 20
 _CACHE: dict[tuple, str] = {}
 
 
-def _gfile() -> Any:
-    """``tf.io.gfile``: model paths are TensorFlow paths (local, gs://)."""
+class _LocalFiles:
+    """The three ``tf.io.gfile`` calls this module makes, for local paths,
+    without TensorFlow: an OpenVINO worker hashes its model without
+    importing TensorFlow (about 660 MB of resident memory)."""
+    GFile = staticmethod(open)
+    glob = staticmethod(glob.glob)
+
+    @staticmethod
+    def stat(path: str) -> Any:
+        found = os.stat(path)
+        return types.SimpleNamespace(length=found.st_size,
+                                     mtime_nsec=found.st_mtime_ns)
+
+
+def _gfile(path: str) -> Any:
+    """What reads ``path``: ``tf.io.gfile`` for a file-system URL
+    (``gs://...``), ``_LocalFiles`` for a local path."""
+    if "://" not in path:
+        return _LocalFiles
     import tensorflow as tf
     return tf.io.gfile
 
 
 def _stamp(paths: list[str]) -> tuple:
     """(path, size, mtime) of each file: the cache key of their hash."""
-    gfile = _gfile()
     stamps = []
     for path in paths:
-        stat = gfile.stat(path)
+        stat = _gfile(path).stat(path)
         stamps.append((path, stat.length, stat.mtime_nsec))
     return tuple(stamps)
 
@@ -50,11 +69,10 @@ def hash_files(paths: list[str], with_names: bool = True) -> str:
     if key in _CACHE:
         return _CACHE[key]
     digest = hashlib.blake2b(digest_size=16)
-    gfile = _gfile()
     for path in paths:
         if with_names:
             digest.update(path.rsplit("/", 1)[-1].encode("utf-8") + b"\0")
-        with gfile.GFile(path, "rb") as handle:
+        with _gfile(path).GFile(path, "rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     _CACHE[key] = digest.hexdigest()
@@ -65,7 +83,7 @@ def file_sha256(path: str) -> str:
     """SHA-256 of a file's content, hex (a vocabulary's, for the output's
     self-description: a hash anyone can recompute with ``sha256sum``)."""
     digest = hashlib.sha256()
-    with _gfile().GFile(path, "rb") as handle:
+    with _gfile(path).GFile(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -74,7 +92,7 @@ def file_sha256(path: str) -> str:
 def variables_files(model_dir: str) -> list[str]:
     """The SavedModel's checkpoint files, sorted; raises if there are none."""
     pattern = model_dir.rstrip("/") + "/variables/variables.*"
-    files = sorted(_gfile().glob(pattern))
+    files = sorted(_gfile(pattern).glob(pattern))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no variables/variables.* "
                                 "files to fingerprint")
