@@ -196,16 +196,203 @@ def test_models_on_tensorflow_file_systems_are_converted(tiny_model_dir):
                                    ids, mask, segments)[0], atol=1e-4)
 
 
+_WITHOUT_TENSORFLOW = """
+import json, sys
+sys.modules["tensorflow"] = None  # any import of it fails
+import numpy as np
+from model.engines import EngineSpec, load_engine
+model = load_engine(EngineSpec(sys.argv[1], sys.argv[2], sys.argv[3],
+                               int8_model=sys.argv[4] or None))
+ids = np.array([[101, 104, 105, 102]], np.int32)
+pooled, _ = model(ids, np.ones_like(ids), np.zeros_like(ids))
+print(json.dumps({"engine": model.engine_choice.engine,
+                  "precision": model.precision,
+                  "limits": model.limits.__dict__,
+                  "pooled": pooled[0].tolist()}))
+"""
+
+
+def run_without_tensorflow(model_dir: str, engine: str = "openvino",
+                           precision: str = "float32",
+                           int8_model: str = "") -> dict:
+    """Loads the model as a worker does, in a process where importing
+    TensorFlow fails, and returns what it loaded and its output for one
+    document (the cache directory is this test session's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW, model_dir, engine,
+         precision, int8_model], cwd=root, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=str(root)), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_worker_with_a_cached_ir_never_imports_tensorflow(
+        tiny_model_dir, small_vocab):
+    """TensorFlow adds about 660 MB to a worker: once the IR is cached
+    (here by this process), an OpenVINO worker loads and runs the model
+    without it, with the same input limits and outputs, also for auto
+    (its bfloat16 self-check verdict is cached too)."""
+    from model.load import read_model_limits
+    here = load_openvino_model(tiny_model_dir, "float32")
+    got = run_without_tensorflow(tiny_model_dir)
+    assert got["engine"] == "openvino" and got["precision"] == "float32"
+    assert got["limits"] == read_model_limits(tiny_model_dir).__dict__
+    ids = np.array([[101, 104, 105, 102]], np.int32)
+    np.testing.assert_allclose(got["pooled"], here(
+        ids, np.ones_like(ids), np.zeros_like(ids))[0][0], atol=1e-6)
+    load_openvino_model(tiny_model_dir, "bfloat16", check_accuracy=True)
+    assert run_without_tensorflow(tiny_model_dir, "auto", "auto")[
+        "engine"] == "openvino"
+
+
+def test_local_model_files_hash_as_through_tensorflow(tiny_model_dir):
+    """Local paths are hashed without TensorFlow, to the same digest that
+    TensorFlow's file system gives (its file:// URLs), so IR cache keys,
+    int8 source digests and run fingerprints do not change."""
+    from pipeline import fingerprint
+    local = fingerprint.variables_files(tiny_model_dir)
+    through_tf = fingerprint.variables_files("file://" + tiny_model_dir)
+    assert [p[len("file://"):] for p in through_tf] == local
+    assert fingerprint.hash_files(local) == fingerprint.hash_files(through_tf)
+    vocab = os.path.join(tiny_model_dir, "assets", "vocab.txt")
+    assert fingerprint.file_sha256(vocab) == \
+        fingerprint.file_sha256("file://" + vocab)
+
+
+def test_limits_are_kept_beside_the_ir_and_reread_when_damaged(
+        tiny_model_dir, monkeypatch):
+    from model.load import read_model_limits
+    entry = openvino_engine.ir_cache_dir(
+        openvino_engine.model_digest(tiny_model_dir))
+    load_openvino_model(tiny_model_dir, "float32")
+    path = os.path.join(entry, openvino_engine.LIMITS_FILE)
+    want = read_model_limits(tiny_model_dir)
+    assert json.loads(open(path).read()) == want.__dict__
+    for damage in ("{", "[1, 2]", '{"vocab_size": 3, "other": 1}'):
+        with open(path, "w") as handle:
+            handle.write(damage)
+        assert openvino_engine.model_limits(tiny_model_dir, entry) == want
+        assert json.loads(open(path).read()) == want.__dict__
+    calls = []
+    monkeypatch.setattr(openvino_engine, "read_model_limits",
+                        lambda d: calls.append(d))
+    assert openvino_engine.model_limits(tiny_model_dir, entry) == want
+    assert not calls  # read from the file, not from the model
+
+
 def test_compile_settings():
     from model.runtime import usable_cores
     assert openvino_engine.compile_config("bfloat16") == {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS":
+        "PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS":
         usable_cores(), "INFERENCE_PRECISION_HINT": "bf16"}
     assert openvino_engine.compile_config("float32", 3)[
         "INFERENCE_NUM_THREADS"] == 3
     # An int8 model keeps what is not quantized in float32.
     assert openvino_engine.compile_config("int8")[
         "INFERENCE_PRECISION_HINT"] == "f32"
+
+
+@pytest.mark.parametrize("rows,parts", [(1, 2), (2, 2), (5, 2), (32, 2),
+                                        (3, 4), (7, 3), (4, 1), (9, 16)])
+def test_row_splits_cover_every_row_once(rows, parts):
+    splits = openvino_engine.row_splits(rows, parts)
+    assert len(splits) == min(rows, parts)
+    assert [i for start, stop in splits for i in range(start, stop)] == \
+        list(range(rows))
+    sizes = [stop - start for start, stop in splits]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def _documents(seed: int, rows: int, longest: int, vocab_size: int):
+    """``rows`` documents of random lengths (2 to ``longest`` tokens, the
+    first ``longest``), padded to ``longest``."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, longest + 1, rows)
+    lengths[0] = longest
+    ids = rng.integers(104, vocab_size, (rows, longest)).astype(np.int32)
+    ids[:, 0] = 101
+    mask = (np.arange(longest)[None] < lengths[:, None]).astype(np.int32)
+    return ids * mask, mask, np.zeros_like(ids)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_each_document_gets_what_the_model_gives_it_alone(
+        tiny_model_dir, small_vocab, streams, monkeypatch):
+    """However a batch is split across streams and however much padding
+    it carries, a document's pooled output and real tokens are what the
+    model gives that document alone, unpadded."""
+    model = load_openvino_model(tiny_model_dir, "float32")
+    monkeypatch.setattr(OpenVINOBertModel, "streams", streams)
+    ids, mask, segments = _documents(streams, 7, 20, len(small_vocab))
+    pooled, sequence = model(ids, mask, segments)
+    extra = 13  # more padding columns, mask 0
+    wide = [np.pad(a, ((0, 0), (0, extra))) for a in (ids, mask, segments)]
+    wide_pooled, wide_sequence = model(*wide)
+    assert wide_sequence.shape == (7, 20 + extra, 32)
+    for row, length in enumerate(mask.sum(axis=1)):
+        alone = [a[row:row + 1, :length] for a in (ids, mask, segments)]
+        want_pooled, want_sequence = model(*alone)
+        for got_pooled, got_sequence in ((pooled, sequence),
+                                         (wide_pooled, wide_sequence)):
+            np.testing.assert_allclose(got_pooled[row], want_pooled[0],
+                                       atol=2e-5, rtol=0)
+            np.testing.assert_allclose(got_sequence[row, :length],
+                                       want_sequence[0], atol=2e-5, rtol=0)
+
+
+def test_a_batch_runs_on_every_stream_at_once(tiny_model_dir, small_vocab):
+    """The compiled model runs several requests at once (throughput
+    mode), and a batch's rows go to all of them."""
+    model = load_openvino_model(tiny_model_dir, "float32")
+    from model.runtime import usable_cores
+    if usable_cores() < 2:
+        pytest.skip("one usable core: OpenVINO runs one stream")
+    assert model.streams >= 2
+    ids, mask, segments = _documents(4, 5, 9, len(small_vocab))
+    model(ids, mask, segments)
+    requests = model._requests()
+    assert len(requests) == model.streams
+    sizes = [stop - start for start, stop in
+             openvino_engine.row_splits(len(ids), model.streams)]
+    assert len(sizes) >= 2
+    assert [request.get_tensor(model._outputs[1]).shape[0]
+            for request in requests[:len(sizes)]] == sizes
+
+
+def test_a_failing_part_is_raised_after_every_part_finished(
+        tiny_model_dir, small_vocab, monkeypatch):
+    """When one stream's request fails, the error reaches the caller, but
+    only once the others are done (none still writes into its buffers)."""
+    model = load_openvino_model(tiny_model_dir, "float32")
+    monkeypatch.setattr(OpenVINOBertModel, "streams", 3)
+    waited = []
+
+    class Failing:
+        def __init__(self, request):
+            self.request = request
+
+        def start_async(self, *args, **kwargs):
+            self.request.start_async(*args, **kwargs)
+
+        def wait(self):
+            self.request.wait()
+            waited.append(self)
+            if len(waited) == 1:
+                raise RuntimeError("stream failed")
+
+        def get_tensor(self, port):
+            return self.request.get_tensor(port)
+
+    requests = [Failing(r) for r in model._requests()]
+    monkeypatch.setattr(model, "_requests", lambda: requests)
+    ids, mask, segments = _documents(5, 6, 8, len(small_vocab))
+    with pytest.raises(RuntimeError, match="stream failed"):
+        model(ids, mask, segments)
+    assert waited == requests
 
 
 def test_bfloat16_without_hardware_is_reported():

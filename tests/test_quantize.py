@@ -79,6 +79,29 @@ def test_the_int8_model_runs_close_to_float32(quantized, tiny_model_dir):
     assert not np.array_equal(pooled, want)
 
 
+def test_an_int8_worker_never_imports_tensorflow(quantized, tiny_model_dir):
+    """int8.json records the model's input limits, so an int8 worker (with
+    no converted IR of the float model on its machine) reads neither them
+    nor int8.json through TensorFlow."""
+    from model.load import read_model_limits
+    from tests.test_openvino_engine import run_without_tensorflow
+    info = json.loads((quantized / "int8.json").read_text())
+    want = read_model_limits(tiny_model_dir).__dict__
+    assert info["limits"] == want
+    entry = openvino_engine.ir_cache_dir(
+        openvino_engine.model_digest(tiny_model_dir))
+    import shutil
+    shutil.rmtree(entry, ignore_errors=True)  # as on a fresh worker
+    got = run_without_tensorflow(tiny_model_dir, "openvino", "int8",
+                                 str(quantized))
+    assert got["precision"] == "int8" and got["limits"] == want
+    model = openvino_engine.load_openvino_model(
+        tiny_model_dir, "int8", int8_model=str(quantized))
+    ids = np.array([[101, 104, 105, 102]], np.int32)
+    np.testing.assert_allclose(got["pooled"], model(
+        ids, np.ones_like(ids), np.zeros_like(ids))[0][0], atol=1e-6)
+
+
 def test_an_int8_model_on_a_tensorflow_file_system(quantized,
                                                   tiny_model_dir):
     """A gs:// int8 model (tested on TensorFlow's ram:// file system) is
