@@ -117,6 +117,62 @@ def format_ratios(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+# The issue's targets for CPUs without native bfloat16, where auto runs
+# OpenVINO at float32: (label, denominator, lowest ratio).
+NON_AMX_TARGETS = (("torch f32", "torch_f32", 1.1),
+                   ("ours f32+XLA", "ours", 1.0))
+# Why the other class of CPU cannot be stood in for on this one.
+_MLAS_UNCAPPED = (
+    "OpenVINO's float32 matrix products (its MLAS kernels, 48 of BERT-Base's "
+    "73 in float32) pick AVX-512 from CPUID and no setting caps them "
+    "(ONEDNN_MAX_CPU_ISA=AVX2 caps only its oneDNN kernels, and makes its "
+    "bfloat16 compile fail), while TensorFlow and torch could be capped: the "
+    "engines would not run the same instructions")
+
+
+def format_non_amx(rows: Sequence[Row], flags: frozenset[str]) -> list[str]:
+    """The rows for CPUs without AMX/AVX512-BF16 (AVX-512: N2, C2; AVX2:
+    N2D, C2D, T2D), where ``--engine auto`` runs OpenVINO at float32:
+    ``ours_ov_f32`` against torch float32 and our float32 + XLA, with the
+    issue's targets.
+
+    float32 never runs on AMX (it has no float32 products), so this CPU's
+    float32 rows stand for the AVX-512 class when it has AVX-512 (the
+    AVX2 class then cannot be stood in for: ``_MLAS_UNCAPPED``), and for
+    the AVX2 class when it has only AVX2.
+    """
+    has_avx512 = "avx512f" in flags
+    measured_class = ("AVX-512 without AMX (N2, C2)" if has_avx512
+                      else "AVX2 only (N2D, C2D, T2D)")
+    other_class, why = (("AVX2 only (N2D, C2D, T2D)", _MLAS_UNCAPPED)
+                        if has_avx512 else
+                        ("AVX-512 without AMX (N2, C2)",
+                         "this CPU has no AVX-512"))
+    by_name = {r.name: r for r in rows}
+    lines = [f"CPUs without AMX/AVX512-BF16 (auto runs OpenVINO float32 "
+             f"there; float32 never runs on AMX, so this CPU's float32 rows "
+             f"stand for {measured_class}):"]
+    auto = by_name.get("ours_ov_f32")
+    for label, name, target in NON_AMX_TARGETS:
+        bottom = by_name.get(name)
+        head = f"  {measured_class}: ours(auto) / {label}"
+        if auto is None or bottom is None or not (auto.measured
+                                                  and bottom.measured):
+            missing = [f"{n}: {by_name[n].status if n in by_name else 'not run'}"
+                       for n in ("ours_ov_f32", name)
+                       if n not in by_name or not by_name[n].measured]
+            lines.append(f"{head}  n/a ({'; '.join(missing)})")
+            continue
+        ratio = auto.e2e_tokens_per_s / bottom.e2e_tokens_per_s
+        lines.append(
+            f"{head}  {ratio:.2f}x end to end, "
+            f"{_ratio_text(auto.model_tokens_per_s, bottom.model_tokens_per_s)}"
+            f" in model calls; target >= {target}x: "
+            f"{'met' if ratio >= target else 'NOT met'}")
+    lines.append(f"  {other_class}: not measurable on this CPU: {why}")
+    return lines
+
+
 def format_rooflines(gflops: Mapping[str, Mapping[str, float]],
                      tokens_per_s: Mapping[str, float],
                      mflops_per_token: float,

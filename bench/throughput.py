@@ -974,6 +974,8 @@ def _print_report(args, selected, results, statuses, gflops, notes,
     print()
     for line in report.format_ratios(rows):
         print(line)
+    for line in report.format_non_amx(rows, flags):
+        print(line)
     if REFERENCE in results:
         for line in _ours_lines(results):
             print(line)

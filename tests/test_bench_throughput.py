@@ -254,6 +254,45 @@ def test_ratios_before_the_engine_merge():
     assert "n/a (ours_auto: not available in this build" in line
 
 
+def _non_amx_rows(flags, ov_f32=1300.0):
+    results = {
+        "ours": _measured("ours", 1000, 1100),
+        "torch_f32": _measured("torch_f32", 1200, 1300, engine="torch"),
+        "ours_ov_f32": _measured("ours_ov_f32", ov_f32, ov_f32 * 1.2,
+                                 engine="openvino")}
+    selected = [BY_NAME[n] for n in results]
+    statuses = {v.name: throughput.unavailable(v, MERGED, flags)
+                for v in selected}
+    return throughput.table_rows(selected, results, statuses,
+                                 {"float32": 2000.0}, flags)
+
+
+def test_non_amx_rows_on_an_avx512_cpu():
+    """On a CPU with AVX-512 its float32 rows stand for N2/C2 (auto runs
+    OpenVINO float32 there); the AVX2 class is not measurable, with the
+    reason."""
+    lines = report.format_non_amx(_non_amx_rows(AMX), AMX)
+    torch = next(l for l in lines if "ours(auto) / torch f32" in l)
+    assert "AVX-512 without AMX (N2, C2)" in torch
+    assert "1.08x end to end" in torch and "target >= 1.1x: NOT met" in torch
+    ours = next(l for l in lines if "ours(auto) / ours f32+XLA" in l)
+    assert "1.30x end to end" in ours and "target >= 1.0x: met" in ours
+    avx2 = next(l for l in lines if "N2D" in l)
+    assert "not measurable on this CPU" in avx2 and "MLAS" in avx2
+    met = report.format_non_amx(_non_amx_rows(AMX, ov_f32=1400.0), AMX)
+    assert "1.17x end to end" in met[1] and "target >= 1.1x: met" in met[1]
+
+
+def test_non_amx_rows_on_an_avx2_cpu_and_without_the_openvino_row():
+    lines = report.format_non_amx(_non_amx_rows(AVX2), AVX2)
+    assert "AVX2 only (N2D, C2D, T2D): ours(auto) / torch f32" in lines[1]
+    assert "N2, C2): not measurable on this CPU: this CPU has no AVX-512" \
+        in lines[-1]
+    rows = [r for r in _non_amx_rows(AVX2) if r.name != "ours_ov_f32"]
+    lines = report.format_non_amx(rows, AVX2)
+    assert "n/a (ours_ov_f32: not run)" in lines[1]
+
+
 def _embeddings(ids, pooled, sequences):
     return Embeddings(ids=list(ids),
                       num_tokens=np.array([len(s) for s in sequences]),
