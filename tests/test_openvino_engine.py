@@ -23,17 +23,23 @@ REAL_VOCAB = SHARED_ASSETS / "bert_zh" / "vocab.txt"
 REAL_CORPUS = SHARED_ASSETS / "corpus" / "zh_public_domain.jsonl"
 
 
+def _documents(rng, rows: int, longest: int, vocab_size: int):
+    """``rows`` documents of random lengths (2 to ``longest`` tokens, the
+    first ``longest``), padded to ``longest``, as model inputs."""
+    lengths = rng.integers(2, longest + 1, rows)
+    lengths[0] = longest
+    ids = rng.integers(104, vocab_size, (rows, longest)).astype(np.int32)
+    ids[:, 0] = 101
+    mask = (np.arange(longest)[None] < lengths[:, None]).astype(np.int32)
+    return ids * mask, mask, np.zeros_like(ids)
+
+
 def _batches(seed: int = 0, vocab_size: int = 120):
     """Padded batches of several shapes: rows of different lengths, so
     padding and masking are exercised."""
     rng = np.random.default_rng(seed)
     for batch, width in ((1, 2), (3, 7), (5, 16), (2, 33)):
-        lengths = rng.integers(2, width + 1, batch)
-        lengths[0] = width
-        ids = rng.integers(104, vocab_size, (batch, width)).astype(np.int32)
-        ids[:, 0] = 101
-        mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
-        yield ids * mask, mask, np.zeros_like(ids)
+        yield _documents(rng, batch, width, vocab_size)
 
 
 def test_float32_matches_tensorflow(tiny_model_dir, small_vocab):
@@ -307,18 +313,6 @@ def test_row_splits_cover_every_row_once(rows, parts):
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
 
 
-def _documents(seed: int, rows: int, longest: int, vocab_size: int):
-    """``rows`` documents of random lengths (2 to ``longest`` tokens, the
-    first ``longest``), padded to ``longest``."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, longest + 1, rows)
-    lengths[0] = longest
-    ids = rng.integers(104, vocab_size, (rows, longest)).astype(np.int32)
-    ids[:, 0] = 101
-    mask = (np.arange(longest)[None] < lengths[:, None]).astype(np.int32)
-    return ids * mask, mask, np.zeros_like(ids)
-
-
 @pytest.mark.parametrize("streams", [1, 2, 3])
 def test_each_document_gets_what_the_model_gives_it_alone(
         tiny_model_dir, small_vocab, streams, monkeypatch):
@@ -327,7 +321,8 @@ def test_each_document_gets_what_the_model_gives_it_alone(
     model gives that document alone, unpadded."""
     model = load_openvino_model(tiny_model_dir, "float32")
     monkeypatch.setattr(OpenVINOBertModel, "streams", streams)
-    ids, mask, segments = _documents(streams, 7, 20, len(small_vocab))
+    ids, mask, segments = _documents(np.random.default_rng(streams), 7, 20,
+                                       len(small_vocab))
     pooled, sequence = model(ids, mask, segments)
     extra = 13  # more padding columns, mask 0
     wide = [np.pad(a, ((0, 0), (0, extra))) for a in (ids, mask, segments)]
@@ -352,7 +347,8 @@ def test_a_batch_runs_on_every_stream_at_once(tiny_model_dir, small_vocab):
     if usable_cores() < 2:
         pytest.skip("one usable core: OpenVINO runs one stream")
     assert model.streams >= 2
-    ids, mask, segments = _documents(4, 5, 9, len(small_vocab))
+    ids, mask, segments = _documents(np.random.default_rng(4), 5, 9,
+                                   len(small_vocab))
     model(ids, mask, segments)
     requests = model._requests()
     assert len(requests) == model.streams
@@ -389,7 +385,8 @@ def test_a_failing_part_is_raised_after_every_part_finished(
 
     requests = [Failing(r) for r in model._requests()]
     monkeypatch.setattr(model, "_requests", lambda: requests)
-    ids, mask, segments = _documents(5, 6, 8, len(small_vocab))
+    ids, mask, segments = _documents(np.random.default_rng(5), 6, 8,
+                                   len(small_vocab))
     with pytest.raises(RuntimeError, match="stream failed"):
         model(ids, mask, segments)
     assert waited == requests
