@@ -321,8 +321,8 @@ def test_each_document_gets_what_the_model_gives_it_alone(
     model gives that document alone, unpadded."""
     model = load_openvino_model(tiny_model_dir, "float32")
     monkeypatch.setattr(OpenVINOBertModel, "streams", streams)
-    ids, mask, segments = _documents(np.random.default_rng(streams), 7, 20,
-                                       len(small_vocab))
+    rng = np.random.default_rng(streams)
+    ids, mask, segments = _documents(rng, 7, 20, len(small_vocab))
     pooled, sequence = model(ids, mask, segments)
     extra = 13  # more padding columns, mask 0
     wide = [np.pad(a, ((0, 0), (0, extra))) for a in (ids, mask, segments)]
@@ -347,8 +347,8 @@ def test_a_batch_runs_on_every_stream_at_once(tiny_model_dir, small_vocab):
     if usable_cores() < 2:
         pytest.skip("one usable core: OpenVINO runs one stream")
     assert model.streams >= 2
-    ids, mask, segments = _documents(np.random.default_rng(4), 5, 9,
-                                   len(small_vocab))
+    rng = np.random.default_rng(4)
+    ids, mask, segments = _documents(rng, 5, 9, len(small_vocab))
     model(ids, mask, segments)
     requests = model._requests()
     assert len(requests) == model.streams
@@ -385,8 +385,8 @@ def test_a_failing_part_is_raised_after_every_part_finished(
 
     requests = [Failing(r) for r in model._requests()]
     monkeypatch.setattr(model, "_requests", lambda: requests)
-    ids, mask, segments = _documents(np.random.default_rng(5), 6, 8,
-                                   len(small_vocab))
+    rng = np.random.default_rng(5)
+    ids, mask, segments = _documents(rng, 6, 8, len(small_vocab))
     with pytest.raises(RuntimeError, match="stream failed"):
         model(ids, mask, segments)
     assert waited == requests
