@@ -352,7 +352,7 @@ def compile_config(precision: str, threads: Optional[int] = None
     Throughput mode, with each batch's rows split across the streams
     (``OpenVINOBertModel``), rather than one latency-mode stream whose
     threads meet at every operation: on the 2-vCPU AMX Xeon, sharing its
-    cores with other work, 1.3-1.5x the real tokens/s on the same real
+    cores with other work, 1.1-1.5x the real tokens/s on the same real
     batches, interleaved (bench/RESULTS.md).
     """
     from model.runtime import usable_cores
