@@ -28,7 +28,7 @@ each in its own process so that peak RSS is its own, one after the other:
 
 Our pipeline and the Beam variants read, tokenize and write with the same
 transforms; the flags of ours go through ``pipeline.run``'s own resolution
-(``resolve_config``), in this process, and the resolved job is run by the
+(``resolve_job``), in this process, and the resolved job is run by the
 worker process, timed from ``pipeline.run()`` (the launcher's checks and
 model probe are not in the timings).  A variant whose flags this build of
 ``pipeline.run`` lacks (its ``--help`` is read) prints "not available in
@@ -397,8 +397,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             config = pickle.load(handle)
         vocab = list(config.vocab)
         build_pipeline(pipeline, config)
-        engine = getattr(config, "engine", "tensorflow")
-        precision = config.precision
+        engine = config.infer.engine
+        precision = config.infer.precision
     else:
         from model.load import read_tokenizer_settings
         from transforms.tokenization import load_vocab
@@ -552,7 +552,7 @@ class Runner:
         pickled for the worker."""
         from apache_beam.options.pipeline_options import PipelineOptions
         from pipeline.options import EmbedOptions
-        from pipeline.run import resolve_config
+        from pipeline.run import resolve_job
         # The launcher sets up an XLA compile cache for its own process;
         # the workers set up theirs, so its notes here are noise.
         logging.getLogger("model.xla_cache").setLevel(logging.ERROR)
@@ -561,8 +561,8 @@ class Runner:
                 os.path.join(workdir, "emb"), "--model", self.args.model,
                 "--xla_cache_dir", xla_dir] + self._common(max_seq) + flags
         try:
-            config, _ = resolve_config(
-                PipelineOptions(argv).view_as(EmbedOptions))
+            config = resolve_job(
+                PipelineOptions(argv).view_as(EmbedOptions)).config
         except Exception as err:  # the launcher's one-line errors
             raise VariantFailed(f"{variant.name}: pipeline.run rejected "
                                 f"{' '.join(flags)}: {err}") from err

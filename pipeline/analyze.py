@@ -58,11 +58,12 @@ from pipeline.cli import (DefaultsHelpFormatter, UsageError,
                           wants_verbose)
 from pipeline.options import (EmbedOptions, _positive_int,
                               lower_case_override)
-from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
+from transforms.read import (ReadDocuments, ReadSettings,
                              check_patterns_match)
 from transforms.records import METRICS_NAMESPACE, Document
 from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
                                      load_vocab)
+from transforms.tokenize import validate_max_seq_length
 
 _LOG = logging.getLogger("pipeline.analyze")
 
@@ -140,14 +141,10 @@ class AnalysisConfig:
     vocab: list[str]
     vocab_path: str
     do_lower_case: bool
-    max_seq_length: int = 128
+    max_seq_length: int = 128  # checked by validate_max_seq_length
     num_buckets: int = DEFAULT_NUM_BUCKETS
     coverage: float = DEFAULT_COVERAGE
-    input_format: str = "auto"
-    id_field: str = "id"
-    text_field: str = "text"
-    input_encoding: str = "utf-8"
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    read: ReadSettings = ReadSettings()
     output: Optional[str] = None
     plot: Optional[str] = None
 
@@ -186,8 +183,13 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     ours = options.view_as(AnalyzeOptions)
     if not shared.input:
         raise UsageError("--input is required (a file or glob)")
-    if shared.max_seq_length < 3:
-        raise UsageError("--max_seq_length must be at least 3")
+    try:
+        max_seq_length = validate_max_seq_length(shared.max_seq_length)
+        read = ReadSettings(shared.input_format, shared.id_field,
+                            shared.text_field, shared.input_encoding,
+                            shared.max_text_chars)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from err
     check_patterns_match(shared.input)
     override = lower_case_override(shared)
     demo = shared.model is None and shared.vocab_file is None
@@ -200,18 +202,15 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
             from model.demo import ensure_demo_model
             model_dir = ensure_demo_model()
         # The run's length limit must be one the model can take.
-        check_max_seq_length(model_dir, shared.max_seq_length)
+        check_max_seq_length(model_dir, max_seq_length)
         settings = tokenizer_settings_with_overrides(
             model_dir, shared.vocab_file, override)
         vocab_path, do_lower_case = settings.vocab_path, settings.do_lower_case
     config = AnalysisConfig(
         inputs=list(shared.input), vocab=load_vocab(vocab_path),
         vocab_path=vocab_path, do_lower_case=do_lower_case,
-        max_seq_length=shared.max_seq_length, num_buckets=ours.num_buckets,
-        coverage=ours.length_coverage, input_format=shared.input_format,
-        id_field=shared.id_field, text_field=shared.text_field,
-        input_encoding=shared.input_encoding,
-        max_text_chars=shared.max_text_chars, output=shared.output,
+        max_seq_length=max_seq_length, num_buckets=ours.num_buckets,
+        coverage=ours.length_coverage, read=read, output=shared.output,
         plot=plot_path(ours.plot, shared.output))
     return config, demo
 
@@ -344,9 +343,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
     import tensorflow_transform.beam as tft_beam
     from tfx_bsl.public import tfxio
 
-    documents, _ = pipeline | "Read" >> ReadDocuments(
-        config.inputs, config.input_format, config.id_field,
-        config.text_field, config.input_encoding, config.max_text_chars)
+    documents, _ = pipeline | "Read" >> ReadDocuments(config.inputs,
+                                                      config.read)
     source = tfxio.TFExampleBeamRecord(
         physical_format="inmem", telemetry_descriptors=["corpus_analysis"],
         schema=feature_schema())

@@ -116,3 +116,18 @@ def precision_key(precision: str, model_dir: str,
     from model import openvino_engine
     path = openvino_engine.find_int8_model(model_dir, int8_model)
     return f"int8:{openvino_engine.int8_digest(path)}"
+
+
+def settings_fingerprint(model_path: str, vocab_path: str,
+                         do_lower_case: bool, tokenize: Any,
+                         infer: Any) -> str:
+    """``model_fingerprint`` of the vectors a run makes with these stage
+    settings (``tokenize`` a ``transforms.tokenize.TokenizeSettings``,
+    ``infer`` a ``transforms.infer.InferSettings``); ``model_path`` is the
+    model's resolved directory.  The launcher and ``pipeline.embed`` both
+    compute it so, and must agree."""
+    return model_fingerprint(
+        model_path, vocab_path, do_lower_case, tokenize.max_seq_length,
+        tokenize.long_text, tokenize.effective_stride,
+        precision_key(infer.precision, model_path, infer.int8_model),
+        infer.pooling, infer.normalize)

@@ -133,7 +133,7 @@ class StagedRun:
         names of exactly that form)."""
         patterns = output_patterns(self.staged_prefix,
                                    self.config.output_format,
-                                   self.config.tfrecord_compression)
+                                   self.config.write.tfrecord_compression)
         return {kind: [p for p in paths
                        if output_regex(patterns[kind]).fullmatch(p)]
                 for kind, paths in list_outputs(patterns).items()}

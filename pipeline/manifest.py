@@ -167,30 +167,29 @@ INDEX_MEANINGS = {
 
 def dataset_description(config: Any) -> dict[str, Any]:
     """What produced a run's vectors (``config`` a ``JobConfig``), for the
-    files' self-description.  Pooling, normalization and the inference
-    engine are read with defaults (``cls``, off, ``tensorflow``: what a
-    config without them computes)."""
+    files' self-description."""
+    tokens, infer = config.tokenize, config.infer
     return {
         "schema_version": SCHEMA_VERSION,
         "producer": "bert-zh-embed",
         "run_id": config.run_id,
-        "model": {"path": config.model_dir,
+        "model": {"path": infer.model_dir,
                   "fingerprint": config.model_fingerprint,
                   "hidden_size": config.hidden_size},
-        "tokenizer": {"vocab_sha256": getattr(config, "vocab_sha256", ""),
+        "tokenizer": {"vocab_sha256": config.vocab_sha256,
                       "vocab_size": len(config.vocab),
                       "do_lower_case": bool(config.do_lower_case),
-                      "max_seq_length": config.max_seq_length,
-                      "long_text": config.long_text,
-                      "chunk_stride": config.chunk_stride},
-        "pooling": getattr(config, "pooling", "cls"),
-        "normalize": bool(getattr(config, "normalize", False)),
-        "precision": getattr(config, "precision", "float32"),
-        "engine": getattr(config, "engine", "tensorflow"),
+                      "max_seq_length": tokens.max_seq_length,
+                      "long_text": tokens.long_text,
+                      "chunk_stride": tokens.chunk_stride},
+        "pooling": infer.pooling,
+        "normalize": bool(infer.normalize),
+        "precision": infer.precision,
+        "engine": infer.engine,
         # ``auto`` settings as the launcher's machine resolves them.
-        "planned_engine": getattr(config, "planned_engine", ""),
-        "planned_precision": getattr(config, "planned_precision", ""),
-        "sequence_dtype": config.sequence_dtype,
+        "planned_engine": config.planned_engine,
+        "planned_precision": config.planned_precision,
+        "sequence_dtype": config.write.sequence_dtype,
         "format": config.output_format,
     }
 
@@ -199,10 +198,10 @@ def output_schemas(config: Any) -> dict[str, Any]:
     """The Arrow schema of each kind of embedding file the run writes
     (``embeddings``, and ``documents`` with document vectors), as
     ``transforms.write.WriteEmbeddings`` builds them."""
+    outputs, write = config.infer.outputs, config.write
     schemas = {"embeddings": embedding_schema(
-        config.hidden_size, "pooled" in config.outputs,
-        "sequence" in config.outputs, config.chunked, config.write_text,
-        config.sequence_dtype)}
+        config.hidden_size, "pooled" in outputs, "sequence" in outputs,
+        config.chunked, write.write_text, write.sequence_dtype)}
     if config.document_vectors:
         schemas["documents"] = embedding_schema(config.hidden_size,
                                                 sequence=False)
@@ -256,7 +255,7 @@ def schema_document(config: Any, files: dict[str, list[str]]
                         for field in schema}}
         if config.output_format == "tfrecord":
             entry["tfrecord_features"] = _tfrecord_features(
-                schema, config.sequence_dtype if kind == "embeddings"
+                schema, config.write.sequence_dtype if kind == "embeddings"
                 else "float32")
         record["files"][kind] = entry
     record["index"] = {"files": files.get("index", []),
@@ -317,8 +316,7 @@ def run_manifest(config: Any, summary: Any, started_at: str,
                  index: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The manifest of a finished run (``config`` a ``JobConfig``,
     ``summary`` a ``RunSummary``); ``index`` is None for a failed run."""
-    options = {k: v for k, v in dataclasses.asdict(config).items()
-               if k != "vocab"}
+    options = config.options()
     options["vocab_size"] = len(config.vocab)
     return {
         "manifest_version": MANIFEST_VERSION,

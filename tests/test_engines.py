@@ -343,7 +343,8 @@ def test_int8_without_a_quantized_model_exits_2(corpus, tmp_path,
 def test_int8_on_dataflow_needs_a_cloud_int8_model(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from pipeline.options import EmbedOptions
-    from pipeline.run import UsageError, resolve_config
+    from pipeline.cli import UsageError
+    from pipeline.run import resolve_job
     common = ["--input", "gs://bucket/in/*.jsonl", "--output",
               "gs://bucket/out/emb", "--model", "gs://bucket/model",
               "--runner", "DataflowRunner", "--precision", "int8"]
@@ -352,4 +353,4 @@ def test_int8_on_dataflow_needs_a_cloud_int8_model(tmp_path):
                             f"--int8_model {tmp_path}")):
         options = PipelineOptions(common + extra).view_as(EmbedOptions)
         with pytest.raises(UsageError, match=message):
-            resolve_config(options)
+            resolve_job(options)

@@ -402,13 +402,15 @@ def test_max_seq_length_beyond_the_position_table(models):
 
 
 def test_handler_refuses_a_longer_max_seq_length(models):
-    from transforms.infer import BertModelHandler
+    from transforms.batch import BatchSettings
+    from transforms.infer import BertModelHandler, InferSettings
     positions = TINY.max_position_embeddings
-    assert BertModelHandler(models["list"],
-                            max_seq_length=positions).load_model()
+    assert BertModelHandler(InferSettings(models["list"]), BatchSettings(
+        max_seq_length=positions)).load_model()
     for jit_compile in (False, True):
-        handler = BertModelHandler(models["list"], jit_compile=jit_compile,
-                                   max_seq_length=positions + 1)
+        infer = InferSettings(models["list"], jit_compile=jit_compile)
+        handler = BertModelHandler(infer, BatchSettings(
+            max_seq_length=positions + 1, step_padding=infer.xla))
         with pytest.raises(ValueError, match=f"max_seq_length {positions + 1}"
                            f" exceeds the model's {positions} positions"):
             handler.load_model()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.preflight
 import pipeline.run
 from pipeline.finish import RunFailed, all_output_patterns
 from pipeline.lock import OutputLock
@@ -142,7 +143,7 @@ def test_ambiguous_output_prefixes_are_usage_errors(
     def probe(*args, **kwargs):
         raise AssertionError("the job got past its launch checks")
 
-    monkeypatch.setattr(pipeline.run, "probe_model", probe)
+    monkeypatch.setattr(pipeline.preflight, "probe_model", probe)
     monkeypatch.chdir(tmp_path)
     assert main(_args(corpus, output, tiny_model_dir)) == EXIT_USAGE
     err = capsys.readouterr().err.strip()

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.read_embeddings import load_embeddings
-from transforms.infer import BertModelHandler, pad_batch
+from transforms.batch import BatchSettings
+from transforms.infer import InferSettings, pad_batch
 from transforms.read import detect_format, get_field
 from transforms.records import DeadLetter, DocumentEmbedding, TokenizedDocument
 from transforms.write import embedding_schema, to_record_batch, to_tf_example
@@ -40,20 +41,24 @@ def test_pad_batch_rounds_the_width_to_a_step_when_asked():
     np.testing.assert_array_equal(mask.sum(axis=1), [3, 5])
 
 
-def test_model_handler_pads_to_steps_only_under_xla():
-    assert BertModelHandler("/m", jit_compile=True,
-                            max_seq_length=64).pad_to_steps == 64
-    assert BertModelHandler("/m").pad_to_steps is None
+def test_batches_pad_to_steps_only_under_xla():
+    def pad_to(**infer: object) -> object:
+        """The width cap batches of a run with these settings pad to, as
+        the launcher composes them (step padding where XLA applies)."""
+        return BatchSettings(max_seq_length=64, step_padding=InferSettings(
+            "/m", **infer).xla).pad_to_steps
+    assert pad_to(jit_compile=True) == 64
+    assert pad_to() is None
     # TensorFlow's bfloat16 rewrite works on graphs that XLA replaces.
-    assert BertModelHandler("/m", precision="bfloat16", jit_compile=True,
-                            max_seq_length=64).pad_to_steps is None
+    assert pad_to(precision="bfloat16", jit_compile=True) is None
+    assert pad_to(engine="openvino", jit_compile=True) is None
 
 
 def test_model_handler_rejects_unknown_outputs():
     with pytest.raises(ValueError, match="outputs"):
-        BertModelHandler("/nowhere", outputs=("cls",))
+        InferSettings("/nowhere", outputs=("cls",))
     with pytest.raises(ValueError, match="outputs"):
-        BertModelHandler("/nowhere", outputs=())
+        InferSettings("/nowhere", outputs=())
 
 
 def _rows(hidden: int = 4) -> list[DocumentEmbedding]:

@@ -15,6 +15,7 @@ breaks off (a truncated or corrupt compressed stream).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,8 +35,8 @@ from transforms.sources import (ENCODINGS, INPUT_FORMATS, RawRecord,
                                 detect_format, is_compressed, iter_records)
 
 __all__ = ["INPUT_FORMATS", "ENCODINGS", "DEAD_LETTER_TAG", "ReadDocuments",
-           "RecordParser", "check_patterns_match", "detect_format",
-           "get_field", "match_input"]
+           "ReadSettings", "RecordParser", "check_patterns_match",
+           "detect_format", "get_field", "match_input"]
 
 _LOG = logging.getLogger("transforms.read")
 
@@ -344,6 +345,28 @@ class _ParseFile(beam.DoFn):
         return item
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadSettings:
+    """How input records become documents (the read stage's flags:
+    ``--input_format``, ``--id_field``, ``--text_field``,
+    ``--input_encoding``, ``--max_text_chars``); checked once, here."""
+    input_format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    input_encoding: str = "utf-8"
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
+                             f"not {self.input_format!r}")
+        if self.input_encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, "
+                             f"not {self.input_encoding!r}")
+        if self.max_text_chars < 1:
+            raise ValueError("max_text_chars must be positive")
+
+
 class ReadDocuments(beam.PTransform):
     """Reads documents from file patterns.
 
@@ -354,23 +377,15 @@ class ReadDocuments(beam.PTransform):
     corpus is one big file.
     """
 
-    def __init__(self, patterns: Sequence[str], input_format: str = "auto",
-                 id_field: str = "id", text_field: str = "text",
-                 encoding: str = "utf-8",
-                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+    def __init__(self, patterns: Sequence[str],
+                 settings: ReadSettings = ReadSettings()):
         super().__init__()
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
-                             f"not {input_format!r}")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, "
-                             f"not {encoding!r}")
-        if max_text_chars < 1:
-            raise ValueError("max_text_chars must be positive")
         self._patterns = list(patterns)
         self._parse = _ParseFile(
-            input_format, RecordParser(id_field, text_field, max_text_chars),
-            encoding)
+            settings.input_format,
+            RecordParser(settings.id_field, settings.text_field,
+                         settings.max_text_chars),
+            settings.input_encoding)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Any:
         parsed = (
