@@ -63,7 +63,7 @@ from transforms.read import (ReadDocuments, ReadSettings,
 from transforms.records import METRICS_NAMESPACE, Document
 from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
                                      load_vocab)
-from transforms.tokenize import validate_max_seq_length
+from transforms.tokenize import TokenizeSettings
 
 _LOG = logging.getLogger("pipeline.analyze")
 
@@ -141,7 +141,7 @@ class AnalysisConfig:
     vocab: list[str]
     vocab_path: str
     do_lower_case: bool
-    max_seq_length: int = 128  # checked by validate_max_seq_length
+    max_seq_length: int = 128  # as TokenizeSettings checked it
     num_buckets: int = DEFAULT_NUM_BUCKETS
     coverage: float = DEFAULT_COVERAGE
     read: ReadSettings = ReadSettings()
@@ -184,7 +184,8 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     if not shared.input:
         raise UsageError("--input is required (a file or glob)")
     try:
-        max_seq_length = validate_max_seq_length(shared.max_seq_length)
+        max_seq_length = TokenizeSettings(
+            shared.max_seq_length).max_seq_length
         read = ReadSettings(shared.input_format, shared.id_field,
                             shared.text_field, shared.input_encoding,
                             shared.max_text_chars)
