@@ -270,7 +270,7 @@ pickler.set_library(library)
 
 def handlers(obj, depth=0):
     if "BertModelHandler" in {c.__name__ for c in type(obj).__mro__}:
-        return [obj._model_dir]
+        return [obj._settings.model_dir]
     if depth == 3 or not hasattr(obj, "__dict__"):
         return []
     return [h for v in vars(obj).values() for h in handlers(v, depth + 1)]
