@@ -3,7 +3,9 @@
 The launcher resolves everything the workers need before the pipeline
 starts (model directory, vocabulary, ``do_lower_case``, hidden size, model
 fingerprint, previous index), so a wrong flag fails in seconds with one
-clear line instead of on a worker.  It then runs the pipeline into a staging
+clear line instead of on a worker: the checks are ``pipeline.preflight``'s,
+and each stage gets its own settings, made here from the options and
+checked once, by their classes.  It then runs the pipeline into a staging
 directory, waits, checks the counts (they must reconcile, and the error rate
 must be within ``--max_error_rate``), and only then publishes the files
 under their final names, the summary, and the manifest last (see
