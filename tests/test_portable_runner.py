@@ -20,7 +20,7 @@ process, not in this one.
 Before a run, the launcher checks that the pool starts a worker that
 connects (``pipeline.worker_pool``): no pool, or a pool whose ``python``
 cannot run a Beam worker, ends the launch with one line instead of a hang;
-and the README's recipe for starting a pool works as written.
+and the documented recipe (docs/runners.md) for starting a pool works as written.
 """
 
 from __future__ import annotations
@@ -318,9 +318,10 @@ def test_the_check_passes_with_a_working_pool(services):
 
 
 def _readme_pool_command() -> str:
-    """The README's command that starts the worker pool (Runners)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Runners"):]
+    """The documented command that starts the worker pool
+    (docs/runners.md)."""
+    text = (ROOT / "docs" / "runners.md").read_text(encoding="utf-8")
+    section = text[text.index("# Runners"):]
     (line,) = [line for line in section.splitlines()
                if "worker_pool_main" in line and "--service_port" in line]
     return line
