@@ -1,7 +1,8 @@
 """``pipeline.analyze`` draws the token-length histogram: a valid, non-blank
 PNG whose bars are the corpus' exact lengths and whose lines mark the
 ``--max_seq_length`` cut and the recommended buckets; without matplotlib
-one line and the JSON still.  And the analyze commands of docs/performance.md run."""
+one line and the JSON still.  And the analyze commands of
+docs/performance.md run as written."""
 
 from __future__ import annotations
 

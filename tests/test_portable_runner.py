@@ -20,7 +20,7 @@ process, not in this one.
 Before a run, the launcher checks that the pool starts a worker that
 connects (``pipeline.worker_pool``): no pool, or a pool whose ``python``
 cannot run a Beam worker, ends the launch with one line instead of a hang;
-and the documented recipe (docs/runners.md) for starting a pool works as written.
+and the recipe for starting a pool (docs/runners.md) works as written.
 """
 
 from __future__ import annotations
