@@ -86,9 +86,9 @@ class EmbedOptions(PipelineOptions):
         group = parser.add_argument_group("embedding job")
         group.add_argument(
             "--input", action="append", default=None,
-            help="File or glob of documents (local, gs://, ...; .gz/.bz2 "
-                 "are decompressed). Repeat the flag for several patterns. "
-                 "Required.")
+            help="File, glob or directory of documents (local, gs://, ...; "
+                 ".gz/.bz2/.xz/.zst/.deflate are decompressed). Repeat the "
+                 "flag for several patterns. Required.")
         group.add_argument(
             "--input_format", default="auto", choices=INPUT_FORMATS,
             help="text: one document per line; jsonl: one JSON object per "

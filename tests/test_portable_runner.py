@@ -282,8 +282,8 @@ def test_no_worker_pool_is_one_line_and_exit_2(corpus, tmp_path,
     assert done.returncode == 2, done.stderr[-3000:]
     assert lines == [
         f"error: no SDK worker pool answers at localhost:{port} "
-        "(--environment_config) within 3 s: start one (see the README, "
-        "Runners) or correct the address"]
+        "(--environment_config) within 3 s: start one (see docs/runners.md)"
+        " or correct the address"]
     assert time.monotonic() - started < 120
     assert not list(tmp_path.glob("emb*"))
 
@@ -309,7 +309,7 @@ def test_a_pool_whose_python_cannot_run_a_worker_fails_in_time(tmp_path):
         f"the worker pool at {address} started no SDK worker that connected "
         "within 8 s (--worker_connect_timeout): it starts workers as "
         "`python` from its own PATH, which must have apache-beam and this "
-        "project; see the README, Runners")
+        "project; see docs/runners.md")
     assert "No module named apache_beam" in log.read_text(errors="replace")
 
 
