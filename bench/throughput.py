@@ -444,7 +444,7 @@ def _real_tokens_and_stages(args, vocab: list[str], out: str,
     from pipeline.read_embeddings import load_embeddings
     from transforms.records import DocumentEmbedding
     from transforms.tokenization import BertWordPieceTokenizer
-    from transforms.write import embedding_schema, to_record_batch
+    from transforms.embedding_files import embedding_schema, to_record_batch
     emb = load_embeddings(out + "-*-of-*.parquet")
     stats: dict[str, Any] = {"tokens_real": int(emb.num_tokens.sum()),
                              "rows": len(emb)}
