@@ -34,8 +34,8 @@ from transforms.embedding_files import (
     INDEX_COLUMNS, INDEX_SCHEMA, MODEL_FINGERPRINT, NUM_CHUNKS, NUM_TOKENS,
     PARQUET, POOLED_OUTPUT, RUN_ID, SEQUENCE_OUTPUT, TEXT, TFRECORD,
     TRUNCATED, document_key, example_values, file_format, fixed_vectors,
-    parse_shard, sequence_array, sequence_matrices, tf_compression,
-    vector_array, vector_matrix)
+    parse_shard, sequence_array, table_columns, tf_compression,
+    vector_array)
 
 
 @dataclasses.dataclass
@@ -114,35 +114,25 @@ def _sorted(emb: Embeddings) -> Embeddings:
     return _take(emb, sorted(range(len(emb.ids)), key=key))
 
 
-def _strings(table: Any, name: str) -> Optional[list[Any]]:
-    if name not in table.column_names:
-        return None
-    return table.column(name).to_pylist()
-
-
 def table_embeddings(table: Any) -> Embeddings:
     """``Embeddings`` from an Arrow table of embedding rows (file order)."""
-    names = table.column_names
-    chunked = DOC_ID in names
+    values = table_columns(table)
+    chunked = DOC_ID in values
     return Embeddings(
-        ids=table.column(ID).to_pylist(),
-        num_tokens=table.column(NUM_TOKENS).to_numpy().astype(np.int32),
-        truncated=table.column(TRUNCATED).to_numpy(
-            zero_copy_only=False).astype(bool),
-        pooled_output=(vector_matrix(table.column(POOLED_OUTPUT),
-                                     POOLED_OUTPUT)
-                       if POOLED_OUTPUT in names else None),
-        sequence_output=(sequence_matrices(table.column(SEQUENCE_OUTPUT))
-                         if SEQUENCE_OUTPUT in names else None),
-        doc_ids=table.column(DOC_ID).to_pylist() if chunked else None,
-        chunk_index=(table.column(CHUNK_INDEX).to_numpy().astype(np.int32)
+        ids=values[ID],
+        num_tokens=values[NUM_TOKENS].astype(np.int32),
+        truncated=values[TRUNCATED].astype(bool),
+        pooled_output=values.get(POOLED_OUTPUT),
+        sequence_output=values.get(SEQUENCE_OUTPUT),
+        doc_ids=values.get(DOC_ID),
+        chunk_index=(values[CHUNK_INDEX].astype(np.int32)
                      if chunked else None),
-        num_chunks=(table.column(NUM_CHUNKS).to_numpy().astype(np.int32)
+        num_chunks=(values[NUM_CHUNKS].astype(np.int32)
                     if chunked else None),
-        content_hash=_strings(table, CONTENT_HASH),
-        model_fingerprint=_strings(table, MODEL_FINGERPRINT),
-        text=_strings(table, TEXT),
-        embedded_as=_strings(table, EMBEDDED_AS))
+        content_hash=values.get(CONTENT_HASH),
+        model_fingerprint=values.get(MODEL_FINGERPRINT),
+        text=values.get(TEXT),
+        embedded_as=values.get(EMBEDDED_AS))
 
 
 def read_parquet(files: list[str]) -> Embeddings:

@@ -441,6 +441,26 @@ def sequence_matrices(column: Any) -> list[np.ndarray]:
     return [flat[end - n:end] for n, end in zip(lengths, ends)]
 
 
+def table_columns(table: pa.Table) -> dict[str, Any]:
+    """The columns of an Arrow table of embedding rows, decoded:
+    ``pooled_output`` a ``[rows, hidden]`` matrix, ``sequence_output`` one
+    ``[tokens, hidden]`` matrix per row, integer and boolean columns numpy
+    arrays, the others Python lists.  The inverse of ``to_record_batch``."""
+    columns: dict[str, Any] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == POOLED_OUTPUT:
+            columns[name] = vector_matrix(column, name)
+        elif name == SEQUENCE_OUTPUT:
+            columns[name] = sequence_matrices(column)
+        elif pa.types.is_integer(column.type) or \
+                pa.types.is_boolean(column.type):
+            columns[name] = column.to_numpy(zero_copy_only=False)
+        else:
+            columns[name] = column.to_pylist()
+    return columns
+
+
 def fixed_vectors(table: pa.Table) -> pa.Table:
     """``table`` with its vector columns as fixed-size lists (plain lists
     of older outputs converted; already fixed ones kept) and no schema
