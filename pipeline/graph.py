@@ -24,6 +24,8 @@ from model import xla_cache
 from transforms.aggregate import DocumentVectors
 from pipeline.manifest import dataset_description
 from transforms.dedup import DropDuplicates, KeepLastPerId, MapDuplicates
+from transforms.embedding_files import (DELETED_SUFFIX, DOCUMENTS,
+                                        DOCUMENTS_SUFFIX, INDEX_SUFFIX)
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
                                     CompleteDocumentEntries, SplitUnchanged,
                                     WriteDeleted, WriteIndex)
@@ -32,8 +34,6 @@ from transforms.progress import ProgressConfig, TrackProgress
 from transforms.read import DEFAULT_MAX_TEXT_CHARS, ReadDocuments
 from transforms.records import WithDeadLetters
 from transforms.tokenize import TokenizeDocuments
-from transforms.embedding_files import (DELETED_SUFFIX, DOCUMENTS,
-                                        DOCUMENTS_SUFFIX, INDEX_SUFFIX)
 from transforms.write import WriteDeadLetters, WriteEmbeddings, WriteSettings
 
 

@@ -43,9 +43,9 @@ if __name__ == "__main__":
 import numpy as np
 
 from transforms.embedding_files import (
-    CONTENT_HASH, DOC_ID, DOCUMENTS, EMBEDDINGS, ID, MODEL_FINGERPRINT, PARQUET,
-    POOLED_OUTPUT, RUN_ID, TEXT, TFRECORD, document_key, example_values,
-    file_format, tf_compression)
+    CONTENT_HASH, DOC_ID, DOCUMENTS, EMBEDDINGS, ID, MODEL_FINGERPRINT,
+    PARQUET, POOLED_OUTPUT, RUN_ID, TEXT, TFRECORD, document_key,
+    example_values, file_format, tf_compression)
 
 ROWS_KINDS = ("auto", EMBEDDINGS, DOCUMENTS)
 DEFAULT_TOP_K = 10

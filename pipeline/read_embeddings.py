@@ -30,12 +30,12 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from transforms.embedding_files import (
-    CHUNK_INDEX, CONTENT_HASH, DOC_ID, EMBEDDED_AS, EMBEDDINGS, ID,
-    INDEX_COLUMNS, INDEX_SCHEMA, MODEL_FINGERPRINT, NUM_CHUNKS, NUM_TOKENS,
-    PARQUET, POOLED_OUTPUT, RUN_ID, SEQUENCE_OUTPUT, TEXT, TFRECORD,
-    TRUNCATED, document_key, example_values, file_format, fixed_vectors,
-    parse_shard, sequence_array, table_columns, tf_compression,
-    vector_array)
+    CHUNK_COLUMNS, CHUNK_INDEX, CONTENT_HASH, DOC_ID, EMBEDDED_AS,
+    EMBEDDINGS, ID, INDEX_COLUMNS, INDEX_SCHEMA, MODEL_FINGERPRINT,
+    NUM_CHUNKS, NUM_TOKENS, PARQUET, POOLED_OUTPUT, RUN_ID, SEQUENCE_OUTPUT,
+    TEXT, TFRECORD, TRUNCATED, document_key, example_values, file_format,
+    fixed_vectors, parse_shard, sequence_array, table_columns,
+    tf_compression, vector_array)
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ def _add_example(columns: dict[str, list[Any]], record: bytes) -> None:
     for name in (CONTENT_HASH, MODEL_FINGERPRINT, TEXT):
         columns[name].append(values.get(name))
     if DOC_ID in values:
-        for name in (DOC_ID, CHUNK_INDEX, NUM_CHUNKS):
+        for name in CHUNK_COLUMNS:
             columns[name].append(values[name])
     for name in (POOLED_OUTPUT, SEQUENCE_OUTPUT):
         if name in values:

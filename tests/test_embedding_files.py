@@ -24,9 +24,10 @@ import tensorflow as tf
 
 import transforms.embedding_files as contract
 from transforms.embedding_files import (
-    DOC_ID, ERRORS, ID, MODEL_FINGERPRINT, SEQUENCE_OUTPUT, dead_letter_line, dead_letter_of_line, embedding_schema,
-    example_values, file_format, output_patterns, output_regex,
-    read_file_metadata, table_columns, tf_compression)
+    DOC_ID, ERRORS, ID, MODEL_FINGERPRINT, SEQUENCE_OUTPUT, dead_letter_line,
+    dead_letter_of_line, embedding_schema, example_values, file_format,
+    output_patterns, output_regex, read_file_metadata, table_columns,
+    tf_compression)
 from transforms.infer import _FailedBatchToDeadLetters
 from transforms.read import ReadDocuments
 from transforms.records import (DeadLetter, Document,
@@ -186,7 +187,7 @@ def test_a_dead_letter_line_decodes_to_the_record_it_encodes():
             letter, excerpt=safe_excerpt(letter.excerpt))
 
 
-# --- one owner: no other module spells the contract's names ----------------
+# --- one owner: no other module spells the contract's names ------------------
 
 # Strings that are the contract's and nothing else's in the code.
 _CONTRACT_STRINGS = {
@@ -250,7 +251,7 @@ def test_the_dead_letter_tag_is_defined_once():
     assert definitions == ["records.py"]
 
 
-# --- dead letters: one shape from every stage ---------------------------------
+# --- dead letters: one shape from every stage --------------------------------
 
 
 def test_every_stage_returns_main_and_dead_letters_of_one_record(

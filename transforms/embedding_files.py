@@ -106,7 +106,7 @@ def document_key(names: Collection[str]) -> str:
     return DOC_ID if DOC_ID in names else ID
 
 
-# --- File names ----------------------------------------------------------------
+# --- File names --------------------------------------------------------------
 
 PARQUET = "parquet"
 TFRECORD = "tfrecord"
@@ -236,7 +236,7 @@ def staging_prefix(output: str, run_id: str) -> str:
     return f"{staging_dir(output, run_id)}/{posixpath.basename(output)}"
 
 
-# --- Parquet: schema and footer ---------------------------------------------
+# --- Parquet: schema and footer ----------------------------------------------
 
 
 def embedding_schema(hidden_size: int, pooled: bool = True,
@@ -352,7 +352,7 @@ def read_file_metadata(metadata: Optional[dict[bytes, bytes]]
     return json.loads(raw.decode("utf-8")) if raw else None
 
 
-# --- Parquet: rows <-> Arrow ---------------------------------------------------
+# --- Parquet: rows <-> Arrow -------------------------------------------------
 
 
 def vector_array(matrix: np.ndarray, dtype: Any = np.float32,
@@ -489,7 +489,7 @@ def fixed_vectors(table: pa.Table) -> pa.Table:
     return table
 
 
-# --- TFRecord: rows <-> tf.train.Example ---------------------------------------
+# --- TFRecord: rows <-> tf.train.Example -------------------------------------
 
 
 def to_tf_example(row: DocumentEmbedding, chunked: bool = False,

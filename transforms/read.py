@@ -343,9 +343,9 @@ class ReadDocuments(beam.PTransform):
     """Reads documents from file patterns.
 
     Returns ``(documents, dead_letters)``: ``Document`` elements, and
-    ``DeadLetter`` elements for records that could not be used.  Documents are reshuffled after reading
-    so that the expensive stages spread over all workers even when the
-    corpus is one big file.
+    ``DeadLetter`` elements for records that could not be used.  Documents
+    are reshuffled after reading so that the expensive stages spread over
+    all workers even when the corpus is one big file.
     """
 
     def __init__(self, patterns: Sequence[str], input_format: str = "auto",
