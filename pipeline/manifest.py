@@ -194,7 +194,7 @@ def output_schemas(config: Any) -> dict[str, Any]:
         config.sequence_dtype)}
     if config.document_vectors:
         schemas[DOCUMENTS] = embedding_schema(config.hidden_size,
-                                                sequence=False)
+                                              sequence=False)
     return schemas
 
 
