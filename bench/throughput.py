@@ -442,10 +442,12 @@ def _real_tokens_and_stages(args, vocab: list[str], out: str,
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.read_embeddings import load_embeddings
+    from transforms.embedding_files import (EMBEDDINGS, PARQUET,
+                                            embedding_schema,
+                                            output_patterns, to_record_batch)
     from transforms.records import DocumentEmbedding
     from transforms.tokenization import BertWordPieceTokenizer
-    from transforms.write import embedding_schema, to_record_batch
-    emb = load_embeddings(out + "-*-of-*.parquet")
+    emb = load_embeddings(output_patterns(out, PARQUET)[EMBEDDINGS])
     stats: dict[str, Any] = {"tokens_real": int(emb.num_tokens.sum()),
                              "rows": len(emb)}
     if args.worker != "ours":
@@ -785,7 +787,9 @@ def accuracy(reference, other) -> dict[str, Any]:
 
 def _load_output(prefix: str):
     from pipeline.read_embeddings import load_embeddings
-    return load_embeddings(prefix + "-*-of-*.parquet")
+    from transforms.embedding_files import (EMBEDDINGS, PARQUET,
+                                            output_patterns)
+    return load_embeddings(output_patterns(prefix, PARQUET)[EMBEDDINGS])
 
 
 def _remove_outputs(prefix: str) -> None:

@@ -56,15 +56,16 @@ from pipeline.manifest import (ManifestError, index_counts, manifest_path,
                                same_path)
 from pipeline.publish import (check_output_prefix, clean_stale, discard,
                               final_name, new_run_id, own_files, publish,
-                              staging_dir, staging_prefix, write_json)
+                              write_json)
 from pipeline.read_embeddings import (DatasetError, current_tables,
                                       succeeded_manifest)
 from pipeline.views import files_view, views_file, write_text
-from transforms.write import (COMPACT_SUFFIX, DOCUMENTS_SUFFIX,
-                              DUCKDB_SUFFIX, EMBEDDED_AS, KINDS,
-                              PARQUET_CODECS, SCHEMA_VERSION, SUMMARY_SUFFIX,
-                              embedding_schema, file_metadata,
-                              output_patterns)
+from transforms.embedding_files import (
+    COMPACT_SUFFIX, DOCUMENTS, DOCUMENTS_SUFFIX, DUCKDB_SUFFIX, EMBEDDED_AS,
+    EMBEDDINGS, ERRORS, INDEX, KINDS, PARQUET, PARQUET_EXT, SCHEMA_VERSION,
+    SUMMARY_SUFFIX, embedding_schema, file_metadata, manifest_of,
+    output_patterns, shard_name, staging_dir, staging_prefix)
+from transforms.write import PARQUET_CODECS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 4
 COMPACT_VERSION = 1
@@ -83,8 +84,7 @@ class CompactJob:
     @property
     def manifest(self) -> str:
         """The source manifest's path."""
-        return (self.index if self.index.endswith(".json")
-                else manifest_path(self.index))
+        return manifest_of(self.index)
 
 
 @dataclasses.dataclass
@@ -108,8 +108,8 @@ class Compacted:
 def compact_patterns(output: str) -> list[str]:
     """Every name a compaction at ``output`` publishes: a re-run replaces
     them."""
-    patterns = output_patterns(output, "parquet")
-    return [patterns["embeddings"], patterns["documents"],
+    patterns = output_patterns(output, PARQUET)
+    return [patterns[EMBEDDINGS], patterns[DOCUMENTS],
             output + DUCKDB_SUFFIX, output + COMPACT_SUFFIX]
 
 
@@ -172,8 +172,8 @@ def source_manifest(job: CompactJob) -> dict[str, Any]:
     if any(same_path(job.output, source) for source in sources):
         _usage(f"--output {job.output} is an output this index reads from; "
                "choose another prefix")
-    run_files = own_files([output_patterns(job.output, "parquet")[kind]
-                           for kind in ("index", "errors")])
+    run_files = own_files([output_patterns(job.output, PARQUET)[kind]
+                           for kind in (INDEX, ERRORS)])
     for single in (manifest_path(job.output), job.output + SUMMARY_SUFFIX):
         if FileSystems.exists(single):
             run_files.append(single)
@@ -208,7 +208,7 @@ def target_schema(manifest: dict[str, Any], kind: str,
     layout = manifest.get("layout")
     if layout:
         hidden = layout["hidden_size"]
-        if kind == "documents":
+        if kind == DOCUMENTS:
             schema = embedding_schema(hidden, sequence=False)
         else:
             outputs = layout["outputs"]
@@ -295,7 +295,7 @@ def _chain(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 
 
 def _kind_prefix(prefix: str, kind: str) -> str:
-    return prefix + (DOCUMENTS_SUFFIX if kind == "documents" else "")
+    return prefix + (DOCUMENTS_SUFFIX if kind == DOCUMENTS else "")
 
 
 def _stage(job: CompactJob, manifest: dict[str, Any], run_id: str,
@@ -309,7 +309,7 @@ def _stage(job: CompactJob, manifest: dict[str, Any], run_id: str,
     for kind in KINDS:
         if not any(s[kind] for s in manifest["index"]["segments"]):
             continue
-        name = "-00000-of-00001.parquet"
+        name = shard_name(0, 1) + PARQUET_EXT
         path = _kind_prefix(staged, kind) + name
         rows[kind], schema = write_kind(manifest, kind, path, description,
                                         job)

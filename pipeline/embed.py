@@ -35,6 +35,7 @@ from model.load import (check_max_seq_length, infer_hidden_size,
 from pipeline.cli import UsageError
 from pipeline.fingerprint import model_fingerprint, precision_key
 from transforms.batch import cut_batches
+from transforms.embedding_files import manifest_of
 from transforms.infer import BertModelHandler
 from transforms.pooling import (DEFAULT_POOLING, check_pooling,
                                 mean_of_vectors, needs_layers)
@@ -144,13 +145,6 @@ def model_settings(model: Optional[str] = None,
                          tokenizer.do_lower_case, max_seq_length, long_text,
                          chunk_stride, pooling, normalize, precision,
                          batch_size)
-
-
-def manifest_of(index: str) -> str:
-    """The manifest path ``index`` names: a ``*.json`` manifest or a run's
-    output prefix (its ``-manifest.json``)."""
-    from pipeline.manifest import manifest_path
-    return index if index.endswith(".json") else manifest_path(index)
 
 
 def read_index_manifest(index: str) -> tuple[str, dict[str, Any]]:

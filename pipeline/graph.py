@@ -24,17 +24,17 @@ from model import xla_cache
 from transforms.aggregate import DocumentVectors
 from pipeline.manifest import dataset_description
 from transforms.dedup import DropDuplicates, KeepLastPerId, MapDuplicates
+from transforms.embedding_files import (DELETED_SUFFIX, DOCUMENTS,
+                                        DOCUMENTS_SUFFIX, INDEX_SUFFIX)
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
                                     CompleteDocumentEntries, SplitUnchanged,
                                     WriteDeleted, WriteIndex)
 from transforms.infer import BertModelHandler, EmbedDocuments
 from transforms.progress import ProgressConfig, TrackProgress
-from transforms.read import (DEAD_LETTER_TAG, DEFAULT_MAX_TEXT_CHARS,
-                             ReadDocuments)
+from transforms.read import DEFAULT_MAX_TEXT_CHARS, ReadDocuments
+from transforms.records import WithDeadLetters
 from transforms.tokenize import TokenizeDocuments
-from transforms.write import (DELETED_SUFFIX, DOCUMENTS_SUFFIX, INDEX_SUFFIX,
-                              WriteDeadLetters, WriteEmbeddings,
-                              WriteSettings)
+from transforms.write import WriteDeadLetters, WriteEmbeddings, WriteSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +154,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Adds the embedding job's transforms to ``pipeline``."""
     progress = ProgressConfig(config.run_id, config.progress_interval,
                               config.input_bytes)
+    # Every stage that makes dead letters returns (main, dead letters).
     documents, read_failures = (
         pipeline | "ReadDocuments" >> ReadDocuments(
             config.inputs, config.input_format, config.id_field,
@@ -161,17 +162,18 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     documents, unchanged, dropped = _select_documents(pipeline, config,
                                                       documents, progress)
     _track(documents, "ProgressDocuments", "documents", progress)
-    tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
+    tokenize = TokenizeDocuments(
         config.vocab, config.do_lower_case, config.max_seq_length,
         config.long_text, config.chunk_stride, config.write_text)
-    ).with_outputs(DEAD_LETTER_TAG, main="tokens")
+    tokens, tokenize_failures = (
+        documents | "Tokenize" >> WithDeadLetters(tokenize))
     handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads,
         config.jit_compile, config.max_seq_length, config.xla_cache_dir,
         config.pooling, config.normalize, config.engine, config.int8_model)
     embeddings, infer_failures = (
-        tokenized.tokens | "Embed" >> EmbedDocuments(
+        tokens | "Embed" >> EmbedDocuments(
             handler, config.batch_size, config.max_tokens_per_batch,
             config.bucket_boundaries))
     _track(embeddings, "ProgressEmbeddings", "embeddings", progress)
@@ -186,7 +188,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
                  config.hidden_size, ("pooled",), config.num_shards,
                  settings=dataclasses.replace(settings, write_text=False,
-                                              kind="documents")))
+                                              kind=DOCUMENTS)))
     entries = embeddings | "IndexEntries" >> CompleteDocumentEntries(
         config.model_fingerprint, config.run_id, config.chunked)
     if unchanged is not None:
@@ -195,6 +197,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         mapped = (entries, dropped) | "MapDuplicates" >> MapDuplicates()
         entries = (entries, mapped) | "WithMapped" >> beam.Flatten()
     _ = entries | "WriteIndex" >> WriteIndex(config.output + INDEX_SUFFIX)
-    _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
+    _ = ((read_failures, tokenize_failures, infer_failures)
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(config.output))

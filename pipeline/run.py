@@ -54,9 +54,9 @@ from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
                                find_previous, load_previous)
 from pipeline.options import EmbedOptions, lower_case_override
 from transforms.batch import check_bucket_boundaries
+from transforms.embedding_files import staging_prefix
 from pipeline.lock import OutputLock, OutputLocked, OutputNotWritable
-from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
-                              staging_prefix)
+from pipeline.publish import check_output_prefix, clean_stale, new_run_id
 from pipeline.worker_pool import check_environment
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)

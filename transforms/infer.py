@@ -249,7 +249,7 @@ class _FailedBatchToDeadLetters(beam.DoFn):
             if doc.chunk_index == 0:
                 self._failed.inc()
             self._chunks.inc()
-            yield DeadLetter("infer", reason, doc.source, doc.line, doc.id)
+            yield DeadLetter.of_document("infer", reason, doc)
 
 
 class EmbedDocuments(beam.PTransform):
