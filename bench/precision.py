@@ -197,7 +197,7 @@ def _cosine_lines(name: str, reference: dict, other: dict) -> list[str]:
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from model.demo import default_cache_dir
+    from model.runtime import default_cache_dir
     from model.runtime import cpu_has_fast_bfloat16, cpu_model_name
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_prec_")
     args.model = args.model or throughput.ensure_bert_base(

@@ -44,8 +44,6 @@ import logging
 import os
 from typing import Any, Optional
 
-from model import xla_cache
-
 _LOG = logging.getLogger(__name__)
 
 AUTO, TENSORFLOW, OPENVINO = "auto", "tensorflow", "openvino"
@@ -112,7 +110,6 @@ class EngineSpec:
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
     jit_compile: bool = False
-    xla_cache_dir: str = xla_cache.OFF
     int8_model: Optional[str] = None
 
 
@@ -125,7 +122,8 @@ def tensorflow_gpus() -> tuple[str, ...]:
     """GPUs TensorFlow can use here, found without starting its runtime:
     the NVIDIA driver's GPU models, unless ``CUDA_VISIBLE_DEVICES`` hides
     them all or this TensorFlow has no CUDA support."""
-    models = xla_cache.gpu_models()
+    from model.runtime import gpu_models
+    models = gpu_models()
     if not models:
         return ()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -258,12 +256,6 @@ def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
     the model (bfloat16 re-trace on GPUs, XLA for float32 when on)."""
     from model.load import load_bert_saved_model
     from model.runtime import configure_tensorflow
-    cache = None
-    if xla_applies(spec.jit_compile, spec.precision):
-        # Before TensorFlow's runtime starts: it reads its XLA flags then.
-        cache = xla_cache.process_cache(spec.xla_cache_dir)
-        if cache is not None:
-            cache.load_entries()
     threads = (spec.intra_op_threads, spec.inter_op_threads)
     model = None
     if choice.device == GPU:
@@ -281,7 +273,7 @@ def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
         configure_tensorflow(*threads, precision=choice.precision)
     if model is None:
         jit = spec.jit_compile and choice.precision == "float32"
-        model = load_bert_saved_model(spec.model_dir, jit, cache)
+        model = load_bert_saved_model(spec.model_dir, jit)
     return model, choice
 
 
@@ -356,16 +348,14 @@ XLA_AUTO_MIN_BYTES_PER_WORKER = 8 << 20
 
 
 def decide_xla(setting: str, choice: EngineChoice,
-               input_bytes: Optional[int], workers: int,
-               cache_warm: bool) -> tuple[bool, str]:
+               input_bytes: Optional[int], workers: int) -> tuple[bool, str]:
     """Whether a job compiles with XLA (``--xla on|off|auto``), and why.
 
     ``auto`` is on only where XLA can apply (the TensorFlow engine at
     float32, as ``choice`` predicts it for the launcher's machine) and
-    pays: the compile cache is warm (executables from earlier runs load
-    instead of compiling) or the input is at least
-    ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per worker (``input_bytes`` None:
-    unknown, e.g. compressed input, counts as small).
+    pays: the input is at least ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per
+    worker (``input_bytes`` None: unknown, e.g. compressed input, counts
+    as small).
     """
     if setting not in XLA_SETTINGS:
         raise EngineError(f"--xla must be one of {XLA_SETTINGS}")
@@ -374,9 +364,6 @@ def decide_xla(setting: str, choice: EngineChoice,
     if choice.engine != TENSORFLOW or choice.precision != "float32":
         return False, (f"xla auto: {choice.engine} at {choice.precision} "
                        "does not use XLA")
-    if cache_warm:
-        return True, ("xla auto: the compile cache holds executables from "
-                      "earlier runs")
     if input_bytes is None:
         return False, ("xla auto: input size unknown (compressed); pass "
                        "--xla on for a large job")

@@ -55,9 +55,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from model import xla_cache
-from model.xla_cache import CompileCache
-
 _LOG = logging.getLogger(__name__)
 
 _VOCAB_ATTR = "vocab_file"
@@ -92,14 +89,12 @@ def _xla_errors() -> tuple[type, ...]:
 
 @dataclasses.dataclass
 class CompileStats:
-    """XLA in this process: input shapes made ready (compiled, or loaded
-    from the compile cache: ``loaded_from_cache`` of them), and the seconds
-    and padded tokens (batch x width) of their first calls (compile or
-    load, plus one run)."""
+    """XLA in this process: input shapes compiled, and the seconds and
+    padded tokens (batch x width) of their first calls (compile plus one
+    run)."""
     shapes: int = 0
     first_call_seconds: float = 0.0
     first_call_tokens: int = 0
-    loaded_from_cache: int = 0
 
 
 _compile_stats = CompileStats()
@@ -519,15 +514,13 @@ class BertSavedModel:
 
     ``interface`` says how the SavedModel is called: ``list``, ``dict`` or
     ``signature`` (see the module docstring).  ``jit_compile`` says whether
-    calls go through XLA (it turns False if XLA cannot compile this model);
-    what XLA compiles is published to ``compile_cache`` for later runs (see
-    ``model.xla_cache``).  ``limits`` (see ``read_model_limits``) bound the
+    calls go through XLA (it turns False if XLA cannot compile this model).
+    ``limits`` (see ``read_model_limits``) bound the
     inputs each call accepts (see ``check_inputs``).
     """
 
     def __init__(self, model_dir: str, restored,
                  jit_compile: bool = False,
-                 compile_cache: Optional[CompileCache] = None,
                  limits: ModelLimits = ModelLimits()) -> None:
         """Detect the interface of ``restored``.
 
@@ -554,7 +547,6 @@ class BertSavedModel:
         # another call than the plain one (built on first use).
         self._compiled_layers = None
         self._compiled_shapes: set[tuple[Any, ...]] = set()
-        self._compile_cache = compile_cache
         # Whether XLA compiles this model at all (None: not known yet).
         self._xla_compiles: Optional[bool] = None
         if jit_compile:
@@ -562,9 +554,8 @@ class BertSavedModel:
 
     def _compile(self, call: Callable[[dict[str, Any]], Any]) -> Any:
         """``call`` compiled by XLA.  One trace for every batch shape (XLA
-        still compiles each shape), so that the traced function, and with
-        it the compile cache's key, does not depend on which shape came
-        first."""
+        still compiles each shape), so that the traced function does not
+        depend on which shape came first."""
         import tensorflow as tf
         spec = {name: tf.TensorSpec([None, None], dtype, name=name)
                 for name, dtype in self._input_dtypes.items()}
@@ -636,8 +627,7 @@ class BertSavedModel:
                          with_layers: bool = False) -> Any:
         """Call through XLA.  A new input shape compiles first (about a
         second for BERT-Base on a CPU, logged); compiles run one at a time
-        in this process, so that the compile cache only ever publishes
-        whole entries."""
+        in this process."""
         shape = tuple(inputs[INPUT_NAMES[0]].shape)
         # The call with layers is another function (where it differs):
         # its shapes compile apart.
@@ -650,12 +640,9 @@ class BertSavedModel:
             if key in self._compiled_shapes:
                 return self._call_xla(inputs, with_layers)
             started = time.perf_counter()
-            staged = (self._compile_cache.staging_state()
-                      if self._compile_cache is not None else None)
             outputs = self._call_xla(inputs, with_layers)
             if self._compiled is not None:
-                self._record_compile(key, time.perf_counter() - started,
-                                     staged)
+                self._record_compile(key, time.perf_counter() - started)
             return outputs
 
     def _call_xla(self, inputs: dict[str, Any],
@@ -701,17 +688,10 @@ class BertSavedModel:
                     self._xla_compiles = False
             return self._xla_compiles
 
-    def _record_compile(self, key: tuple[Any, ...], seconds: float,
-                        staged: Optional[dict[str, int]] = None) -> None:
-        """Counts a new shape's first call, publishes what it compiled, and
-        logs whether XLA compiled the shape or loaded it from the compile
-        cache (``staged``: the cache's staging files before the call; a
-        compile writes or rewrites one, a load writes none).  ``key`` is
-        the input shape, ending in ``"layers"`` for the call that returns
+    def _record_compile(self, key: tuple[Any, ...], seconds: float) -> None:
+        """Counts a new shape's first call and logs it.  ``key`` is the
+        input shape, ending in ``"layers"`` for the call that returns
         ``encoder_outputs`` where that is another function."""
-        cache = self._compile_cache
-        loaded = (cache is not None and staged is not None
-                  and not cache.written_since(staged))
         self._compiled_shapes.add(key)
         shape = tuple(n for n in key if isinstance(n, int))
         label = str(list(shape)) + (" (with encoder_outputs)"
@@ -721,22 +701,9 @@ class BertSavedModel:
             _compile_stats.shapes += 1
             _compile_stats.first_call_seconds += seconds
             _compile_stats.first_call_tokens += int(np.prod(shape))
-            _compile_stats.loaded_from_cache += int(loaded)
-        published = cache.publish() if cache is not None else 0
-        count = len(self._compiled_shapes)
-        if loaded:
-            _LOG.info("XLA loaded the model for input shape %s from the "
-                      "compile cache (first call %.1f s; %d shapes in this "
-                      "model)", label, seconds, count)
-        elif cache is None and xla_cache.user_cache_flag():
-            _LOG.info("XLA compiled the model for input shape %s, or loaded "
-                      "it from the cache TF_XLA_FLAGS names (first call "
-                      "%.1f s; %d shapes in this model)", label,
-                      seconds, count)
-        else:
-            _LOG.info("XLA compiled the model for input shape %s (first call "
-                      "%.1f s; %d shapes in this model; %d new cache "
-                      "entries)", label, seconds, count, published)
+        _LOG.info("XLA compiled the model for input shape %s (first call "
+                  "%.1f s; %d shapes in this model)", label, seconds,
+                  len(self._compiled_shapes))
 
     def __call__(self, input_word_ids: np.ndarray, input_mask: np.ndarray,
                  segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -791,13 +758,11 @@ class BertSavedModel:
                 [np.asarray(layer, dtype=np.float32) for layer in layers])
 
 
-def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
-                          compile_cache: Optional[CompileCache] = None
+def load_bert_saved_model(model_dir: str, jit_compile: bool = False
                           ) -> BertSavedModel:
     """Restores the SavedModel at ``model_dir`` (local, ``gs://`` or a TF
     Hub handle) and detects its interface; ``jit_compile`` runs it through
-    XLA (see ``BertSavedModel``), publishing what it compiles to
-    ``compile_cache`` when given."""
+    XLA (see ``BertSavedModel``)."""
     global _load_count
     import tensorflow as tf
     path = resolve_model_path(model_dir)
@@ -808,7 +773,7 @@ def load_bert_saved_model(model_dir: str, jit_compile: bool = False,
     except (tf.errors.OpError, ValueError, KeyError) as err:
         raise ModelFormatError(f"{path}: cannot restore the SavedModel: "
                                f"{_one_line(err)}") from err
-    model = BertSavedModel(path, restored, jit_compile, compile_cache,
+    model = BertSavedModel(path, restored, jit_compile,
                            read_model_limits(path))
     with _load_lock:
         _load_count += 1

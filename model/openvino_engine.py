@@ -66,7 +66,7 @@ def model_digest(model_dir: str) -> str:
 
 def cache_root() -> str:
     """``openvino/`` under the project's cache directory."""
-    from model.demo import default_cache_dir
+    from model.runtime import default_cache_dir
     return os.path.join(default_cache_dir(), CACHE_SUBDIR)
 
 

@@ -28,7 +28,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from model import xla_cache
 from model.load import (check_max_seq_length, infer_hidden_size,
                         probe_encoder_layers, resolve_model_path,
                         tokenizer_settings_with_overrides)
@@ -236,7 +235,7 @@ class Embedder:
             settings.model_dir, ("pooled",), settings.precision,
             settings.intra_op_threads, settings.inter_op_threads,
             jit_compile=False, max_seq_length=settings.max_seq_length,
-            xla_cache_dir=xla_cache.OFF, pooling=settings.pooling,
+            pooling=settings.pooling,
             normalize=settings.normalize, engine=settings.engine,
             int8_model=settings.int8_model)
         self._model = self._handler.load_model()

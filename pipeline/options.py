@@ -230,17 +230,7 @@ class EmbedOptions(PipelineOptions):
                  "of 8 tokens, 16 above 128): model calls ~10%% faster "
                  "after 3-8 s of compiling per shape on BERT-Base.  auto: "
                  "on when the engine is tensorflow and the input is large "
-                 "(8 MiB or more per worker) or the compile cache holds "
-                 "executables from earlier runs, off otherwise.")
-        group.add_argument(
-            "--xla_cache_dir", default="auto",
-            help="Where XLA-compiled executables are kept for later runs "
-                 "(the next run of a scheduled job loads them instead of "
-                 "compiling: about half the compile time saved).  auto: "
-                 "xla/ under $BERT_ZH_EMBED_CACHE or ~/.cache/bert_zh_embed "
-                 "on each worker; none: off; or a local or gs:// path "
-                 "shared by workers (split by TensorFlow version and CPU "
-                 "kind, entries published whole).")
+                 "(8 MiB or more per worker), off otherwise.")
         group.add_argument(
             "--tf_intra_op_threads", type=int, default=0,
             help="TensorFlow threads per op (0: the worker's usable cores).")
