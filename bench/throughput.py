@@ -243,7 +243,7 @@ def pipeline_flags(variant: Variant, build: Build,
 
 def bench_vocab() -> tuple[list[str], str]:
     """The real Chinese BERT vocab, else the demo vocab cut to 21,128."""
-    from transforms.tokenization import load_vocab
+    from model.vocab import load_vocab
     if REAL_VOCAB.exists():
         return load_vocab(str(REAL_VOCAB)), "real Chinese BERT vocab"
     from model.demo import demo_vocab
@@ -396,8 +396,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         engine = getattr(config, "engine", "tensorflow")
         precision = config.precision
     else:
-        from model.load import read_tokenizer_settings
-        from transforms.tokenization import load_vocab
+        from model.vocab import load_vocab, read_tokenizer_settings
         vocab = load_vocab(read_tokenizer_settings(args.model).vocab_path)
         beam_baselines.build_beam_variant(
             pipeline, args.worker, args.corpus, out, args.model, vocab,
@@ -824,8 +823,7 @@ def _run_variant(runner: Runner, variant: Variant, corpus: str,
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from model.runtime import default_cache_dir
-    from model.runtime import cpu_flags
+    from model.runtime import cpu_flags, default_cache_dir
     os.makedirs(args.workdir, exist_ok=True)
     flags = cpu_flags() if args.cpu_flags is None else frozenset(
         args.cpu_flags.split(","))

@@ -52,7 +52,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from transforms.tokenization import BertWordPieceTokenizer, load_vocab
+from model.vocab import load_vocab
+from transforms.tokenization import BertWordPieceTokenizer
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 DEFAULT_CORPUS = SHARED_ASSETS / "corpus"

@@ -28,7 +28,7 @@ line naming the engine, the precision and why):
   later), float32 elsewhere; never int8, which needs its offline model.  A
   bfloat16 that auto picked is kept only if a self-check on fixed probe
   sentences keeps every cosine to float32 at or above its target
-  (``model.accuracy.ACCURACY_TARGETS``), else the worker warns once and
+  (``model.self_check.ACCURACY_TARGETS``), else the worker warns once and
   runs float32.  The check runs on the loaded model because bfloat16's
   error depends on the weights, not only on the hardware; OpenVINO caches
   its verdict beside the converted model.  TensorFlow's CPU rewrite cannot
@@ -226,7 +226,8 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
     picked it; (None, float32 choice) when it cannot be had, (the float32
     model, float32 choice) when it misses its target."""
     from model.bf16_graph import load_bfloat16_model
-    from model.load import ModelFormatError, load_bert_saved_model
+    from model.errors import ModelFormatError
+    from model.load import load_bert_saved_model
     try:
         model = load_bfloat16_model(spec.model_dir)
     except ModelFormatError as err:
@@ -236,8 +237,8 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
             "float32", "no bfloat16 re-trace for this model")
     if spec.precision != AUTO:
         return model, choice
-    from model.accuracy import ACCURACY_TARGETS, compare_engines, \
-        probe_batches
+    from model.self_check import (ACCURACY_TARGETS, compare_engines,
+                                  probe_batches)
     reference = load_bert_saved_model(spec.model_dir)
     stats = compare_engines(reference, model, probe_batches(spec.model_dir))
     target = ACCURACY_TARGETS["bfloat16"]
@@ -296,7 +297,7 @@ def load_engine(spec: EngineSpec, hardware: Optional[Hardware] = None
     the choice in one line.  The model's ``engine_choice`` holds it.
 
     Raises EngineError for a combination that cannot run here, and
-    ``model.load.ModelFormatError`` when no engine can load the model.
+    ``model.errors.ModelFormatError`` when no engine can load the model.
     """
     hardware = hardware or detect_hardware()
     choice = choose_engine(spec.engine, spec.precision, hardware)
@@ -308,7 +309,7 @@ def load_engine(spec: EngineSpec, hardware: Optional[Hardware] = None
             # OpenVINO raises plain RuntimeErrors for models it cannot
             # convert or compile; any of them means "use TensorFlow".
             if choice.precision == "int8":
-                from model.load import ModelFormatError
+                from model.errors import ModelFormatError
                 if isinstance(err, ModelFormatError):
                     raise
                 raise ModelFormatError(

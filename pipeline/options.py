@@ -70,12 +70,24 @@ _non_negative_int = _at_least(0, int, "non-negative int")
 _seconds = _at_least(0, float, "seconds")
 
 
-def _share(value: str) -> float:
-    """A fraction in [0, 1]."""
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
+def _fraction(include_zero: bool):
+    """An argparse type: a float in [0, 1] with ``include_zero``, else in
+    (0, 1] (a share that must be positive)."""
+    interval = "[0, 1]" if include_zero else "(0, 1]"
+
+    def parse(value: str) -> float:
+        number = float(value)
+        low_ok = 0.0 <= number if include_zero else 0.0 < number
+        if not (low_ok and number <= 1.0):
+            raise argparse.ArgumentTypeError(
+                f"must be in {interval}, got {value}")
+        return number
+    parse.__name__ = "_share"  # argparse's "invalid _share value" message
+    return parse
+
+
+_share = _fraction(include_zero=True)
+_positive_share = _fraction(include_zero=False)
 
 
 class EmbedOptions(PipelineOptions):

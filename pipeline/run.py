@@ -41,13 +41,15 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model import engines
-from model.load import (ModelFormatError, infer_hidden_size, probe_model,
-                        resolve_model_path, tokenizer_settings_with_overrides)
-from model.load import check_max_seq_length
+from model.errors import ModelFormatError
+from model.handles import resolve_model_path
+from model.load import probe_model
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.embed import check_model_pooling
 from transforms.pooling import needs_layers
-from pipeline.fingerprint import (file_sha256, model_fingerprint,
-                                  precision_key)
+from model.files import file_sha256
+from pipeline.fingerprint import model_fingerprint, precision_key
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
@@ -62,7 +64,6 @@ from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
-from transforms.tokenization import load_vocab
 
 _LOG = logging.getLogger("pipeline.run")
 

@@ -16,7 +16,8 @@ from model import engines, runtime
 from model.engines import (AUTO, OPENVINO, TENSORFLOW, EngineError,
                            EngineSpec, Hardware, choose_engine, decide_xla,
                            load_engine, xla_applies)
-from model.load import BertSavedModel, ModelFormatError
+from model.errors import ModelFormatError
+from model.load import BertSavedModel
 from model.runtime import cpu_has_fast_bfloat16
 from pipeline.run import EXIT_USAGE, main
 
@@ -249,7 +250,7 @@ def test_auto_bfloat16_that_misses_its_target_runs_float32(
     """The load-time self-check: with a target bfloat16 cannot reach, auto
     warns once and compiles float32; a met target keeps bfloat16, and the
     verdict is cached beside the IR for the next load."""
-    from model import accuracy
+    from model import self_check
     caplog.set_level(logging.INFO)
     kept = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert kept.precision == "bfloat16"
@@ -257,7 +258,7 @@ def test_auto_bfloat16_that_misses_its_target_runs_float32(
         kept.engine_choice.precision_reason
     again = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert "(cached)" in again.engine_choice.precision_reason
-    monkeypatch.setitem(accuracy.ACCURACY_TARGETS, "bfloat16", 1.5)
+    monkeypatch.setitem(self_check.ACCURACY_TARGETS, "bfloat16", 1.5)
     caplog.clear()
     model = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert model.precision == "float32"

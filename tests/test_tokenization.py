@@ -32,8 +32,8 @@ from tests.tokenizer_corpus import (HF_DIVERGENCE_DOCS, SPECIAL_TOKENS,
                                     build_test_vocab,
                                     build_tokenizer_test_corpus)
 from transforms import tokenization
-from transforms.tokenization import (BertWordPieceTokenizer, Encoded,
-                                     load_vocab)
+from model.vocab import load_vocab
+from transforms.tokenization import BertWordPieceTokenizer, Encoded
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 REAL_VOCAB = SHARED_ASSETS / "bert_zh" / "vocab.txt"

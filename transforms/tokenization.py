@@ -52,7 +52,6 @@ translation starts and ends with.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -85,8 +84,6 @@ _ASCII_PUNCT_RANGES: Tuple[Tuple[int, int], ...] = (
     (123, 126),
 )
 
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
 # Bounds for the lazily filled caches; when one is full it is simply cleared
 # (cheap, and real text re-fills the hot entries within a few documents).
 _MAX_CACHED_CHARS = 200_000
@@ -102,39 +99,6 @@ _CONTEXT = -3  # context dependent: the whole document takes the general path
 _RUN = -2  # part of a run that the general path tokenizes
 _SPACE = -1  # isolated and yields no word piece (whitespace)
 _NUM_CODE_POINTS = 0x110000
-
-
-# --------------------------------------------------------------------------
-# Vocabulary loading
-# --------------------------------------------------------------------------
-
-
-def load_vocab(path: str) -> List[str]:
-    """Read a WordPiece vocabulary: one token per line, UTF-8, id = line number.
-
-    Only the line terminator (``\\n`` or ``\\r\\n``) is removed, tokens are kept
-    otherwise verbatim. Paths with a URL scheme (``gs://...``) are read through
-    ``tf.io.gfile`` so the pipeline can run on Dataflow; TensorFlow is imported
-    only in that case because it is slow to import and not needed locally.
-    """
-    if _URL_SCHEME.match(path):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            data = handle.read()
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    else:
-        with open(path, "r", encoding="utf-8", newline="") as handle:
-            text = handle.read()
-    return _split_vocab_lines(text)
-
-
-def _split_vocab_lines(text: str) -> List[str]:
-    """Split file content into tokens, removing only line terminators."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline after the last token does not start a token
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 # --------------------------------------------------------------------------
