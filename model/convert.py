@@ -50,6 +50,7 @@ import numpy as np
 
 from model import console
 from model.bert import BertConfig, bert_weight_shapes
+from model.errors import one_line
 from model.vocab import VOCAB_FILENAME, load_vocab
 from transforms.tokenization import (is_cjk_char, is_control,
                                      is_punctuation, is_whitespace)
@@ -524,9 +525,9 @@ def read_torch_bin(path: str, keep: Optional[Callable[[str], bool]] = None,
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
             AttributeError, IndexError, OverflowError, NotImplementedError,
             struct.error, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split())
         raise ConversionError(f"{path}: cannot read this PyTorch checkpoint "
-                              f"without PyTorch ({message}); {_TORCH_HINT}") from err
+                              f"without PyTorch ({one_line(err)}); "
+                              f"{_TORCH_HINT}") from err
 
 
 # --- Hugging Face names and config ---------------------------------------
@@ -737,7 +738,7 @@ def read_google_checkpoint(source: str) -> Checkpoint:
         dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as err:
         raise ConversionError(f"cannot read checkpoint {prefix}: "
-                              f"{' '.join(str(err).split())}") from err
+                              f"{one_line(err)}") from err
     expected = bert_weight_shapes(config)
     _check_missing([n for n in expected if n not in shapes], prefix)
     _check_shape_map({n: tuple(shapes[n]) for n in expected}, config, prefix)
@@ -752,7 +753,7 @@ def read_google_checkpoint(source: str) -> Checkpoint:
             weights[name] = np.asarray(reader.get_tensor(name))
         except (tf.errors.OpError, ValueError, IndexError) as err:
             raise ConversionError(f"cannot read {name} from {prefix}: "
-                                  f"{' '.join(str(err).split())}") from err
+                                  f"{one_line(err)}") from err
     return Checkpoint(GOOGLE, config, weights, os.path.join(source, VOCAB_FILENAME))
 
 
@@ -1021,7 +1022,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   args.do_lower_case, args.vocab_file,
                                   args.layout)
     except (ConversionError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(path)
     return 0

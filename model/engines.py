@@ -44,6 +44,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from model.errors import ModelFormatError, one_line
+
 _LOG = logging.getLogger(__name__)
 
 AUTO, TENSORFLOW, OPENVINO = "auto", "tensorflow", "openvino"
@@ -226,7 +228,6 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
     picked it; (None, float32 choice) when it cannot be had, (the float32
     model, float32 choice) when it misses its target."""
     from model.bf16_graph import load_bfloat16_model
-    from model.errors import ModelFormatError
     from model.load import load_bert_saved_model
     try:
         model = load_bfloat16_model(spec.model_dir)
@@ -309,16 +310,15 @@ def load_engine(spec: EngineSpec, hardware: Optional[Hardware] = None
             # OpenVINO raises plain RuntimeErrors for models it cannot
             # convert or compile; any of them means "use TensorFlow".
             if choice.precision == "int8":
-                from model.errors import ModelFormatError
                 if isinstance(err, ModelFormatError):
                     raise
                 raise ModelFormatError(
                     f"OpenVINO cannot run the int8 model for "
                     f"{spec.model_dir}: {type(err).__name__}: "
-                    + " ".join(str(err).split())[:300]) from err
+                    + one_line(err)[:300]) from err
             _LOG.warning("OpenVINO cannot run %s (%s: %s); falling back to "
                          "TensorFlow", spec.model_dir, type(err).__name__,
-                         " ".join(str(err).split())[:300])
+                         one_line(err)[:300])
             choice = dataclasses.replace(
                 choose_engine(TENSORFLOW, spec.precision, hardware),
                 engine_reason="OpenVINO failed to load the model")

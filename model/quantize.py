@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 from model import console
 from model.accuracy import read_texts
+from model.errors import ModelFormatError, one_line
 from model.self_check import ACCURACY_TARGETS, compare_engines, token_batches
 
 _LOG = logging.getLogger(__name__)
@@ -184,14 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: model.quantize needs NNCF: pip install "
               "'bert-zh-embed[int8]'", file=sys.stderr)
         return 2
-    from model.errors import ModelFormatError
     try:
         output, info = quantize(
             args.model, args.calibration, args.output, args.samples,
             args.eval_samples, args.max_seq_length, args.seed,
             args.min_cosine, args.text_field)
     except (ValueError, FileNotFoundError, ModelFormatError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except QuantizeError as err:
         print(f"error: {err}", file=sys.stderr)

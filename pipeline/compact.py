@@ -41,6 +41,7 @@ import dataclasses
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
+from model.errors import one_line
 from pipeline.cli import (UsageError, UsageParser, exit_on_interrupt,
                           interrupts_deferred, setup_logging)
 
@@ -157,7 +158,7 @@ def source_manifest(job: CompactJob) -> dict[str, Any]:
     try:
         manifest = succeeded_manifest(path)
     except (ManifestError, ValueError) as err:
-        raise UsageError(" ".join(str(err).split()))
+        raise UsageError(one_line(err))
     sources = {manifest["output"]} | {
         s["output"] for s in manifest["index"]["segments"]}
     if any(same_path(job.output, source) for source in sources):
@@ -369,8 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_LOCKED
     except (DatasetError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}; nothing was published", file=sys.stderr)
+        print(f"error: {one_line(err)}; nothing was published",
+              file=sys.stderr)
         return EXIT_FAILED
     print(result.line())
     return EXIT_OK

@@ -469,7 +469,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(err, DatasetError):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DATASET
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(str(err), 0)}", file=sys.stderr)
         return EXIT_USAGE
     for hit in hits:
         if options.json:
