@@ -54,8 +54,7 @@ def saved_model_weights(model_dir: str) -> tuple[Any, dict[str, np.ndarray]]:
     """``(BertConfig, weights by Google checkpoint name)`` of a SavedModel
     exported by ``model/export.py``; ``ValueError`` for any other model."""
     import tensorflow as tf
-    from model.bert import BertConfig
-    from model.export import CONFIG_FILENAME
+    from model.bert import CONFIG_FILENAME, BertConfig
     config_path = os.path.join(model_dir, "assets.extra", CONFIG_FILENAME)
     restored = tf.saved_model.load(model_dir)
     variables = getattr(getattr(restored, "encoder", None),
@@ -140,7 +139,7 @@ def hf_tokenizer(vocab_path: str, do_lower_case: bool):
 def convert(model_dir: str, output: str) -> str:
     """Saves the SavedModel's weights and tokenizer as a Hugging Face model
     directory (written aside, renamed into place when complete)."""
-    from model.load import read_tokenizer_settings
+    from model.vocab import read_tokenizer_settings
     config, weights = saved_model_weights(model_dir)
     model = hf_model_from_weights(config, weights)
     settings = read_tokenizer_settings(model_dir)

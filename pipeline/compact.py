@@ -39,10 +39,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Iterable, NoReturn, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from pipeline.cli import (UsageError, exit_on_interrupt, interrupts_deferred,
-                          setup_logging)
+from model.errors import one_line
+from pipeline.cli import (UsageError, UsageParser, exit_on_interrupt,
+                          interrupts_deferred, setup_logging)
 
 if __name__ == "__main__":
     exit_on_interrupt()
@@ -113,22 +114,12 @@ def compact_patterns(output: str) -> list[str]:
             output + DUCKDB_SUFFIX, output + COMPACT_SUFFIX]
 
 
-def _usage(message: str) -> NoReturn:
-    raise UsageError(message)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are one-line ``UsageError``s."""
-
-    def error(self, message: str) -> NoReturn:
-        _usage(f"{message}; see --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m pipeline.compact``."""
-    parser = _Parser(prog="python -m pipeline.compact",
-                     description="Write the current dataset of an index as "
-                                 "one Parquet dataset.")
+    parser = UsageParser(prog="python -m pipeline.compact",
+                         description="Write the current dataset of an index "
+                                     "as one Parquet dataset.",
+                         error_hint="; see --help")
     parser.add_argument("--index", required=True,
                         help="a run's manifest (.../emb-manifest.json) or "
                              "output prefix (.../emb)")
@@ -146,11 +137,11 @@ def parse_args(argv: Sequence[str]) -> CompactJob:
     """``CompactJob`` from the command line; ``UsageError`` otherwise."""
     args = build_parser().parse_args(list(argv))
     if args.row_group_rows < 0:
-        _usage("--row_group_rows must be >= 0")
+        raise UsageError("--row_group_rows must be >= 0")
     try:
         check_output_prefix(args.output)
     except ValueError as err:
-        _usage(str(err))
+        raise UsageError(str(err))
     return CompactJob(args.index, args.output, args.row_group_rows,
                       args.parquet_compression)
 
@@ -161,25 +152,27 @@ def source_manifest(job: CompactJob) -> dict[str, Any]:
     reads or a run's output."""
     path = job.manifest
     if not FileSystems.exists(path):
-        _usage(f"--index {job.index}: no manifest at {path} (the run did "
-               "not finish, or it is not an output prefix of a run)")
+        raise UsageError(
+            f"--index {job.index}: no manifest at {path} (the run did not "
+            "finish, or it is not an output prefix of a run)")
     try:
         manifest = succeeded_manifest(path)
     except (ManifestError, ValueError) as err:
-        _usage(" ".join(str(err).split()))
+        raise UsageError(one_line(err))
     sources = {manifest["output"]} | {
         s["output"] for s in manifest["index"]["segments"]}
     if any(same_path(job.output, source) for source in sources):
-        _usage(f"--output {job.output} is an output this index reads from; "
-               "choose another prefix")
+        raise UsageError(f"--output {job.output} is an output this index "
+                         "reads from; choose another prefix")
     run_files = own_files([output_patterns(job.output, PARQUET)[kind]
                            for kind in (INDEX, ERRORS)])
     for single in (manifest_path(job.output), job.output + SUMMARY_SUFFIX):
         if FileSystems.exists(single):
             run_files.append(single)
     if run_files:
-        _usage(f"--output {job.output} holds a run's files ({run_files[0]}):"
-               " a compaction never replaces them; choose another prefix")
+        raise UsageError(
+            f"--output {job.output} holds a run's files ({run_files[0]}): a "
+            "compaction never replaces them; choose another prefix")
     return manifest
 
 
@@ -377,8 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_LOCKED
     except (DatasetError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}; nothing was published", file=sys.stderr)
+        print(f"error: {one_line(err)}; nothing was published",
+              file=sys.stderr)
         return EXIT_FAILED
     print(result.line())
     return EXIT_OK

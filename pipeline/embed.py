@@ -28,10 +28,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from model import xla_cache
-from model.load import (check_max_seq_length, infer_hidden_size,
-                        probe_encoder_layers, resolve_model_path,
-                        tokenizer_settings_with_overrides)
+from model.handles import resolve_model_path
+from model.load import probe_encoder_layers
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import UsageError
 from pipeline.fingerprint import model_fingerprint, precision_key
 from transforms.batch import cut_batches
@@ -40,7 +40,6 @@ from transforms.infer import BertModelHandler
 from transforms.pooling import (DEFAULT_POOLING, check_pooling,
                                 mean_of_vectors, needs_layers)
 from transforms.records import Document, TokenizedDocument
-from transforms.tokenization import load_vocab
 from transforms.tokenize import LONG_TEXT_MODES, TokenizeDocuments
 
 DEFAULT_MAX_SEQ_LENGTH = 128
@@ -230,7 +229,7 @@ class Embedder:
             settings.model_dir, ("pooled",), settings.precision,
             settings.intra_op_threads, settings.inter_op_threads,
             jit_compile=False, max_seq_length=settings.max_seq_length,
-            xla_cache_dir=xla_cache.OFF, pooling=settings.pooling,
+            pooling=settings.pooling,
             normalize=settings.normalize, engine=settings.engine,
             int8_model=settings.int8_model)
         self._model = self._handler.load_model()

@@ -20,7 +20,6 @@ from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
-from model import xla_cache
 from transforms.aggregate import DocumentVectors
 from pipeline.manifest import dataset_description
 from transforms.dedup import DropDuplicates, KeepLastPerId, MapDuplicates
@@ -73,7 +72,6 @@ class JobConfig:
     planned_engine: str = ""
     planned_precision: str = ""
     jit_compile: bool = True
-    xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
     # Input, identity and incremental runs.
@@ -170,7 +168,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     handler = BertModelHandler(
         config.model_dir, config.outputs, config.precision,
         config.intra_op_threads, config.inter_op_threads,
-        config.jit_compile, config.max_seq_length, config.xla_cache_dir,
+        config.jit_compile, config.max_seq_length,
         config.pooling, config.normalize, config.engine, config.int8_model)
     embeddings, infer_failures = (
         tokens | "Embed" >> EmbedDocuments(

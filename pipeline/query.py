@@ -33,8 +33,8 @@ import json
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
-from pipeline.cli import (UsageError, exit_on_interrupt, setup_logging,
-                          wants_help)
+from pipeline.cli import (UsageError, UsageParser, exit_on_interrupt,
+                          setup_logging, wants_help)
 
 if __name__ == "__main__":
     exit_on_interrupt()
@@ -414,16 +414,9 @@ def one_line(text: Optional[str], limit: int) -> str:
         flat[:limit - 1] + "…"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage mistakes raise ``UsageError`` (one line)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m pipeline.query``."""
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m pipeline.query",
         description="Print the documents of an embeddings index nearest "
                     "(cosine) to a text, embedded with the index's own "
@@ -455,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: 0 with hits printed, 1 when the index's files do not match its
     manifest, 2 on bad usage or a refused query."""
-    from model.load import ModelFormatError
+    from model.errors import ModelFormatError
     from pipeline.manifest import ManifestError
     from pipeline.read_embeddings import DatasetError
     args = list(sys.argv[1:] if argv is None else argv)
@@ -473,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(err, DatasetError):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DATASET
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(str(err), 0)}", file=sys.stderr)
         return EXIT_USAGE
     for hit in hits:
         if options.json:

@@ -40,14 +40,16 @@ if __name__ == "__main__":
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model import engines, xla_cache
-from model.load import (ModelFormatError, infer_hidden_size, probe_model,
-                        resolve_model_path, tokenizer_settings_with_overrides)
-from model.load import check_max_seq_length
+from model import engines
+from model.errors import ModelFormatError
+from model.handles import resolve_model_path
+from model.load import probe_model
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.embed import check_model_pooling
 from transforms.pooling import needs_layers
-from pipeline.fingerprint import (file_sha256, model_fingerprint,
-                                  precision_key)
+from model.files import file_sha256
+from pipeline.fingerprint import model_fingerprint, precision_key
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
@@ -62,7 +64,6 @@ from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
 from transforms.read import check_patterns_match
 from transforms.sources import is_compressed
-from transforms.tokenization import load_vocab
 
 _LOG = logging.getLogger("pipeline.run")
 
@@ -189,12 +190,8 @@ def _plan_engine(options: EmbedOptions, total_bytes: Optional[int]
     try:
         planned = engines.choose_engine(options.engine, options.precision,
                                         engines.detect_hardware())
-        warm = (options.xla == "auto"
-                and planned.engine == engines.TENSORFLOW
-                and planned.precision == "float32"
-                and xla_cache.is_warm(options.xla_cache_dir))
         jit_compile, why = engines.decide_xla(
-            options.xla, planned, total_bytes, _workers_hint(options), warm)
+            options.xla, planned, total_bytes, _workers_hint(options))
         return jit_compile, why, planned
     except engines.EngineError as err:
         raise UsageError(str(err)) from err
@@ -212,11 +209,6 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
     total_bytes = input_size(options.input)
     jit_compile, why, planned = _plan_engine(options, total_bytes)
     _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
-    if engines.xla_applies(jit_compile, options.precision, options.engine):
-        # Now, before this process first uses TensorFlow: a DirectRunner
-        # runs the model in this process, and TensorFlow reads its XLA
-        # flags once, when its runtime starts.
-        xla_cache.process_cache(options.xla_cache_dir)
     boundaries = options.bucket_boundaries
     if boundaries is None and options.analysis:
         boundaries = read_analysis_boundaries(options.analysis)
@@ -263,7 +255,6 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
         precision=options.precision, jit_compile=jit_compile,
         engine=options.engine, int8_model=options.int8_model,
         planned_engine=planned.engine, planned_precision=planned.precision,
-        xla_cache_dir=options.xla_cache_dir,
         intra_op_threads=options.tf_intra_op_threads or None,
         inter_op_threads=options.tf_inter_op_threads or None,
         input_encoding=options.input_encoding,

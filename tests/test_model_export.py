@@ -18,9 +18,9 @@ import pytest
 import tensorflow as tf
 
 from model.bert import BertConfig, BertEncoder, bert_weight_shapes
-from model.demo import (DEMO_CONFIG, default_cache_dir, demo_vocab,
-                        ensure_demo_model)
+from model.demo import DEMO_CONFIG, demo_vocab, ensure_demo_model
 from model.export import export_bert_saved_model
+from model.runtime import default_cache_dir
 from tests.bert_reference import ReferenceBert
 
 TINY = BertConfig(vocab_size=200, hidden_size=32, num_layers=2, num_heads=4,

@@ -655,7 +655,8 @@ def _prefill_tf_hub_cache(cache: Path, handle: str, model_dir: Path) -> None:
 def _converted_models_agree(first: Path, second: Path) -> None:
     """The two releases hold the same weights: so do their conversions."""
     import numpy as np
-    from model.load import load_bert_saved_model, read_tokenizer_settings
+    from model.load import load_bert_saved_model
+    from model.vocab import read_tokenizer_settings
     ids = np.array([[101, 104, 110, 105, 102, 0]], np.int32)
     mask = (ids > 0).astype(np.int32)
     a = load_bert_saved_model(str(first))(ids, mask, np.zeros_like(ids))
@@ -699,7 +700,7 @@ def test_the_quick_start_runs_as_written(tmp_path, random_bert_weights):
     after its inputs were put there: the checkpoints it converts (tiny
     stand-ins), ``data/sample_zh.jsonl`` and, for a TF Hub handle, a
     pre-filled cache.  Then what each printed or wrote is checked."""
-    from model.load import is_hub_handle
+    from model.handles import is_hub_handle
     lines = quick_start_lines()
     calls = []
     for line in lines:

@@ -19,7 +19,6 @@ import numpy as np
 from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
-from model import xla_cache
 from model.engines import (OPENVINO, PRECISIONS, TENSORFLOW, EngineSpec,
                            load_engine, xla_applies)
 from model.load import BertSavedModel
@@ -71,10 +70,8 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     TensorFlow engine through XLA (float32 only: TensorFlow's bfloat16
     paths are graphs XLA does not see); where a worker may do so, batch
     widths are rounded up to length steps capped at ``max_seq_length``
-    (``pad_to_steps``), which the batcher must use too, and compiled
-    executables are shared with later runs through ``xla_cache_dir``
-    (``auto``, ``none`` or a path: see ``model.xla_cache``).  OpenVINO
-    runs each batch at its own width.
+    (``pad_to_steps``), which the batcher must use too.  OpenVINO runs
+    each batch at its own width.
 
     ``pooling`` and ``normalize`` say how the ``pooled`` vector is made from
     the model's outputs (``transforms.pooling``: ``cls`` keeps the model's
@@ -88,7 +85,6 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                  inter_op_threads: Optional[int] = None,
                  jit_compile: bool = False,
                  max_seq_length: int = 512,
-                 xla_cache_dir: str = xla_cache.OFF,
                  pooling: str = "cls", normalize: bool = False,
                  engine: str = TENSORFLOW,
                  int8_model: Optional[str] = None):
@@ -111,7 +107,6 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._jit_compile = xla_applies(jit_compile, precision, engine)
         self._max_seq_length = max_seq_length
         self.pad_to_steps = max_seq_length if self._jit_compile else None
-        self._xla_cache_dir = xla_cache_dir
         self._pooling = check_pooling(pooling)
         self._normalize = normalize
         if needs_layers(self._pooling):
@@ -123,7 +118,7 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
             engine = TENSORFLOW
         self._spec = EngineSpec(model_dir, engine, precision,
                                 intra_op_threads, inter_op_threads,
-                                self._jit_compile, xla_cache_dir, int8_model)
+                                self._jit_compile, int8_model)
 
     def load_model(self) -> BertSavedModel:
         """This worker's engine for the job's model (see
