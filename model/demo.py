@@ -15,13 +15,13 @@ from functools import lru_cache
 
 from model.bert import BertConfig
 from model.export import export_bert_saved_model
+from model.runtime import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
 # Bump when the demo vocab, config or export format changes, so stale
 # cached models are not reused.
 DEMO_MODEL_VERSION = 2  # 2: the model returns encoder_outputs too
-CACHE_ENV_VAR = "BERT_ZH_EMBED_CACHE"
 
 _SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _CJK_PUNCTUATION = "。，、；：？！“”‘’《》〈〉「」『』（）【】…—·～"
@@ -113,14 +113,6 @@ DEMO_CONFIG = BertConfig(
     intermediate_size=512,
     max_position_embeddings=512,
 )
-
-
-def default_cache_dir() -> str:
-    """``$BERT_ZH_EMBED_CACHE`` if set (non-empty), else ``~/.cache/bert_zh_embed``."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    if configured:
-        return os.path.expanduser(configured)
-    return os.path.join(os.path.expanduser("~"), ".cache", "bert_zh_embed")
 
 
 def _demo_model_dir(cache_dir: str) -> str:

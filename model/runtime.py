@@ -1,4 +1,5 @@
-"""TensorFlow runtime settings for a worker: threads and precision.
+"""Runtime settings for a worker: TensorFlow's threads and precision, the
+hardware it runs on (CPU flags, GPU models) and where caches live.
 
 Applied once per worker process, just before the model is loaded (the model
 handler's ``load_model``), because TensorFlow fixes its thread pools when its
@@ -9,6 +10,7 @@ used TensorFlow) is logged and skipped, never an error.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import platform
@@ -21,6 +23,16 @@ PRECISIONS = ("float32", "bfloat16")
 # CPU flags that make oneDNN's bfloat16 kernels fast (native bf16 dot
 # products); without them TensorFlow emulates bf16 and it is slower.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+CACHE_ENV_VAR = "BERT_ZH_EMBED_CACHE"
+
+
+def default_cache_dir() -> str:
+    """``$BERT_ZH_EMBED_CACHE`` if set (non-empty), else ``~/.cache/bert_zh_embed``."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return os.path.expanduser(configured)
+    return os.path.join(os.path.expanduser("~"), ".cache", "bert_zh_embed")
 
 
 def usable_cores() -> int:
@@ -55,6 +67,21 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def gpu_models() -> list[str]:
+    """The NVIDIA GPU models this machine's driver lists in its /proc files
+    (empty without a driver); engine selection reads them without starting
+    TensorFlow."""
+    models = []
+    for path in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                models += [line.split(":", 1)[1].strip() for line in handle
+                           if line.startswith("Model:")]
+        except OSError:
+            continue
+    return models
 
 
 def cpu_has_fast_bfloat16() -> bool:

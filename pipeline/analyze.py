@@ -51,18 +51,19 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions)
 
-from model.load import ModelFormatError, tokenizer_settings_with_overrides
-from model.load import check_max_seq_length
+from model.errors import ModelFormatError
+from model.handles import join_path
+from model.variables import check_max_seq_length
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import (DefaultsHelpFormatter, UsageError,
                           check_known_flags, setup_console, wants_help,
                           wants_verbose)
-from pipeline.options import (EmbedOptions, _positive_int,
+from pipeline.options import (EmbedOptions, _positive_int, _positive_share,
                               lower_case_override)
 from transforms.read import (ReadDocuments, ReadSettings,
                              check_patterns_match)
 from transforms.records import METRICS_NAMESPACE, Document
-from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
-                                     load_vocab)
+from transforms.tokenization import UNK_TOKEN, BertWordPieceTokenizer
 from transforms.tokenize import TokenizeSettings
 
 _LOG = logging.getLogger("pipeline.analyze")
@@ -113,7 +114,8 @@ class AnalyzeOptions(PipelineOptions):
             help="Length buckets to recommend: at most num_buckets - 1 "
                  "boundaries, from the corpus' 1/N quantiles.")
         group.add_argument(
-            "--length_coverage", type=_share, default=DEFAULT_COVERAGE,
+            "--length_coverage", type=_positive_share,
+            default=DEFAULT_COVERAGE,
             help="Share of documents the recommended max_seq_length must "
                  "hold without truncation (default 0.99).")
         group.add_argument(
@@ -124,14 +126,6 @@ class AnalyzeOptions(PipelineOptions):
                  "to --output, its name ending .png; none without "
                  "--output) or none (default: auto).  Needs matplotlib: "
                  + PLOTS_EXTRA.replace("%", "%%") + ".")
-
-
-def _share(value: str) -> float:
-    """argparse type: a float in (0, 1]."""
-    number = float(value)
-    if not 0 < number <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +164,7 @@ def histogram_uppers(max_seq_length: int) -> list[int]:
     return list(range(HISTOGRAM_STEP, top + 1, HISTOGRAM_STEP))
 
 
-def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
+def resolve_analysis(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     """Turns flags into an ``AnalysisConfig``; also says if the demo model's
     vocabulary is used.
 
@@ -353,13 +347,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
                | "Measure" >> beam.ParDo(MeasureDocuments(
                    config.vocab, config.do_lower_case))
                | "ToRecordBatches" >> source.BeamSource())
-    with tft_beam.Context(temp_dir=_join(work_dir, "tmp")):
+    with tft_beam.Context(temp_dir=join_path(work_dir, "tmp")):
         transform_fn = (
             (batches, source.TensorAdapterConfig())
             | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(
                 config.max_seq_length, config.num_buckets)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
-            _join(work_dir, "transform_fn"))
+            join_path(work_dir, "transform_fn"))
 
 
 def read_statistics(transform_fn_dir: str) -> dict[str, np.ndarray]:
@@ -381,11 +375,6 @@ def read_statistics(transform_fn_dir: str) -> dict[str, np.ndarray]:
 def _scalar(values: np.ndarray) -> int:
     """The one integer in an analyzer result of length 1."""
     return int(np.ravel(values)[0])
-
-
-def _join(base: str, *parts: str) -> str:
-    """Joins path parts for local and ``gs://``-style paths alike."""
-    return FileSystems.join(base, *parts)
 
 
 # --------------------------------------------------------------------------
@@ -604,7 +593,7 @@ def _work_dir(options: PipelineOptions) -> tuple[str, bool]:
     flag says whether it is local (removed with ``shutil``)."""
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
-        return _join(temp_location, f"analyze-{uuid.uuid4().hex}"), False
+        return join_path(temp_location, f"analyze-{uuid.uuid4().hex}"), False
     return tempfile.mkdtemp(prefix="corpus-analysis-"), True
 
 
@@ -626,7 +615,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = list(sys.argv[1:] if argv is None else argv)
     check_known_flags(args)
     pipeline_options = PipelineOptions(args)
-    config, demo = resolve_config(pipeline_options)
+    config, demo = resolve_analysis(pipeline_options)
     if demo:
         print(DEMO_NOTE, file=sys.stderr)
     work_dir, local = _work_dir(pipeline_options)
@@ -635,7 +624,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         build_pipeline(pipeline, config, work_dir)
         result = pipeline.run()
         result.wait_until_finish()
-        stats = read_statistics(_join(work_dir, "transform_fn"))
+        stats = read_statistics(join_path(work_dir, "transform_fn"))
     finally:
         _remove(work_dir, local)
     report = build_report(stats, config, _failed_count(result))

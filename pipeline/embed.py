@@ -28,18 +28,18 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from model import xla_cache
-from model.load import (check_max_seq_length, infer_hidden_size,
-                        probe_encoder_layers, resolve_model_path,
-                        tokenizer_settings_with_overrides)
+from model.handles import resolve_model_path
+from model.load import probe_encoder_layers
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import UsageError
 from pipeline.fingerprint import settings_fingerprint
 from transforms.batch import BatchSettings, cut_batches
+from transforms.embedding_files import manifest_of
 from transforms.infer import BertModelHandler, InferSettings
 from transforms.pooling import (DEFAULT_POOLING, check_pooling,
                                 mean_of_vectors, needs_layers)
 from transforms.records import Document, TokenizedDocument
-from transforms.tokenization import load_vocab
 from transforms.tokenize import TokenizeDocuments, TokenizeSettings
 
 DEFAULT_MAX_SEQ_LENGTH = 128
@@ -165,13 +165,6 @@ def model_settings(model: Optional[str] = None,
                          tokenize, infer, batch)
 
 
-def manifest_of(index: str) -> str:
-    """The manifest path ``index`` names: a ``*.json`` manifest or a run's
-    output prefix (its ``-manifest.json``)."""
-    from pipeline.manifest import manifest_path
-    return index if index.endswith(".json") else manifest_path(index)
-
-
 def read_index_manifest(index: str) -> tuple[str, dict[str, Any]]:
     """``(path, manifest)`` of a successful run; ``ManifestError`` (one
     line) when there is none or the run did not succeed."""
@@ -252,8 +245,7 @@ class Embedder:
         self._tokenize = TokenizeDocuments(vocab, settings.do_lower_case,
                                            settings.tokenize)
         self._tokenize.setup()
-        self._handler = BertModelHandler(settings.infer, settings.batch,
-                                         xla_cache.OFF)
+        self._handler = BertModelHandler(settings.infer, settings.batch)
         self._model = self._handler.load_model()
 
     def _tokens(self, index: int, text: str) -> list[TokenizedDocument]:

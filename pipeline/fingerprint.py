@@ -14,7 +14,8 @@ The model's graph is not hashed: two exports of the same weights with the
 same interface give the same vectors.
 
 Hashing BERT-Base's 400 MB of variables takes about a second; the result is
-cached per process by file paths, sizes and modification times.
+cached per process by file paths, sizes and modification times
+(``model.files.hash_files``).
 """
 
 from __future__ import annotations
@@ -23,62 +24,7 @@ import hashlib
 import json
 from typing import Any, Optional
 
-_CHUNK = 8 << 20
-_CACHE: dict[tuple, str] = {}
-
-
-def _gfile() -> Any:
-    """``tf.io.gfile``: model paths are TensorFlow paths (local, gs://)."""
-    import tensorflow as tf
-    return tf.io.gfile
-
-
-def _stamp(paths: list[str]) -> tuple:
-    """(path, size, mtime) of each file: the cache key of their hash."""
-    gfile = _gfile()
-    stamps = []
-    for path in paths:
-        stat = gfile.stat(path)
-        stamps.append((path, stat.length, stat.mtime_nsec))
-    return tuple(stamps)
-
-
-def hash_files(paths: list[str], with_names: bool = True) -> str:
-    """BLAKE2b-128 over the contents of files, in order, and their base
-    names when ``with_names`` (a vocabulary counts by content alone)."""
-    key = (_stamp(paths), with_names)
-    if key in _CACHE:
-        return _CACHE[key]
-    digest = hashlib.blake2b(digest_size=16)
-    gfile = _gfile()
-    for path in paths:
-        if with_names:
-            digest.update(path.rsplit("/", 1)[-1].encode("utf-8") + b"\0")
-        with gfile.GFile(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    _CACHE[key] = digest.hexdigest()
-    return _CACHE[key]
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file's content, hex (a vocabulary's, for the output's
-    self-description: a hash anyone can recompute with ``sha256sum``)."""
-    digest = hashlib.sha256()
-    with _gfile().GFile(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def variables_files(model_dir: str) -> list[str]:
-    """The SavedModel's checkpoint files, sorted; raises if there are none."""
-    pattern = model_dir.rstrip("/") + "/variables/variables.*"
-    files = sorted(_gfile().glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no variables/variables.* "
-                                "files to fingerprint")
-    return files
+from model.files import hash_files, variables_files
 
 
 def model_fingerprint(model_dir: str, vocab_path: str, do_lower_case: bool,

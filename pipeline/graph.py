@@ -23,21 +23,21 @@ from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 
-from model import xla_cache
 from transforms.aggregate import DocumentVectors
 from pipeline.manifest import dataset_description
 from transforms.batch import BatchSettings
 from transforms.dedup import DropDuplicates, KeepLastPerId, MapDuplicates
+from transforms.embedding_files import (DELETED_SUFFIX, DOCUMENTS,
+                                        DOCUMENTS_SUFFIX, INDEX_SUFFIX)
 from transforms.incremental import (DELETED_TAG, UNCHANGED_TAG,
                                     CompleteDocumentEntries, SplitUnchanged,
                                     WriteDeleted, WriteIndex)
 from transforms.infer import BertModelHandler, EmbedDocuments, InferSettings
 from transforms.progress import ProgressConfig, TrackProgress
-from transforms.read import DEAD_LETTER_TAG, ReadDocuments, ReadSettings
+from transforms.read import ReadDocuments, ReadSettings
+from transforms.records import WithDeadLetters
 from transforms.tokenize import TokenizeDocuments, TokenizeSettings
-from transforms.write import (DELETED_SUFFIX, DOCUMENTS_SUFFIX, INDEX_SUFFIX,
-                              WriteDeadLetters, WriteEmbeddings,
-                              WriteSettings)
+from transforms.write import WriteDeadLetters, WriteEmbeddings, WriteSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,6 @@ class JobConfig:
     # (workers on other hardware may choose otherwise, and log it).
     planned_engine: str = ""
     planned_precision: str = ""
-    xla_cache_dir: str = xla_cache.AUTO  # see model.xla_cache.resolve_root
     # Identity and incremental runs.
     dedup: bool = False
     run_id: str = ""
@@ -118,7 +117,6 @@ class JobConfig:
             "planned_engine": self.planned_engine,
             "planned_precision": self.planned_precision,
             "jit_compile": infer.jit_compile,
-            "xla_cache_dir": self.xla_cache_dir,
             "intra_op_threads": infer.intra_op_threads,
             "inter_op_threads": infer.inter_op_threads,
             "input_encoding": read.input_encoding,
@@ -185,19 +183,20 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     """Adds the embedding job's transforms to ``pipeline``."""
     progress = ProgressConfig(config.run_id, config.progress_interval,
                               config.input_bytes)
+    # Every stage that makes dead letters returns (main, dead letters).
     documents, read_failures = (
         pipeline | "ReadDocuments" >> ReadDocuments(config.inputs,
                                                     config.read))
     documents, unchanged, dropped = _select_documents(pipeline, config,
                                                       documents, progress)
     _track(documents, "ProgressDocuments", "documents", progress)
-    tokenized = documents | "Tokenize" >> beam.ParDo(TokenizeDocuments(
-        config.vocab, config.do_lower_case, config.tokenize)
-    ).with_outputs(DEAD_LETTER_TAG, main="tokens")
-    handler = BertModelHandler(config.infer, config.batch,
-                               config.xla_cache_dir)
+    tokenize = TokenizeDocuments(config.vocab, config.do_lower_case,
+                                 config.tokenize)
+    tokens, tokenize_failures = (
+        documents | "Tokenize" >> WithDeadLetters(tokenize))
+    handler = BertModelHandler(config.infer, config.batch)
     embeddings, infer_failures = (
-        tokenized.tokens | "Embed" >> EmbedDocuments(handler, config.batch))
+        tokens | "Embed" >> EmbedDocuments(handler, config.batch))
     _track(embeddings, "ProgressEmbeddings", "embeddings", progress)
     settings = config.write_settings
     _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(
@@ -210,7 +209,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
                  config.output + DOCUMENTS_SUFFIX, config.output_format,
                  config.hidden_size, ("pooled",), config.num_shards,
                  settings=dataclasses.replace(settings, write_text=False,
-                                              kind="documents")))
+                                              kind=DOCUMENTS)))
     entries = embeddings | "IndexEntries" >> CompleteDocumentEntries(
         config.model_fingerprint, config.run_id, config.chunked)
     if unchanged is not None:
@@ -219,6 +218,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         mapped = (entries, dropped) | "MapDuplicates" >> MapDuplicates()
         entries = (entries, mapped) | "WithMapped" >> beam.Flatten()
     _ = entries | "WriteIndex" >> WriteIndex(config.output + INDEX_SUFFIX)
-    _ = ((read_failures, tokenized[DEAD_LETTER_TAG], infer_failures)
+    _ = ((read_failures, tokenize_failures, infer_failures)
          | "AllDeadLetters" >> beam.Flatten()
          | "WriteDeadLetters" >> WriteDeadLetters(config.output))

@@ -18,13 +18,16 @@ import json
 import logging
 from typing import Any, Callable, Optional, TypeVar
 
-from model import engines, xla_cache
-from model.load import (ModelFormatError, check_max_seq_length,
-                        infer_hidden_size, probe_model, resolve_model_path,
-                        tokenizer_settings_with_overrides)
+from model import engines
+from model.errors import ModelFormatError
+from model.files import file_sha256
+from model.handles import resolve_model_path
+from model.load import probe_model
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import UsageError
 from pipeline.embed import check_model_pooling
-from pipeline.fingerprint import file_sha256, settings_fingerprint
+from pipeline.fingerprint import settings_fingerprint
 from pipeline.lock import OutputNotWritable
 from pipeline.manifest import ManifestError
 from pipeline.options import EmbedOptions, lower_case_override
@@ -33,7 +36,6 @@ from pipeline.worker_pool import check_environment
 from transforms.batch import check_bucket_boundaries
 from transforms.read import ReadSettings, check_patterns_match
 from transforms.sources import is_compressed
-from transforms.tokenization import load_vocab
 from transforms.tokenize import TokenizeSettings
 
 _LOG = logging.getLogger("pipeline.run")
@@ -156,12 +158,6 @@ class EnginePlan:
     why: str
     planned: engines.EngineChoice
 
-    def xla(self, options: EmbedOptions) -> bool:
-        """Whether workers may run the model through XLA
-        (``InferSettings.xla`` once the settings exist)."""
-        return engines.xla_applies(self.jit_compile, options.precision,
-                                   options.engine)
-
 
 def plan_engine(options: EmbedOptions, total_bytes: Optional[int]
                 ) -> EnginePlan:
@@ -172,12 +168,8 @@ def plan_engine(options: EmbedOptions, total_bytes: Optional[int]
     try:
         planned = engines.choose_engine(options.engine, options.precision,
                                         engines.detect_hardware())
-        warm = (options.xla == "auto"
-                and planned.engine == engines.TENSORFLOW
-                and planned.precision == "float32"
-                and xla_cache.is_warm(options.xla_cache_dir))
         jit_compile, why = engines.decide_xla(
-            options.xla, planned, total_bytes, _workers_hint(options), warm)
+            options.xla, planned, total_bytes, _workers_hint(options))
         return EnginePlan(jit_compile, why, planned)
     except engines.EngineError as err:
         raise UsageError(str(err)) from err

@@ -41,7 +41,6 @@ if __name__ == "__main__":
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model import xla_cache
 from pipeline import preflight
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
 from pipeline.graph import JobConfig, build_pipeline
@@ -49,10 +48,11 @@ from pipeline.lock import OutputLock, OutputLocked
 from pipeline.manifest import (FAILED, PreviousIndex, find_previous,
                                load_previous)
 from pipeline.options import EmbedOptions
-from pipeline.publish import clean_stale, new_run_id, staging_prefix
+from pipeline.publish import clean_stale, new_run_id
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
 from transforms.batch import BatchSettings
+from transforms.embedding_files import staging_prefix
 from transforms.infer import InferSettings
 from transforms.write import WriteSettings
 
@@ -93,11 +93,6 @@ def resolve_job(options: EmbedOptions, run_id: str = "",
     total_bytes = preflight.check_inputs(options)
     plan = preflight.plan_engine(options, total_bytes)
     _LOG.info("XLA %s (%s)", "on" if plan.jit_compile else "off", plan.why)
-    if plan.xla(options):
-        # Now, before this process first uses TensorFlow: a DirectRunner
-        # runs the model in this process, and TensorFlow reads its XLA
-        # flags once, when its runtime starts.
-        xla_cache.process_cache(options.xla_cache_dir)
     boundaries = preflight.bucket_boundaries(options)
     model = preflight.resolve_model(options, flags.tokenize)
     infer = preflight.settings(
@@ -129,7 +124,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "",
         document_vectors=options.document_vectors,
         planned_engine=plan.planned.engine,
         planned_precision=plan.planned.precision,
-        xla_cache_dir=options.xla_cache_dir, dedup=options.dedup,
+        dedup=options.dedup,
         run_id=run_id or new_run_id(),
         model_fingerprint=model.fingerprint(flags.tokenize, infer),
         input_bytes=total_bytes,

@@ -15,8 +15,9 @@ import pipeline.preflight
 import pipeline.run
 from pipeline.finish import RunFailed, all_output_patterns
 from pipeline.lock import OutputLock
-from pipeline.publish import clean_stale, publish, staging_prefix
+from pipeline.publish import clean_stale, publish
 from pipeline.read_embeddings import load_index
+from transforms.embedding_files import staging_prefix
 from pipeline.run import EXIT_USAGE, main, run
 
 TEXTS = ["今天天气很好", "客服回复很及时", "北京时间昨晚", "手机电池续航一般"]

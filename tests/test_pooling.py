@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 
 from model.bert import _MASK_NEGATIVE, BertConfig, BertEncoder
+from model.files import hash_files, variables_files
 from pipeline.embed import embed_texts
-from pipeline.fingerprint import (hash_files, model_fingerprint,
-                                  variables_files)
+from pipeline.fingerprint import model_fingerprint
 from pipeline.read_embeddings import load_embeddings, load_index
 from pipeline.run import main, run
 from tests.conftest import E2E_TEXTS

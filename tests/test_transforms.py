@@ -15,7 +15,8 @@ from transforms.batch import BatchSettings
 from transforms.infer import InferSettings, pad_batch
 from transforms.read import detect_format, get_field
 from transforms.records import DeadLetter, DocumentEmbedding, TokenizedDocument
-from transforms.write import embedding_schema, to_record_batch, to_tf_example
+from transforms.embedding_files import (dead_letter_line, embedding_schema,
+                                        to_record_batch, to_tf_example)
 
 
 def _doc(doc_id: str, ids: list[int]) -> TokenizedDocument:
@@ -144,7 +145,7 @@ def test_get_field_follows_dots():
 
 def test_dead_letter_json_escapes_control_characters_and_cuts_excerpt():
     letter = DeadLetter("read", "bad", "f.jsonl", 3, "x", "坏\x00" + "字" * 500)
-    record = json.loads(letter.to_json())
+    record = json.loads(dead_letter_line(letter))
     assert record["excerpt"].startswith("坏\\x00字")
     assert record["excerpt"].endswith("…")
     assert len(record["excerpt"]) < 220

@@ -20,7 +20,6 @@ import numpy as np
 from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
-from model import xla_cache
 from model.engines import (OPENVINO, PRECISIONS, TENSORFLOW, EngineSpec,
                            load_engine, xla_applies)
 from model.load import BertSavedModel
@@ -128,14 +127,11 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
     the pipeline.  Each result also carries the document's row metadata
     (chunk fields, content hash, text when the run writes it), so no join
     of the large embedding rows with the documents is needed after
-    inference.  Compiled XLA executables are shared with later runs through
-    ``xla_cache_dir`` (``auto``, ``none`` or a path: see
-    ``model.xla_cache``).  OpenVINO runs each batch at its own width.
+    inference.  OpenVINO runs each batch at its own width.
     """
 
     def __init__(self, settings: InferSettings,
-                 batching: BatchSettings = BatchSettings(),
-                 xla_cache_dir: str = xla_cache.OFF):
+                 batching: BatchSettings = BatchSettings()):
         super().__init__()
         self._settings = settings
         self._batching = batching
@@ -151,7 +147,7 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         self._spec = EngineSpec(
             settings.model_dir, engine, settings.precision,
             settings.intra_op_threads, settings.inter_op_threads,
-            settings.xla, xla_cache_dir, settings.int8_model)
+            settings.xla, settings.int8_model)
 
     def load_model(self) -> BertSavedModel:
         """This worker's engine for the job's model (see
@@ -279,7 +275,7 @@ class _FailedBatchToDeadLetters(beam.DoFn):
             if doc.chunk_index == 0:
                 self._failed.inc()
             self._chunks.inc()
-            yield DeadLetter("infer", reason, doc.source, doc.line, doc.id)
+            yield DeadLetter.of_document("infer", reason, doc)
 
 
 class EmbedDocuments(beam.PTransform):

@@ -27,20 +27,20 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.embedding_files import LOCK_SUFFIX, run_prefix_of_manifest
 from transforms.identity import content_hash, derived_id
 from transforms.misdecoding import MISDECODED
-from transforms.records import METRICS_NAMESPACE, DeadLetter, Document
+from transforms.records import (DEAD_LETTER_TAG, METRICS_NAMESPACE,
+                                DeadLetter, Document, WithDeadLetters)
 from transforms.sources import (ENCODINGS, INPUT_FORMATS, RawRecord,
                                 compressed_fault, decompressed,
                                 detect_format, is_compressed, iter_records)
 
-__all__ = ["INPUT_FORMATS", "ENCODINGS", "DEAD_LETTER_TAG", "ReadDocuments",
-           "ReadSettings", "RecordParser", "check_patterns_match",
-           "detect_format", "get_field", "match_input"]
+__all__ = ["INPUT_FORMATS", "ENCODINGS", "ReadDocuments", "ReadSettings",
+           "RecordParser", "check_patterns_match", "detect_format",
+           "get_field", "match_input"]
 
 _LOG = logging.getLogger("transforms.read")
-
-DEAD_LETTER_TAG = "dead_letter"
 
 # Longest text (in characters) embedded by default; longer ones are dead
 # letters (--max_text_chars).
@@ -55,12 +55,6 @@ def max_line_bytes(max_text_chars: int) -> int:
 
 
 _GLOB_CHARS = "*?["
-# How a run's manifest is named: ``<output>-manifest.json``
-# (``transforms.write.MANIFEST_SUFFIX``, not imported: write imports TF).
-_MANIFEST_SUFFIX = "-manifest.json"
-# A run's lease file ``<output>.lock`` (``pipeline.lock.LOCK_SUFFIX``), which
-# exists from launch on, before any manifest.
-_LOCK_SUFFIX = ".lock"
 
 
 def _directory(pattern: str) -> Optional[str]:
@@ -85,7 +79,8 @@ def _run_outputs(files: list[FileMetadata]) -> list[str]:
     prefixes = []
     for meta in files:
         name = posixpath.basename(meta.path.replace("\\", "/"))
-        if not name.endswith(_MANIFEST_SUFFIX):
+        prefix = run_prefix_of_manifest(name)
+        if prefix is None:
             continue
         try:
             with FileSystems.open(meta.path) as handle:
@@ -94,14 +89,14 @@ def _run_outputs(files: list[FileMetadata]) -> list[str]:
             continue  # not ours: read it like any other file
         if isinstance(manifest, dict) and "manifest_version" in manifest \
                 and "run_id" in manifest:
-            prefixes.append(name[:-len("manifest.json")])
+            prefixes.append(prefix)
     return prefixes
 
 
 def _is_run_lock(meta: FileMetadata) -> bool:
     """Whether ``meta`` is a run's lease file (``pipeline.lock``): named
     ``*.lock`` and holding a JSON object with the owner's run id and pid."""
-    if not meta.path.endswith(_LOCK_SUFFIX) or meta.size_in_bytes > 1 << 16:
+    if not meta.path.endswith(LOCK_SUFFIX) or meta.size_in_bytes > 1 << 16:
         return False
     try:
         with FileSystems.open(meta.path) as handle:
@@ -370,11 +365,10 @@ class ReadSettings:
 class ReadDocuments(beam.PTransform):
     """Reads documents from file patterns.
 
-    Returns a ``DoOutputsTuple`` whose main output holds ``Document`` elements
-    and whose ``dead_letter`` output holds ``DeadLetter`` elements for
-    records that could not be used.  Documents are reshuffled after reading
-    so that the expensive stages spread over all workers even when the
-    corpus is one big file.
+    Returns ``(documents, dead_letters)``: ``Document`` elements, and
+    ``DeadLetter`` elements for records that could not be used.  Documents
+    are reshuffled after reading so that the expensive stages spread over
+    all workers even when the corpus is one big file.
     """
 
     def __init__(self, patterns: Sequence[str],
@@ -394,7 +388,7 @@ class ReadDocuments(beam.PTransform):
             | "Match" >> beam.FlatMap(match_input)
             | "Open" >> fileio.ReadMatches(
                 compression=CompressionTypes.UNCOMPRESSED)
-            | "Parse" >> beam.ParDo(self._parse).with_outputs(
-                DEAD_LETTER_TAG, main="documents"))
-        documents = parsed.documents | "Spread" >> beam.Reshuffle()
-        return documents, parsed[DEAD_LETTER_TAG]
+            | "Parse" >> WithDeadLetters(self._parse))
+        documents, dead_letters = parsed
+        documents = documents | "Spread" >> beam.Reshuffle()
+        return documents, dead_letters

@@ -19,11 +19,9 @@ from typing import Any, Iterator, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 
-from transforms.records import (METRICS_NAMESPACE, DeadLetter, Document,
-                                TokenizedDocument)
+from transforms.records import (DEAD_LETTER_TAG, METRICS_NAMESPACE,
+                                DeadLetter, Document, TokenizedDocument)
 from transforms.tokenization import BertWordPieceTokenizer
-
-DEAD_LETTER_TAG = "dead_letter"
 
 LONG_TEXT_MODES = ("truncate", "chunk")
 
@@ -122,7 +120,9 @@ class TokenizeDocuments(beam.DoFn):
     ``vocab`` and ``do_lower_case`` are the model's (as the launcher
     resolves them); ``settings`` the run's.  The tokenizer is built in
     ``setup`` from the vocabulary passed in, so it exists once per DoFn
-    instance and its caches warm up across bundles.
+    instance and its caches warm up across bundles.  A document it cannot
+    encode is a ``DeadLetter`` tagged ``DEAD_LETTER_TAG``:
+    ``WithDeadLetters`` applies it as ``(tokens, dead_letters)``.
     """
 
     def __init__(self, vocab: Sequence[str], do_lower_case: bool,
@@ -151,9 +151,10 @@ class TokenizeDocuments(beam.DoFn):
             pieces = self._encode(doc)
         except Exception as err:  # a bad document must not stop the run
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
-                "tokenize", f"{type(err).__name__}: {err}", doc.source,
-                doc.line, doc.id, doc.text))
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG, DeadLetter.of_document(
+                    "tokenize", f"{type(err).__name__}: {err}", doc,
+                    doc.text))
             return
         if pieces is None:
             self._skipped.inc()
