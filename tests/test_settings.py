@@ -138,7 +138,7 @@ def test_max_seq_length_is_checked_by_one_function_everywhere(
     assert calls == [32] and job.config.tokenize.max_seq_length == 32
     assert job.config.batch.max_seq_length == 32
     calls.clear()
-    analyze.resolve_config(PipelineOptions(
+    analyze.resolve_analysis(PipelineOptions(
         ["--input", str(corpus), "--model", tiny_model_dir,
          "--max_seq_length", "16"]))
     assert calls == [16]
