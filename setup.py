@@ -12,7 +12,6 @@ import setuptools
 REQUIRED = [
     "apache-beam[gcp]==2.77.0",
     "tensorflow==2.21.0",
-    "tensorflow-text==2.21.1",
     "tensorflow-transform==1.21.0",
     "tfx-bsl==1.21.0",
     "pyarrow>=25,<26",

@@ -91,10 +91,11 @@ def build_beam_variant(pipeline, variant: str, corpus: str, out: str,
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from transforms.read import ReadDocuments
-    from transforms.tokenize import TokenizeDocuments
+    from transforms.tokenize import TokenizeDocuments, TokenizeSettings
     from transforms.write import WriteEmbeddings
     docs, _ = pipeline | ReadDocuments([corpus])
-    tokens = docs | beam.ParDo(TokenizeDocuments(vocab, True, max_seq))
+    tokens = docs | beam.ParDo(TokenizeDocuments(vocab, True,
+                                                 TokenizeSettings(max_seq)))
     if variant == "baseline":
         pad_to, kwargs = max_seq, {}
     else:

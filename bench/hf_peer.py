@@ -54,8 +54,7 @@ def saved_model_weights(model_dir: str) -> tuple[Any, dict[str, np.ndarray]]:
     """``(BertConfig, weights by Google checkpoint name)`` of a SavedModel
     exported by ``model/export.py``; ``ValueError`` for any other model."""
     import tensorflow as tf
-    from model.bert import BertConfig
-    from model.export import CONFIG_FILENAME
+    from model.bert import CONFIG_FILENAME, BertConfig
     config_path = os.path.join(model_dir, "assets.extra", CONFIG_FILENAME)
     restored = tf.saved_model.load(model_dir)
     variables = getattr(getattr(restored, "encoder", None),
@@ -140,7 +139,7 @@ def hf_tokenizer(vocab_path: str, do_lower_case: bool):
 def convert(model_dir: str, output: str) -> str:
     """Saves the SavedModel's weights and tokenizer as a Hugging Face model
     directory (written aside, renamed into place when complete)."""
-    from model.load import read_tokenizer_settings
+    from model.vocab import read_tokenizer_settings
     config, weights = saved_model_weights(model_dir)
     model = hf_model_from_weights(config, weights)
     settings = read_tokenizer_settings(model_dir)
@@ -200,14 +199,17 @@ class _ParquetRows:
     def __init__(self, path: str, hidden: int):
         import pyarrow as pa
         import pyarrow.parquet as pq
+        from transforms.embedding_files import (ID, NUM_TOKENS,
+                                                POOLED_OUTPUT,
+                                                SEQUENCE_OUTPUT, TRUNCATED)
         self._pa, self._hidden = pa, hidden
         vector = pa.list_(pa.float32(), hidden)
         self._schema = pa.schema([
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("num_tokens", pa.int32(), nullable=False),
-            pa.field("truncated", pa.bool_(), nullable=False),
-            pa.field("pooled_output", vector, nullable=False),
-            pa.field("sequence_output", pa.list_(vector), nullable=False)])
+            pa.field(ID, pa.string(), nullable=False),
+            pa.field(NUM_TOKENS, pa.int32(), nullable=False),
+            pa.field(TRUNCATED, pa.bool_(), nullable=False),
+            pa.field(POOLED_OUTPUT, vector, nullable=False),
+            pa.field(SEQUENCE_OUTPUT, pa.list_(vector), nullable=False)])
         self._writer = pq.ParquetWriter(path, self._schema)
         self._batches: list[Any] = []
         self._bytes = 0
@@ -275,7 +277,8 @@ def embed(hf_model: str, corpus: str, output: str, precision: str,
     encoded, truncated = _encode(tokenizer, texts, max_seq_length)
     keep = [i for i, e in enumerate(encoded) if len(e) > 2]  # empty text
     lengths = [len(encoded[i]) for i in keep]
-    rows = _ParquetRows(output + "-00000-of-00001.parquet",
+    from transforms.embedding_files import PARQUET_EXT, shard_name
+    rows = _ParquetRows(output + shard_name(0, 1) + PARQUET_EXT,
                         model.config.hidden_size)
     model_seconds, computed = 0.0, 0
     for batch in length_sorted_batches(lengths, batch_size,

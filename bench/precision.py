@@ -55,9 +55,8 @@ def _batches(model_dir: str, docs: int, seed: int, max_seq_length: int,
                                                   np.ndarray]], str]:
     """The sampled corpus, tokenized, length-sorted and padded per batch,
     and a note saying which corpus it is."""
-    from model.accuracy import token_batches
-    from model.load import read_tokenizer_settings
-    from transforms.tokenization import load_vocab
+    from model.self_check import token_batches
+    from model.vocab import load_vocab, read_tokenizer_settings
     settings = read_tokenizer_settings(model_dir)
     texts, note = throughput.sample_corpus(throughput.REAL_CORPUS, docs,
                                            seed)
@@ -123,8 +122,7 @@ def _emulated_encoder(model_dir: str):
     """Our encoder with the SavedModel's weights and bfloat16 matmuls, or
     None when the SavedModel was not exported by ``model/export.py``."""
     import tensorflow as tf
-    from model.bert import BertConfig, BertEncoder
-    from model.export import CONFIG_FILENAME
+    from model.bert import CONFIG_FILENAME, BertConfig, BertEncoder
     config_path = os.path.join(model_dir, "assets.extra", CONFIG_FILENAME)
     restored = tf.saved_model.load(model_dir)
     encoder_vars = getattr(getattr(restored, "encoder", None),
@@ -197,7 +195,7 @@ def _cosine_lines(name: str, reference: dict, other: dict) -> list[str]:
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from model.demo import default_cache_dir
+    from model.runtime import default_cache_dir
     from model.runtime import cpu_has_fast_bfloat16, cpu_model_name
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_prec_")
     args.model = args.model or throughput.ensure_bert_base(

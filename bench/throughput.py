@@ -14,8 +14,7 @@ each in its own process so that peak RSS is its own, one after the other:
 * ``ours``: our pipeline on TensorFlow, float32, XLA on (the default before
   ``--engine`` existed; run as ``--engine tensorflow --precision float32
   --xla on`` where the build has ``--engine``);
-* ``ours_noxla``, ``ours_rerun`` (not run by default): ours with ``--xla
-  off``, and ours again loading the XLA executables ``ours`` saved;
+* ``ours_noxla`` (not run by default): ours with ``--xla off``;
 * ``ours_tf_bf16``, ``ours_ov_f32``, ``ours_ov_bf16``, ``ours_ov_int8``:
   ours with ``--engine tensorflow|openvino --precision ...`` (int8 with
   ``--int8_model``, made once by ``python -m model.quantize`` from
@@ -28,7 +27,7 @@ each in its own process so that peak RSS is its own, one after the other:
 
 Our pipeline and the Beam variants read, tokenize and write with the same
 transforms; the flags of ours go through ``pipeline.run``'s own resolution
-(``resolve_config``), in this process, and the resolved job is run by the
+(``resolve_job``), in this process, and the resolved job is run by the
 worker process, timed from ``pipeline.run()`` (the launcher's checks and
 model probe are not in the timings).  A variant whose flags this build of
 ``pipeline.run`` lacks (its ``--help`` is read) prints "not available in
@@ -53,7 +52,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import pickle
 import platform
@@ -106,8 +104,6 @@ VARIANTS = (
             "float32"),
     Variant("ours_noxla", "ours TF f32", "ours", "tensorflow", "float32",
             "off", default=False),
-    Variant("ours_rerun", "ours TF f32+XLA rerun", "ours", "tensorflow",
-            "float32", "on", default=False),
     Variant("ours_tf_bf16", "ours TF bf16", "ours", "tensorflow",
             "bfloat16"),
     Variant("ours_ov_f32", "ours OpenVINO f32", "ours", "openvino",
@@ -247,7 +243,7 @@ def pipeline_flags(variant: Variant, build: Build,
 
 def bench_vocab() -> tuple[list[str], str]:
     """The real Chinese BERT vocab, else the demo vocab cut to 21,128."""
-    from transforms.tokenization import load_vocab
+    from model.vocab import load_vocab
     if REAL_VOCAB.exists():
         return load_vocab(str(REAL_VOCAB)), "real Chinese BERT vocab"
     from model.demo import demo_vocab
@@ -397,11 +393,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             config = pickle.load(handle)
         vocab = list(config.vocab)
         build_pipeline(pipeline, config)
-        engine = getattr(config, "engine", "tensorflow")
-        precision = config.precision
+        engine = config.infer.engine
+        precision = config.infer.precision
     else:
-        from model.load import read_tokenizer_settings
-        from transforms.tokenization import load_vocab
+        from model.vocab import load_vocab, read_tokenizer_settings
         vocab = load_vocab(read_tokenizer_settings(args.model).vocab_path)
         beam_baselines.build_beam_variant(
             pipeline, args.worker, args.corpus, out, args.model, vocab,
@@ -442,10 +437,12 @@ def _real_tokens_and_stages(args, vocab: list[str], out: str,
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.read_embeddings import load_embeddings
+    from transforms.embedding_files import (EMBEDDINGS, PARQUET,
+                                            embedding_schema,
+                                            output_patterns, to_record_batch)
     from transforms.records import DocumentEmbedding
     from transforms.tokenization import BertWordPieceTokenizer
-    from transforms.write import embedding_schema, to_record_batch
-    emb = load_embeddings(out + "-*-of-*.parquet")
+    emb = load_embeddings(output_patterns(out, PARQUET)[EMBEDDINGS])
     stats: dict[str, Any] = {"tokens_real": int(emb.num_tokens.sum()),
                              "rows": len(emb)}
     if args.worker != "ours":
@@ -518,9 +515,7 @@ class Runner:
 
     def spawn(self, variant: Variant, corpus: str, max_seq: int,
               tag: str = "") -> dict[str, Any]:
-        """Runs ``variant`` over ``corpus`` in a worker process.  ``ours``
-        starts from an empty XLA compile cache; ``ours_rerun`` runs with
-        the cache that ``ours`` (same ``tag``) left."""
+        """Runs ``variant`` over ``corpus`` in a worker process."""
         args = self.args
         workdir = os.path.join(args.workdir, f"{variant.name}-{max_seq}{tag}")
         os.makedirs(workdir, exist_ok=True)
@@ -536,9 +531,7 @@ class Runner:
                        args.model, "--workdir", workdir] + common
         if variant.kind == "ours":
             job = os.path.join(workdir, "job.pkl")
-            xla_dir = os.path.join(args.workdir, f"xla-cache-{max_seq}{tag}")
-            self._resolve_job(variant, corpus, max_seq, workdir, xla_dir,
-                              job)
+            self._resolve_job(variant, corpus, max_seq, workdir, job)
             command += ["--job", job]
         measured = run_worker_process(command, variant.name,
                                       args.worker_timeout)
@@ -547,22 +540,19 @@ class Runner:
         return measured
 
     def _resolve_job(self, variant: Variant, corpus: str, max_seq: int,
-                     workdir: str, xla_dir: str, path: str) -> None:
+                     workdir: str, path: str) -> None:
         """``pipeline.run``'s own resolution of the variant's flags,
         pickled for the worker."""
         from apache_beam.options.pipeline_options import PipelineOptions
         from pipeline.options import EmbedOptions
-        from pipeline.run import resolve_config
-        # The launcher sets up an XLA compile cache for its own process;
-        # the workers set up theirs, so its notes here are noise.
-        logging.getLogger("model.xla_cache").setLevel(logging.ERROR)
+        from pipeline.run import resolve_job
         flags = pipeline_flags(variant, self.build, self.int8_model)
         argv = ["--input", corpus, "--output",
-                os.path.join(workdir, "emb"), "--model", self.args.model,
-                "--xla_cache_dir", xla_dir] + self._common(max_seq) + flags
+                os.path.join(workdir, "emb"), "--model", self.args.model
+                ] + self._common(max_seq) + flags
         try:
-            config, _ = resolve_config(
-                PipelineOptions(argv).view_as(EmbedOptions))
+            config = resolve_job(
+                PipelineOptions(argv).view_as(EmbedOptions)).config
         except Exception as err:  # the launcher's one-line errors
             raise VariantFailed(f"{variant.name}: pipeline.run rejected "
                                 f"{' '.join(flags)}: {err}") from err
@@ -572,7 +562,7 @@ class Runner:
     def prepare_hf(self) -> float:
         """Converts the SavedModel for the Hugging Face peer, once per model
         (cached; not timed)."""
-        from model.demo import default_cache_dir
+        from model.runtime import default_cache_dir
         started = time.perf_counter()
         self.hf_model = os.path.join(default_cache_dir(),
                                      f"bench_hf_{model_key(self.args.model)}")
@@ -584,7 +574,7 @@ class Runner:
 
     def prepare_int8(self, calibration: str, samples: int) -> float:
         """Quantizes the model once per (model, calibration set), cached."""
-        from model.demo import default_cache_dir
+        from model.runtime import default_cache_dir
         with open(calibration, "rb") as handle:
             digest = hashlib.sha256(handle.read()).hexdigest()[:10]
         path = os.path.join(default_cache_dir(), "bench_int8_"
@@ -785,7 +775,9 @@ def accuracy(reference, other) -> dict[str, Any]:
 
 def _load_output(prefix: str):
     from pipeline.read_embeddings import load_embeddings
-    return load_embeddings(prefix + "-*-of-*.parquet")
+    from transforms.embedding_files import (EMBEDDINGS, PARQUET,
+                                            output_patterns)
+    return load_embeddings(output_patterns(prefix, PARQUET)[EMBEDDINGS])
 
 
 def _remove_outputs(prefix: str) -> None:
@@ -803,7 +795,7 @@ def _remove_outputs(prefix: str) -> None:
 
 
 def _ours_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """XLA compile time, wall-time shares and the rerun, for ours."""
+    """XLA compile time and wall-time shares, for ours."""
     ours = results[REFERENCE]
     rest = (1 - ours["model_s"] / ours["wall_s"] - ours["tokenize_share"]
             - ours["write_share"])
@@ -816,16 +808,6 @@ def _ours_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
         f"{ours['tokenize_share']:.1%}, write {ours['write_share']:.1%}, "
         f"rest (start-up, model load, Beam) "
         f"{rest:.1%}"]
-    if "ours_rerun" in results:
-        rerun = results["ours_rerun"]
-        rate = {n: results[n]["tokens_real"] / results[n]["wall_s"]
-                for n in (REFERENCE, "ours_rerun")}
-        lines.append(
-            f"ours_rerun (XLA executables loaded from the cache ours saved):"
-            f" {rate['ours_rerun'] / rate[REFERENCE]:.2f}x ours; first calls "
-            f"of its {rerun['xla_shapes']} shapes "
-            f"{rerun['xla_first_calls_s']:.1f} s (ours "
-            f"{ours['xla_first_calls_s']:.1f} s)")
     return lines
 
 
@@ -845,8 +827,7 @@ def _run_variant(runner: Runner, variant: Variant, corpus: str,
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from model.demo import default_cache_dir
-    from model.runtime import cpu_flags
+    from model.runtime import cpu_flags, default_cache_dir
     os.makedirs(args.workdir, exist_ok=True)
     flags = cpu_flags() if args.cpu_flags is None else frozenset(
         args.cpu_flags.split(","))
@@ -921,7 +902,7 @@ def _prepare(runner: Runner, selected: Sequence[Variant],
              args: argparse.Namespace) -> None:
     """The untimed preparation some variants need (the Hugging Face
     model, the int8 model); a failure there fails those variants only."""
-    from model.demo import default_cache_dir
+    from model.runtime import default_cache_dir
     wanted = {v.kind for v in selected if not statuses[v.name]}
     if "hf" in wanted:
         try:
@@ -1081,7 +1062,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=[v.name for v in VARIANTS if v.default],
                         help="comma-separated subset of "
                              f"{','.join(BY_NAME)}, or all (default: all "
-                             "but ours_noxla,ours_rerun; ours, the accuracy "
+                             "but ours_noxla; ours, the accuracy "
                              "reference, is always run)")
     parser.add_argument("--rss_variants", type=_variant_list,
                         default=list(DEFAULT_RSS_VARIANTS),

@@ -8,9 +8,8 @@ Run from the repository root::
 Contenders, each turning every document into the padded ``[n, max_seq_length]``
 int32 id and mask arrays the model takes (padding is timed too):
 
-* ours, per document: ``BertWordPieceTokenizer.encode`` per document, then
-  padding per batch, as the pipeline's tokenize DoFn and batcher do;
-* ours, batched: ``BertWordPieceTokenizer.encode_batch`` per batch;
+* ours: ``BertWordPieceTokenizer.encode`` per document, then padding per
+  batch, as the pipeline's tokenize DoFn and batcher do;
 * ``tokenizers`` (Rust) configured as BERT, on one thread: the fastest of its
   single-threaded entry points is used, then its ids and masks become arrays;
 * a straightforward pure-Python implementation of the reference rules (below):
@@ -53,7 +52,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from transforms.tokenization import BertWordPieceTokenizer, load_vocab
+from model.vocab import load_vocab
+from transforms.tokenization import BertWordPieceTokenizer
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 DEFAULT_CORPUS = SHARED_ASSETS / "corpus"
@@ -256,14 +256,6 @@ def ours_per_doc(vocab: List[str], lower: bool, max_len: int) -> Contender:
     return Contender("ours: encode + pad", lambda: BertWordPieceTokenizer(vocab, lower), run)
 
 
-def ours_batched(vocab: List[str], lower: bool, max_len: int) -> Contender:
-    """``encode_batch`` per batch: text straight to padded arrays."""
-    def run(tok: BertWordPieceTokenizer, batches: Batches) -> List[Arrays]:
-        out = [tok.encode_batch(batch, max_len) for batch in batches]
-        return [(b.input_word_ids, b.input_mask) for b in out]
-    return Contender("ours: encode_batch", lambda: BertWordPieceTokenizer(vocab, lower), run)
-
-
 def pure_python(vocab: List[str], lower: bool, max_len: int) -> Contender:
     """The straightforward implementation above, padded per batch."""
     def run(tok: PurePythonBert, batches: Batches) -> List[Arrays]:
@@ -456,13 +448,12 @@ def print_report(timings: Dict[str, Timing], num_docs: int, hf_name: str) -> Non
         return _warm(tb) / _warm(ta)
 
     print(f"\n{'speed-up (tokens/s ratio)':53s} {'warm':>7s} {'cold':>7s}")
-    for ours in ("ours: encode + pad", "ours: encode_batch"):
-        for other in (hf_name, "pure Python"):
-            print(f"{ours:20s} / {other:30s} {ratio(ours, other, 'warm'):6.2f}x "
-                  f"{ratio(ours, other, 'cold'):6.2f}x")
-    for ours in ("ours: encode + pad", "ours: encode_batch"):
-        met = ratio(ours, hf_name, "warm") >= 5
-        print(f"target >= 5x tokenizers per core, {ours}: {'MET' if met else 'NOT MET'}")
+    ours = "ours: encode + pad"
+    for other in (hf_name, "pure Python"):
+        print(f"{ours:20s} / {other:30s} {ratio(ours, other, 'warm'):6.2f}x "
+              f"{ratio(ours, other, 'cold'):6.2f}x")
+    met = ratio(ours, hf_name, "warm") >= 5
+    print(f"target >= 5x tokenizers per core, {ours}: {'MET' if met else 'NOT MET'}")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -500,7 +491,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           + f"; using {hf_mode} ({hf_seconds[hf_mode + ' only']:.3f} s of it without "
           "the conversion)")
     hf = hf_contender(vocab, lower, max_len, hf_mode)
-    contenders = [ours_per_doc(vocab, lower, max_len), ours_batched(vocab, lower, max_len),
+    contenders = [ours_per_doc(vocab, lower, max_len),
                   hf, pure_python(vocab, lower, max_len)]
     timings = run_all(contenders, batches, args.repeat,
                       {"pure Python": args.pure_python_repeat})

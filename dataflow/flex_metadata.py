@@ -51,7 +51,7 @@ LABELS = {
     "max_tokens_per_batch": "Padded tokens per batch",
     "outputs": "Embeddings to write", "engine": "Inference engine",
     "precision": "Model arithmetic", "int8_model": "int8 model",
-    "xla": "XLA compilation", "xla_cache_dir": "XLA compile cache",
+    "xla": "XLA compilation",
     "tf_intra_op_threads": "TensorFlow intra-op threads",
     "tf_inter_op_threads": "TensorFlow inter-op threads",
     "num_shards": "Output files", "sequence_dtype": "Sequence output type",
@@ -67,7 +67,6 @@ _PATH_REGEXES = {
     name: f"^{_GCS}/.+$" for name in (
         "input", "output", "model", "vocab_file", "analysis",
         "previous_index", "int8_model")}
-_PATH_REGEXES["xla_cache_dir"] = f"^(auto|none|{_GCS}(/.*)?)$"
 
 _KIND = "|".join(OUTPUT_KINDS)
 _POSITIVE = r"[1-9][0-9]*"

@@ -27,6 +27,11 @@ import tensorflow as tf
 # row whose keys are all padding).
 _MASK_NEGATIVE = -1e9
 
+# The file name of a ``BertConfig`` (``to_json``) that models written by
+# ``model.export`` keep under ``assets.extra/`` (the bfloat16 re-trace reads
+# it back).
+CONFIG_FILENAME = "bert_config.json"
+
 # Keys of Google's bert_config.json that have no effect on inference with
 # this encoder (dropout only applies in training; the rest are metadata of
 # the released Chinese checkpoint).

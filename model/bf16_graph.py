@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from model.bert import BertConfig, BertEncoder
-from model.export import CONFIG_FILENAME
-from model.load import (INPUT_NAMES, ModelFormatError, ModelLimits,
-                        check_inputs, read_model_limits)
+from model.bert import CONFIG_FILENAME, BertConfig, BertEncoder
+from model.errors import ModelFormatError
+from model.load import check_inputs
+from model.signature import INPUT_NAMES
+from model.variables import ModelLimits, read_model_limits
 
 _LOG = logging.getLogger(__name__)
 

@@ -48,7 +48,10 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from model import console
 from model.bert import BertConfig, bert_weight_shapes
+from model.errors import one_line
+from model.vocab import VOCAB_FILENAME, load_vocab
 from transforms.tokenization import (is_cjk_char, is_control,
                                      is_punctuation, is_whitespace)
 
@@ -61,7 +64,6 @@ LAYOUTS = (GOOGLE, HUGGINGFACE)
 GOOGLE_CONFIG = "bert_config.json"
 HF_CONFIG = "config.json"
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
-VOCAB_FILE = "vocab.txt"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
 _INDEX_SUFFIX = ".index.json"
@@ -523,9 +525,9 @@ def read_torch_bin(path: str, keep: Optional[Callable[[str], bool]] = None,
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
             AttributeError, IndexError, OverflowError, NotImplementedError,
             struct.error, zipfile.BadZipFile) as err:
-        message = " ".join(str(err).split())
         raise ConversionError(f"{path}: cannot read this PyTorch checkpoint "
-                              f"without PyTorch ({message}); {_TORCH_HINT}") from err
+                              f"without PyTorch ({one_line(err)}); "
+                              f"{_TORCH_HINT}") from err
 
 
 # --- Hugging Face names and config ---------------------------------------
@@ -736,7 +738,7 @@ def read_google_checkpoint(source: str) -> Checkpoint:
         dtypes = reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError) as err:
         raise ConversionError(f"cannot read checkpoint {prefix}: "
-                              f"{' '.join(str(err).split())}") from err
+                              f"{one_line(err)}") from err
     expected = bert_weight_shapes(config)
     _check_missing([n for n in expected if n not in shapes], prefix)
     _check_shape_map({n: tuple(shapes[n]) for n in expected}, config, prefix)
@@ -751,8 +753,8 @@ def read_google_checkpoint(source: str) -> Checkpoint:
             weights[name] = np.asarray(reader.get_tensor(name))
         except (tf.errors.OpError, ValueError, IndexError) as err:
             raise ConversionError(f"cannot read {name} from {prefix}: "
-                                  f"{' '.join(str(err).split())}") from err
-    return Checkpoint(GOOGLE, config, weights, os.path.join(source, VOCAB_FILE))
+                                  f"{one_line(err)}") from err
+    return Checkpoint(GOOGLE, config, weights, os.path.join(source, VOCAB_FILENAME))
 
 
 def _read_hf_tensors(files: Sequence[str], keep: Callable[[str], bool],
@@ -801,7 +803,7 @@ def read_huggingface(source: str) -> Checkpoint:
         hint = value if isinstance(value, bool) else None
     return Checkpoint(HUGGINGFACE, config,
                       {n: weights[n] for n in expected},
-                      os.path.join(source, VOCAB_FILE), hint)
+                      os.path.join(source, VOCAB_FILENAME), hint)
 
 
 def _check_missing(missing: Sequence[str], where: str) -> None:
@@ -844,14 +846,6 @@ def read_checkpoint(source: str, layout: str = "auto") -> Checkpoint:
 
 
 # --- vocabulary and lower-casing -----------------------------------------
-
-
-def _read_vocab(path: str) -> list[str]:
-    """Vocab tokens, one per line (trailing newline/CR removed)."""
-    if not os.path.exists(path):
-        raise ConversionError(f"no vocabulary at {path}: pass --vocab_file")
-    with open(path, encoding="utf-8") as handle:
-        return [line.rstrip("\r\n") for line in handle]
 
 
 # A vocabulary is taken as cased when at least this share of the word
@@ -970,7 +964,10 @@ def convert_checkpoint(source: str, output: str,
         raise FileExistsError(f"output already exists: {output}")
     checkpoint = read_checkpoint(source, layout)
     vocab_path = vocab_file or checkpoint.vocab_path
-    vocab = _read_vocab(vocab_path)
+    if not os.path.exists(vocab_path):
+        raise ConversionError(
+            f"no vocabulary at {vocab_path}: pass --vocab_file")
+    vocab = load_vocab(vocab_path)
     rows = checkpoint.config.vocab_size
     if len(vocab) != rows:
         raise ConversionError(f"{vocab_path} has {len(vocab)} entries but the "
@@ -1019,14 +1016,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: 0 on success, 2 with a one-line error otherwise."""
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    console.setup_logging(verbose=True)  # its INFO lines say what it does
     try:
         path = convert_checkpoint(args.source, args.output,
                                   args.do_lower_case, args.vocab_file,
                                   args.layout)
     except (ConversionError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(path)
     return 0

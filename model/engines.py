@@ -28,7 +28,7 @@ line naming the engine, the precision and why):
   later), float32 elsewhere; never int8, which needs its offline model.  A
   bfloat16 that auto picked is kept only if a self-check on fixed probe
   sentences keeps every cosine to float32 at or above its target
-  (``model.accuracy.ACCURACY_TARGETS``), else the worker warns once and
+  (``model.self_check.ACCURACY_TARGETS``), else the worker warns once and
   runs float32.  The check runs on the loaded model because bfloat16's
   error depends on the weights, not only on the hardware; OpenVINO caches
   its verdict beside the converted model.  TensorFlow's CPU rewrite cannot
@@ -44,7 +44,7 @@ import logging
 import os
 from typing import Any, Optional
 
-from model import xla_cache
+from model.errors import ModelFormatError, one_line
 
 _LOG = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ class EngineSpec:
     intra_op_threads: Optional[int] = None
     inter_op_threads: Optional[int] = None
     jit_compile: bool = False
-    xla_cache_dir: str = xla_cache.OFF
     int8_model: Optional[str] = None
 
 
@@ -125,7 +124,8 @@ def tensorflow_gpus() -> tuple[str, ...]:
     """GPUs TensorFlow can use here, found without starting its runtime:
     the NVIDIA driver's GPU models, unless ``CUDA_VISIBLE_DEVICES`` hides
     them all or this TensorFlow has no CUDA support."""
-    models = xla_cache.gpu_models()
+    from model.runtime import gpu_models
+    models = gpu_models()
     if not models:
         return ()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -228,7 +228,7 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
     picked it; (None, float32 choice) when it cannot be had, (the float32
     model, float32 choice) when it misses its target."""
     from model.bf16_graph import load_bfloat16_model
-    from model.load import ModelFormatError, load_bert_saved_model
+    from model.load import load_bert_saved_model
     try:
         model = load_bfloat16_model(spec.model_dir)
     except ModelFormatError as err:
@@ -238,8 +238,8 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
             "float32", "no bfloat16 re-trace for this model")
     if spec.precision != AUTO:
         return model, choice
-    from model.accuracy import ACCURACY_TARGETS, compare_engines, \
-        probe_batches
+    from model.self_check import (ACCURACY_TARGETS, compare_engines,
+                                  probe_batches)
     reference = load_bert_saved_model(spec.model_dir)
     stats = compare_engines(reference, model, probe_batches(spec.model_dir))
     target = ACCURACY_TARGETS["bfloat16"]
@@ -258,12 +258,6 @@ def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
     the model (bfloat16 re-trace on GPUs, XLA for float32 when on)."""
     from model.load import load_bert_saved_model
     from model.runtime import configure_tensorflow
-    cache = None
-    if xla_applies(spec.jit_compile, spec.precision):
-        # Before TensorFlow's runtime starts: it reads its XLA flags then.
-        cache = xla_cache.process_cache(spec.xla_cache_dir)
-        if cache is not None:
-            cache.load_entries()
     threads = (spec.intra_op_threads, spec.inter_op_threads)
     model = None
     if choice.device == GPU:
@@ -281,7 +275,7 @@ def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
         configure_tensorflow(*threads, precision=choice.precision)
     if model is None:
         jit = spec.jit_compile and choice.precision == "float32"
-        model = load_bert_saved_model(spec.model_dir, jit, cache)
+        model = load_bert_saved_model(spec.model_dir, jit)
     return model, choice
 
 
@@ -304,7 +298,7 @@ def load_engine(spec: EngineSpec, hardware: Optional[Hardware] = None
     the choice in one line.  The model's ``engine_choice`` holds it.
 
     Raises EngineError for a combination that cannot run here, and
-    ``model.load.ModelFormatError`` when no engine can load the model.
+    ``model.errors.ModelFormatError`` when no engine can load the model.
     """
     hardware = hardware or detect_hardware()
     choice = choose_engine(spec.engine, spec.precision, hardware)
@@ -316,16 +310,15 @@ def load_engine(spec: EngineSpec, hardware: Optional[Hardware] = None
             # OpenVINO raises plain RuntimeErrors for models it cannot
             # convert or compile; any of them means "use TensorFlow".
             if choice.precision == "int8":
-                from model.load import ModelFormatError
                 if isinstance(err, ModelFormatError):
                     raise
                 raise ModelFormatError(
                     f"OpenVINO cannot run the int8 model for "
                     f"{spec.model_dir}: {type(err).__name__}: "
-                    + " ".join(str(err).split())[:300]) from err
+                    + one_line(err)[:300]) from err
             _LOG.warning("OpenVINO cannot run %s (%s: %s); falling back to "
                          "TensorFlow", spec.model_dir, type(err).__name__,
-                         " ".join(str(err).split())[:300])
+                         one_line(err)[:300])
             choice = dataclasses.replace(
                 choose_engine(TENSORFLOW, spec.precision, hardware),
                 engine_reason="OpenVINO failed to load the model")
@@ -356,16 +349,14 @@ XLA_AUTO_MIN_BYTES_PER_WORKER = 8 << 20
 
 
 def decide_xla(setting: str, choice: EngineChoice,
-               input_bytes: Optional[int], workers: int,
-               cache_warm: bool) -> tuple[bool, str]:
+               input_bytes: Optional[int], workers: int) -> tuple[bool, str]:
     """Whether a job compiles with XLA (``--xla on|off|auto``), and why.
 
     ``auto`` is on only where XLA can apply (the TensorFlow engine at
     float32, as ``choice`` predicts it for the launcher's machine) and
-    pays: the compile cache is warm (executables from earlier runs load
-    instead of compiling) or the input is at least
-    ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per worker (``input_bytes`` None:
-    unknown, e.g. compressed input, counts as small).
+    pays: the input is at least ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per
+    worker (``input_bytes`` None: unknown, e.g. compressed input, counts
+    as small).
     """
     if setting not in XLA_SETTINGS:
         raise EngineError(f"--xla must be one of {XLA_SETTINGS}")
@@ -374,9 +365,6 @@ def decide_xla(setting: str, choice: EngineChoice,
     if choice.engine != TENSORFLOW or choice.precision != "float32":
         return False, (f"xla auto: {choice.engine} at {choice.precision} "
                        "does not use XLA")
-    if cache_warm:
-        return True, ("xla auto: the compile cache holds executables from "
-                      "earlier runs")
     if input_bytes is None:
         return False, ("xla auto: input size unknown (compressed); pass "
                        "--xla on for a large job")

@@ -34,15 +34,12 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from model.bert import BertConfig, BertEncoder
+from model.bert import CONFIG_FILENAME, BertConfig, BertEncoder
+from model.signature import ENCODER_OUTPUTS, INPUT_NAMES
+from model.vocab import VOCAB_FILENAME, load_vocab
 
-CONFIG_FILENAME = "bert_config.json"
-VOCAB_FILENAME = "vocab.txt"
-
-_INPUT_NAMES = ("input_word_ids", "input_mask", "segment_ids")
-_INPUT_SPECS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in _INPUT_NAMES]
+_INPUT_SPECS = [tf.TensorSpec([None, None], tf.int32, name=n) for n in INPUT_NAMES]
 _TRAINING_SPEC = tf.TensorSpec([], tf.bool, name="training")
-ENCODER_OUTPUTS = "encoder_outputs"
 
 
 class _HubBertModule(tf.Module):
@@ -75,7 +72,7 @@ class _HubBertModule(tf.Module):
         # one step from the root, so this dict (also one step, and assigned
         # first) keeps Google's names in the keys (``bert_weights/bert.S
         # embeddings.Sword_embeddings/...``) instead of ``variables/0``:
-        # readers such as model.load.infer_hidden_size look for them.
+        # readers such as model.variables.infer_hidden_size look for them.
         self.bert_weights = dict(encoder.weight_variables)
         # The call reads only the encoder's weights (do_lower_case is
         # metadata for the tokenizer), and all of them are trainable.
@@ -116,12 +113,6 @@ def _write_vocab(tokens: Sequence[str], path: str) -> None:
             raise ValueError(f"Invalid vocab token at index {index}: {token!r}")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(token + "\n" for token in tokens))
-
-
-def _count_vocab_lines(path: str) -> int:
-    """Number of entries in a vocab.txt (one token per line)."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
 
 
 def _check_vocab_size(size: int, config: BertConfig) -> None:
@@ -205,7 +196,7 @@ def export_bert_saved_model(
             shutil.copyfile(vocab, vocab_path)
         else:
             _write_vocab(list(vocab), vocab_path)
-        _check_vocab_size(_count_vocab_lines(vocab_path), config)
+        _check_vocab_size(len(load_vocab(vocab_path)), config)
         module = _HubBertModule(_build_encoder(config, seed, weights),
                                 vocab_path, do_lower_case)
         staging = _make_staging_dir(export_dir)

@@ -40,9 +40,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from model.load import (INPUT_NAMES, OUTPUT_NAMES, ModelFormatError,
-                        ModelLimits, check_inputs, read_model_limits,
-                        resolve_model_path)
+from model.errors import ModelFormatError
+from model.handles import resolve_model_path
+from model.load import check_inputs
+from model.signature import INPUT_NAMES, OUTPUT_NAMES
+from model.variables import ModelLimits, read_model_limits
 
 _LOG = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def openvino_version() -> str:
 def model_digest(model_dir: str) -> str:
     """32 hex digits over the SavedModel's graph and variables: the key of
     its converted IR and the source an int8 model records."""
-    from pipeline.fingerprint import hash_files, variables_files
+    from model.files import hash_files, variables_files
     graph = model_dir.rstrip("/") + "/saved_model.pb"
     return hash_files([graph] + variables_files(model_dir))
 
@@ -334,7 +336,7 @@ def find_int8_model(model_dir: str, int8_model: Optional[str]) -> str:
 def int8_digest(int8_dir: str) -> str:
     """Hash of a quantized model's files: part of the run's fingerprint, so
     a re-calibrated model counts as a different model."""
-    from pipeline.fingerprint import hash_files
+    from model.files import hash_files
     base = int8_dir.rstrip("/")
     return hash_files([f"{base}/{IR_XML}", f"{base}/{IR_BIN}"])
 
@@ -510,8 +512,8 @@ def self_check(model_dir: str, core: Any, model: Any, candidate: Any,
     accuracy target against float32 on the probe sentences, and a note
     saying by how much.  The verdict is cached beside the IR per CPU kind,
     so later runs on such a CPU skip the float32 compile."""
-    from model.accuracy import ACCURACY_TARGETS, compare_engines, \
-        probe_batches
+    from model.self_check import (ACCURACY_TARGETS, compare_engines,
+                                  probe_batches)
     target = ACCURACY_TARGETS[precision]
     cached = _self_check_file(ir_dir, precision)
     if cached and os.path.isfile(cached):
@@ -546,7 +548,7 @@ def load_openvino_model(model_dir: str, precision: str,
                         check_accuracy: bool = False
                         ) -> OpenVINOBertModel:
     """Loads the SavedModel at ``model_dir`` (a directory, or a TF Hub
-    handle: see ``model.load.resolve_model_path``) into OpenVINO at
+    handle: see ``model.handles.resolve_model_path``) into OpenVINO at
     ``precision`` (``float32``, ``bfloat16`` or ``int8``).
 
     ``int8`` runs the quantized model ``int8_model`` (or the cached one,

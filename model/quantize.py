@@ -32,8 +32,10 @@ import random
 import sys
 from typing import Optional, Sequence
 
-from model.accuracy import ACCURACY_TARGETS, compare_engines, read_texts, \
-    token_batches
+from model import console
+from model.accuracy import read_texts
+from model.errors import ModelFormatError, one_line
+from model.self_check import ACCURACY_TARGETS, compare_engines, token_batches
 
 _LOG = logging.getLogger(__name__)
 
@@ -104,9 +106,10 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
     import numpy as np
     import openvino as ov
     from model import openvino_engine
-    from model.load import (read_model_limits, read_tokenizer_settings,
-                            resolve_model_path)
-    from transforms.tokenization import load_vocab
+    from model.handles import resolve_model_path
+    from model.signature import INPUT_NAMES
+    from model.variables import read_model_limits
+    from model.vocab import load_vocab, read_tokenizer_settings
     model_dir = resolve_model_path(model_dir)
     digest = openvino_engine.model_digest(model_dir)
     output = output or openvino_engine.default_int8_dir(digest)
@@ -126,7 +129,7 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
     vocab = load_vocab(settings.vocab_path)
     # One document per calibration item, at its own length (the model's
     # shapes are dynamic).
-    items = [dict(zip(("input_word_ids", "input_mask", "segment_ids"), b))
+    items = [dict(zip(INPUT_NAMES, b))
              for b in token_batches(calibration, vocab,
                                     settings.do_lower_case, max_seq_length,
                                     batch_size=1)]
@@ -180,21 +183,20 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    console.setup_logging(verbose=True)  # its INFO lines say what it does
     try:
         import nncf  # noqa: F401  (the optional extra)
     except ImportError:
         print("error: model.quantize needs NNCF: pip install "
               "'bert-zh-embed[int8]'", file=sys.stderr)
         return 2
-    from model.load import ModelFormatError
     try:
         output, info = quantize(
             args.model, args.calibration, args.output, args.samples,
             args.eval_samples, args.max_seq_length, args.seed,
             args.min_cosine, args.text_field)
     except (ValueError, FileNotFoundError, ModelFormatError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except QuantizeError as err:
         print(f"error: {err}", file=sys.stderr)

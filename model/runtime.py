@@ -1,4 +1,5 @@
-"""TensorFlow runtime settings for a worker: threads and precision.
+"""Runtime settings for a worker: TensorFlow's threads and precision, the
+hardware it runs on (CPU flags, GPU models) and where caches live.
 
 Applied once per worker process, just before the model is loaded (the model
 handler's ``load_model``), because TensorFlow fixes its thread pools when its
@@ -9,6 +10,7 @@ used TensorFlow) is logged and skipped, never an error.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import platform
@@ -65,6 +67,21 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def gpu_models() -> list[str]:
+    """The NVIDIA GPU models this machine's driver lists in its /proc files
+    (empty without a driver); engine selection reads them without starting
+    TensorFlow."""
+    models = []
+    for path in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                models += [line.split(":", 1)[1].strip() for line in handle
+                           if line.startswith("Model:")]
+        except OSError:
+            continue
+    return models
 
 
 def cpu_has_fast_bfloat16() -> bool:

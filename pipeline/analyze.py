@@ -51,18 +51,20 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (GoogleCloudOptions,
                                                   PipelineOptions)
 
-from model.load import ModelFormatError, tokenizer_settings_with_overrides
-from model.load import check_max_seq_length
+from model.errors import ModelFormatError
+from model.handles import join_path
+from model.variables import check_max_seq_length
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import (DefaultsHelpFormatter, UsageError,
                           check_known_flags, setup_console, wants_help,
                           wants_verbose)
-from pipeline.options import (EmbedOptions, _positive_int,
+from pipeline.options import (EmbedOptions, _positive_int, _positive_share,
                               lower_case_override)
-from transforms.read import (DEFAULT_MAX_TEXT_CHARS, ReadDocuments,
+from transforms.read import (ReadDocuments, ReadSettings,
                              check_patterns_match)
 from transforms.records import METRICS_NAMESPACE, Document
-from transforms.tokenization import (UNK_TOKEN, BertWordPieceTokenizer,
-                                     load_vocab)
+from transforms.tokenization import UNK_TOKEN, BertWordPieceTokenizer
+from transforms.tokenize import TokenizeSettings
 
 _LOG = logging.getLogger("pipeline.analyze")
 
@@ -112,7 +114,8 @@ class AnalyzeOptions(PipelineOptions):
             help="Length buckets to recommend: at most num_buckets - 1 "
                  "boundaries, from the corpus' 1/N quantiles.")
         group.add_argument(
-            "--length_coverage", type=_share, default=DEFAULT_COVERAGE,
+            "--length_coverage", type=_positive_share,
+            default=DEFAULT_COVERAGE,
             help="Share of documents the recommended max_seq_length must "
                  "hold without truncation (default 0.99).")
         group.add_argument(
@@ -125,14 +128,6 @@ class AnalyzeOptions(PipelineOptions):
                  + PLOTS_EXTRA.replace("%", "%%") + ".")
 
 
-def _share(value: str) -> float:
-    """argparse type: a float in (0, 1]."""
-    number = float(value)
-    if not 0 < number <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return number
-
-
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     """Everything the analysis needs, resolved before the pipeline starts."""
@@ -140,14 +135,10 @@ class AnalysisConfig:
     vocab: list[str]
     vocab_path: str
     do_lower_case: bool
-    max_seq_length: int = 128
+    max_seq_length: int = 128  # as TokenizeSettings checked it
     num_buckets: int = DEFAULT_NUM_BUCKETS
     coverage: float = DEFAULT_COVERAGE
-    input_format: str = "auto"
-    id_field: str = "id"
-    text_field: str = "text"
-    input_encoding: str = "utf-8"
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    read: ReadSettings = ReadSettings()
     output: Optional[str] = None
     plot: Optional[str] = None
 
@@ -173,7 +164,7 @@ def histogram_uppers(max_seq_length: int) -> list[int]:
     return list(range(HISTOGRAM_STEP, top + 1, HISTOGRAM_STEP))
 
 
-def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
+def resolve_analysis(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     """Turns flags into an ``AnalysisConfig``; also says if the demo model's
     vocabulary is used.
 
@@ -186,8 +177,14 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
     ours = options.view_as(AnalyzeOptions)
     if not shared.input:
         raise UsageError("--input is required (a file or glob)")
-    if shared.max_seq_length < 3:
-        raise UsageError("--max_seq_length must be at least 3")
+    try:
+        max_seq_length = TokenizeSettings(
+            shared.max_seq_length).max_seq_length
+        read = ReadSettings(shared.input_format, shared.id_field,
+                            shared.text_field, shared.input_encoding,
+                            shared.max_text_chars)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from err
     check_patterns_match(shared.input)
     override = lower_case_override(shared)
     demo = shared.model is None and shared.vocab_file is None
@@ -200,18 +197,15 @@ def resolve_config(options: PipelineOptions) -> tuple[AnalysisConfig, bool]:
             from model.demo import ensure_demo_model
             model_dir = ensure_demo_model()
         # The run's length limit must be one the model can take.
-        check_max_seq_length(model_dir, shared.max_seq_length)
+        check_max_seq_length(model_dir, max_seq_length)
         settings = tokenizer_settings_with_overrides(
             model_dir, shared.vocab_file, override)
         vocab_path, do_lower_case = settings.vocab_path, settings.do_lower_case
     config = AnalysisConfig(
         inputs=list(shared.input), vocab=load_vocab(vocab_path),
         vocab_path=vocab_path, do_lower_case=do_lower_case,
-        max_seq_length=shared.max_seq_length, num_buckets=ours.num_buckets,
-        coverage=ours.length_coverage, input_format=shared.input_format,
-        id_field=shared.id_field, text_field=shared.text_field,
-        input_encoding=shared.input_encoding,
-        max_text_chars=shared.max_text_chars, output=shared.output,
+        max_seq_length=max_seq_length, num_buckets=ours.num_buckets,
+        coverage=ours.length_coverage, read=read, output=shared.output,
         plot=plot_path(ours.plot, shared.output))
     return config, demo
 
@@ -344,9 +338,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
     import tensorflow_transform.beam as tft_beam
     from tfx_bsl.public import tfxio
 
-    documents, _ = pipeline | "Read" >> ReadDocuments(
-        config.inputs, config.input_format, config.id_field,
-        config.text_field, config.input_encoding, config.max_text_chars)
+    documents, _ = pipeline | "Read" >> ReadDocuments(config.inputs,
+                                                      config.read)
     source = tfxio.TFExampleBeamRecord(
         physical_format="inmem", telemetry_descriptors=["corpus_analysis"],
         schema=feature_schema())
@@ -354,13 +347,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: AnalysisConfig,
                | "Measure" >> beam.ParDo(MeasureDocuments(
                    config.vocab, config.do_lower_case))
                | "ToRecordBatches" >> source.BeamSource())
-    with tft_beam.Context(temp_dir=_join(work_dir, "tmp")):
+    with tft_beam.Context(temp_dir=join_path(work_dir, "tmp")):
         transform_fn = (
             (batches, source.TensorAdapterConfig())
             | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(
                 config.max_seq_length, config.num_buckets)))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
-            _join(work_dir, "transform_fn"))
+            join_path(work_dir, "transform_fn"))
 
 
 def read_statistics(transform_fn_dir: str) -> dict[str, np.ndarray]:
@@ -382,11 +375,6 @@ def read_statistics(transform_fn_dir: str) -> dict[str, np.ndarray]:
 def _scalar(values: np.ndarray) -> int:
     """The one integer in an analyzer result of length 1."""
     return int(np.ravel(values)[0])
-
-
-def _join(base: str, *parts: str) -> str:
-    """Joins path parts for local and ``gs://``-style paths alike."""
-    return FileSystems.join(base, *parts)
 
 
 # --------------------------------------------------------------------------
@@ -605,7 +593,7 @@ def _work_dir(options: PipelineOptions) -> tuple[str, bool]:
     flag says whether it is local (removed with ``shutil``)."""
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if temp_location:
-        return _join(temp_location, f"analyze-{uuid.uuid4().hex}"), False
+        return join_path(temp_location, f"analyze-{uuid.uuid4().hex}"), False
     return tempfile.mkdtemp(prefix="corpus-analysis-"), True
 
 
@@ -627,7 +615,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = list(sys.argv[1:] if argv is None else argv)
     check_known_flags(args)
     pipeline_options = PipelineOptions(args)
-    config, demo = resolve_config(pipeline_options)
+    config, demo = resolve_analysis(pipeline_options)
     if demo:
         print(DEMO_NOTE, file=sys.stderr)
     work_dir, local = _work_dir(pipeline_options)
@@ -636,7 +624,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         build_pipeline(pipeline, config, work_dir)
         result = pipeline.run()
         result.wait_until_finish()
-        stats = read_statistics(_join(work_dir, "transform_fn"))
+        stats = read_statistics(join_path(work_dir, "transform_fn"))
     finally:
         _remove(work_dir, local)
     report = build_report(stats, config, _failed_count(result))

@@ -11,7 +11,7 @@ libraries' (Beam, absl, TensorFlow) INFO and WARNING lines are not shown.
 ``--verbose`` shows all of them, and our INFO lines.
 
 This module imports only the standard library at load time (and
-``model.native_log``, which does too), so that an entry point can call
+``model.native_log`` and ``model.console``, which do too), so that an entry point can call
 ``exit_on_interrupt`` before its slow imports (Beam, TensorFlow) begin.
 """
 
@@ -27,15 +27,10 @@ import shutil
 import signal
 import sys
 import threading
-from typing import Any, Iterator, Optional, Sequence, TextIO
+from typing import Any, Iterator, NoReturn, Optional, Sequence, TextIO
 
-from model import native_log
+from model import console, native_log
 
-# This project's packages; their INFO lines are shown with --verbose.
-_OUR_PACKAGES = ("pipeline", "model", "transforms")
-# Progress lines are shown without --verbose too.
-_PROGRESS_LOGGER = "transforms.progress"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # TensorFlow's C++ log level when the user has not set one: 3 hides its
 # INFO, WARNING and ERROR lines (CUDA probes on CPU machines, XLA cache
 # format notes); FATAL ones, and Python errors, still show.
@@ -56,6 +51,19 @@ _set_tf_log_level: list[bool] = []
 
 class UsageError(ValueError):
     """A flag is missing, unknown or inconsistent."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose mistakes raise a one-line ``UsageError`` (the entry
+    point prints it and exits 2) instead of printing usage and exiting;
+    ``error_hint`` is added to each such message."""
+
+    def __init__(self, *args: Any, error_hint: str = "", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._error_hint = error_hint
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}{self._error_hint}")
 
 
 def wants_help(args: Sequence[str]) -> bool:
@@ -88,29 +96,12 @@ def setup_console(verbose: bool = False) -> None:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Timestamped log lines on stderr through a ``ConsoleFilter``; our
-    loggers (and the relayed lines of local workers) at INFO, so that the
-    filter decides what shows."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = ConsoleHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        root.addHandler(handler)
-    for handler in root.handlers:
-        if isinstance(handler, ConsoleHandler):
-            for old in list(handler.filters):
-                handler.removeFilter(old)
-            handler.addFilter(ConsoleFilter(verbose))
-    root.setLevel(logging.WARNING)
-    for name in _OUR_PACKAGES + (_WORKER_RELAY_LOGGER,):
-        logging.getLogger(name).setLevel(logging.INFO)
-    # Python warnings (deprecations in the libraries) become log records
-    # of the py.warnings logger: hidden unless verbose.
-    logging.captureWarnings(not verbose)
-
-
-def _ours(name: str) -> bool:
-    return name.split(".", 1)[0] in _OUR_PACKAGES
+    """The project's console logging (``model.console.setup_logging``) as
+    the pipeline's commands have it: lines written above the live progress
+    line (``ConsoleHandler``), and local workers' relayed lines shown by
+    the same rule (``ConsoleFilter``)."""
+    console.setup_logging(verbose, ConsoleHandler, ConsoleFilter,
+                          (_WORKER_RELAY_LOGGER,))
 
 
 # Log levels of Beam's LogEntry severities (beam_fn_api.proto: TRACE 1,
@@ -119,7 +110,7 @@ _ENTRY_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO,
                  4: logging.INFO, 5: logging.WARNING, 6: logging.ERROR,
                  7: logging.CRITICAL}
 _SOURCE_MODULE = re.compile(
-    r"(?:^|/)((?:%s)/[\w/]+)\.py:\d+$" % "|".join(_OUR_PACKAGES))
+    r"(?:^|/)((?:%s)/[\w/]+)\.py:\d+$" % "|".join(console.OUR_PACKAGES))
 
 
 def relayed_worker_line(text: str) -> Optional[tuple[int, str, str]]:
@@ -144,27 +135,15 @@ def relayed_worker_line(text: str) -> Optional[tuple[int, str, str]]:
             entry.message)
 
 
-class ConsoleFilter(logging.Filter):
-    """Which log records the console shows.
-
-    Quiet: our warnings and errors, progress lines, and other errors.
-    Verbose: our INFO lines too, and the libraries' warnings.  Lines that
-    local workers log reach the launcher relayed by Beam's job service as
-    one protobuf text each; they are shown (as ``worker: <message>``, under
-    the module that logged them) by the same rules.
+class ConsoleFilter(console.ConsoleLevels):
+    """Which log records the console shows (``model.console.shown``).
+    Lines that local workers log reach the launcher relayed by Beam's job
+    service as one protobuf text each; they are shown (as ``worker:
+    <message>``, under the module that logged them) by the same rule.
     """
 
-    def __init__(self, verbose: bool):
-        super().__init__()
-        self._verbose = verbose
-
     def _shown(self, name: str, level: int) -> bool:
-        if _ours(name):
-            floor = logging.INFO if (
-                self._verbose or name == _PROGRESS_LOGGER) else logging.WARNING
-        else:
-            floor = logging.WARNING if self._verbose else logging.ERROR
-        return level >= floor
+        return console.shown(name, level, self.verbose)
 
     def filter(self, record: logging.LogRecord) -> bool:
         relayed = None
@@ -236,7 +215,7 @@ class StatusLine:
 STATUS = StatusLine(sys.stderr)
 
 
-class ConsoleHandler(logging.StreamHandler):
+class ConsoleHandler(console.ConsoleStreamHandler):
     """A stderr handler that writes log records above the live progress
     line."""
 

@@ -39,10 +39,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Iterable, NoReturn, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-from pipeline.cli import (UsageError, exit_on_interrupt, interrupts_deferred,
-                          setup_logging)
+from model.errors import one_line
+from pipeline.cli import (UsageError, UsageParser, exit_on_interrupt,
+                          interrupts_deferred, setup_logging)
 
 if __name__ == "__main__":
     exit_on_interrupt()
@@ -56,15 +57,16 @@ from pipeline.manifest import (ManifestError, index_counts, manifest_path,
                                same_path)
 from pipeline.publish import (check_output_prefix, clean_stale, discard,
                               final_name, new_run_id, own_files, publish,
-                              staging_dir, staging_prefix, write_json)
+                              write_json)
 from pipeline.read_embeddings import (DatasetError, current_tables,
                                       succeeded_manifest)
 from pipeline.views import files_view, views_file, write_text
-from transforms.write import (COMPACT_SUFFIX, DOCUMENTS_SUFFIX,
-                              DUCKDB_SUFFIX, EMBEDDED_AS, KINDS,
-                              PARQUET_CODECS, SCHEMA_VERSION, SUMMARY_SUFFIX,
-                              embedding_schema, file_metadata,
-                              output_patterns)
+from transforms.embedding_files import (
+    COMPACT_SUFFIX, DOCUMENTS, DOCUMENTS_SUFFIX, DUCKDB_SUFFIX, EMBEDDED_AS,
+    EMBEDDINGS, ERRORS, INDEX, KINDS, PARQUET, PARQUET_EXT, SCHEMA_VERSION,
+    SUMMARY_SUFFIX, embedding_schema, file_metadata, manifest_of,
+    output_patterns, shard_name, staging_dir, staging_prefix)
+from transforms.write import PARQUET_CODECS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 4
 COMPACT_VERSION = 1
@@ -83,8 +85,7 @@ class CompactJob:
     @property
     def manifest(self) -> str:
         """The source manifest's path."""
-        return (self.index if self.index.endswith(".json")
-                else manifest_path(self.index))
+        return manifest_of(self.index)
 
 
 @dataclasses.dataclass
@@ -108,27 +109,17 @@ class Compacted:
 def compact_patterns(output: str) -> list[str]:
     """Every name a compaction at ``output`` publishes: a re-run replaces
     them."""
-    patterns = output_patterns(output, "parquet")
-    return [patterns["embeddings"], patterns["documents"],
+    patterns = output_patterns(output, PARQUET)
+    return [patterns[EMBEDDINGS], patterns[DOCUMENTS],
             output + DUCKDB_SUFFIX, output + COMPACT_SUFFIX]
-
-
-def _usage(message: str) -> NoReturn:
-    raise UsageError(message)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are one-line ``UsageError``s."""
-
-    def error(self, message: str) -> NoReturn:
-        _usage(f"{message}; see --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m pipeline.compact``."""
-    parser = _Parser(prog="python -m pipeline.compact",
-                     description="Write the current dataset of an index as "
-                                 "one Parquet dataset.")
+    parser = UsageParser(prog="python -m pipeline.compact",
+                         description="Write the current dataset of an index "
+                                     "as one Parquet dataset.",
+                         error_hint="; see --help")
     parser.add_argument("--index", required=True,
                         help="a run's manifest (.../emb-manifest.json) or "
                              "output prefix (.../emb)")
@@ -146,11 +137,11 @@ def parse_args(argv: Sequence[str]) -> CompactJob:
     """``CompactJob`` from the command line; ``UsageError`` otherwise."""
     args = build_parser().parse_args(list(argv))
     if args.row_group_rows < 0:
-        _usage("--row_group_rows must be >= 0")
+        raise UsageError("--row_group_rows must be >= 0")
     try:
         check_output_prefix(args.output)
     except ValueError as err:
-        _usage(str(err))
+        raise UsageError(str(err))
     return CompactJob(args.index, args.output, args.row_group_rows,
                       args.parquet_compression)
 
@@ -161,25 +152,27 @@ def source_manifest(job: CompactJob) -> dict[str, Any]:
     reads or a run's output."""
     path = job.manifest
     if not FileSystems.exists(path):
-        _usage(f"--index {job.index}: no manifest at {path} (the run did "
-               "not finish, or it is not an output prefix of a run)")
+        raise UsageError(
+            f"--index {job.index}: no manifest at {path} (the run did not "
+            "finish, or it is not an output prefix of a run)")
     try:
         manifest = succeeded_manifest(path)
     except (ManifestError, ValueError) as err:
-        _usage(" ".join(str(err).split()))
+        raise UsageError(one_line(err))
     sources = {manifest["output"]} | {
         s["output"] for s in manifest["index"]["segments"]}
     if any(same_path(job.output, source) for source in sources):
-        _usage(f"--output {job.output} is an output this index reads from; "
-               "choose another prefix")
-    run_files = own_files([output_patterns(job.output, "parquet")[kind]
-                           for kind in ("index", "errors")])
+        raise UsageError(f"--output {job.output} is an output this index "
+                         "reads from; choose another prefix")
+    run_files = own_files([output_patterns(job.output, PARQUET)[kind]
+                           for kind in (INDEX, ERRORS)])
     for single in (manifest_path(job.output), job.output + SUMMARY_SUFFIX):
         if FileSystems.exists(single):
             run_files.append(single)
     if run_files:
-        _usage(f"--output {job.output} holds a run's files ({run_files[0]}):"
-               " a compaction never replaces them; choose another prefix")
+        raise UsageError(
+            f"--output {job.output} holds a run's files ({run_files[0]}): a "
+            "compaction never replaces them; choose another prefix")
     return manifest
 
 
@@ -208,7 +201,7 @@ def target_schema(manifest: dict[str, Any], kind: str,
     layout = manifest.get("layout")
     if layout:
         hidden = layout["hidden_size"]
-        if kind == "documents":
+        if kind == DOCUMENTS:
             schema = embedding_schema(hidden, sequence=False)
         else:
             outputs = layout["outputs"]
@@ -295,7 +288,7 @@ def _chain(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 
 
 def _kind_prefix(prefix: str, kind: str) -> str:
-    return prefix + (DOCUMENTS_SUFFIX if kind == "documents" else "")
+    return prefix + (DOCUMENTS_SUFFIX if kind == DOCUMENTS else "")
 
 
 def _stage(job: CompactJob, manifest: dict[str, Any], run_id: str,
@@ -309,7 +302,7 @@ def _stage(job: CompactJob, manifest: dict[str, Any], run_id: str,
     for kind in KINDS:
         if not any(s[kind] for s in manifest["index"]["segments"]):
             continue
-        name = "-00000-of-00001.parquet"
+        name = shard_name(0, 1) + PARQUET_EXT
         path = _kind_prefix(staged, kind) + name
         rows[kind], schema = write_kind(manifest, kind, path, description,
                                         job)
@@ -377,8 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_LOCKED
     except (DatasetError, OSError) as err:
-        message = " ".join(str(err).split())
-        print(f"error: {message}; nothing was published", file=sys.stderr)
+        print(f"error: {one_line(err)}; nothing was published",
+              file=sys.stderr)
         return EXIT_FAILED
     print(result.line())
     return EXIT_OK

@@ -28,19 +28,19 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from apache_beam.pvalue import TaggedOutput
 
-from model import xla_cache
-from model.load import (check_max_seq_length, infer_hidden_size,
-                        probe_encoder_layers, resolve_model_path,
-                        tokenizer_settings_with_overrides)
+from model.handles import resolve_model_path
+from model.load import probe_encoder_layers
+from model.variables import check_max_seq_length, infer_hidden_size
+from model.vocab import load_vocab, tokenizer_settings_with_overrides
 from pipeline.cli import UsageError
-from pipeline.fingerprint import model_fingerprint, precision_key
-from transforms.batch import cut_batches
-from transforms.infer import BertModelHandler
+from pipeline.fingerprint import settings_fingerprint
+from transforms.batch import BatchSettings, cut_batches
+from transforms.embedding_files import manifest_of
+from transforms.infer import BertModelHandler, InferSettings
 from transforms.pooling import (DEFAULT_POOLING, check_pooling,
                                 mean_of_vectors, needs_layers)
 from transforms.records import Document, TokenizedDocument
-from transforms.tokenization import load_vocab
-from transforms.tokenize import LONG_TEXT_MODES, TokenizeDocuments
+from transforms.tokenize import TokenizeDocuments, TokenizeSettings
 
 DEFAULT_MAX_SEQ_LENGTH = 128
 DEFAULT_BATCH_SIZE = 32
@@ -74,45 +74,66 @@ def check_model_pooling(model_dir: str, pooling: str,
 
 @dataclasses.dataclass(frozen=True)
 class EmbedSettings:
-    """Everything that decides a text's vector (and how fast it is made).
+    """Everything that decides a text's vector (and how fast it is made):
+    the run's tokenize, infer and batch stage settings.
 
-    ``model_dir`` as given (a directory, ``gs://`` path or TF Hub handle);
-    ``vocab_file`` and ``do_lower_case`` as the launcher resolves them;
-    ``chunk_stride`` as the flag (None: no overlap).
+    ``infer.model_dir`` as given (a directory, ``gs://`` path or TF Hub
+    handle), with pooled vectors only and XLA off (a handful of texts would
+    spend more time compiling each new shape than running it);
+    ``vocab_file`` and ``do_lower_case`` as the launcher resolves them.
     """
-    model_dir: str
     vocab_file: str
     do_lower_case: bool
-    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
-    long_text: str = "truncate"
-    chunk_stride: Optional[int] = None
-    pooling: str = DEFAULT_POOLING
-    normalize: bool = False
-    precision: str = "float32"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH
-    intra_op_threads: Optional[int] = None
-    inter_op_threads: Optional[int] = None
-    engine: str = "auto"
-    int8_model: Optional[str] = None
-
-    @property
-    def effective_stride(self) -> Optional[int]:
-        """The chunk stride the fingerprint counts (None unless chunking)."""
-        if self.long_text != "chunk":
-            return None
-        return self.chunk_stride or self.max_seq_length - 2
+    tokenize: TokenizeSettings
+    infer: InferSettings
+    batch: BatchSettings
 
     def fingerprint(self) -> str:
         """The model fingerprint of vectors made with these settings
         (``pipeline.fingerprint``), as the launcher computes it."""
-        return model_fingerprint(
-            resolve_model_path(self.model_dir), self.vocab_file,
-            self.do_lower_case, self.max_seq_length, self.long_text,
-            self.effective_stride,
-            precision_key(self.precision, resolve_model_path(self.model_dir),
-                          self.int8_model),
-            self.pooling, self.normalize)
+        return settings_fingerprint(
+            resolve_model_path(self.infer.model_dir), self.vocab_file,
+            self.do_lower_case, self.tokenize, self.infer)
+
+    def replaced(self, name: str, value: Any) -> "EmbedSettings":
+        """These settings with the field ``name`` (of this class or of a
+        stage's settings) set to ``value``; ``TypeError`` for a name none
+        has.  ``max_seq_length`` is the tokenizer's, and the batches'
+        width cap."""
+        for stage in ("tokenize", "infer", "batch"):
+            current = getattr(self, stage)
+            if name in {f.name for f in dataclasses.fields(current)}:
+                changed = dataclasses.replace(self, **{
+                    stage: dataclasses.replace(current, **{name: value})})
+                if name == "max_seq_length" and stage == "tokenize":
+                    changed = dataclasses.replace(
+                        changed, batch=dataclasses.replace(
+                            changed.batch,
+                            max_seq_length=changed.tokenize.max_seq_length))
+                return changed
+        if name in ("vocab_file", "do_lower_case"):
+            return dataclasses.replace(self, **{name: value})
+        raise TypeError(f"embed_texts() got an unexpected argument {name!r}")
+
+
+def _stages(model_dir: str, max_seq_length: int, long_text: str,
+            chunk_stride: Optional[int], pooling: str, normalize: bool,
+            precision: str, engine: str, batch_size: int,
+            max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+            int8_model: Optional[str] = None,
+            intra_op_threads: Optional[int] = None,
+            inter_op_threads: Optional[int] = None
+            ) -> tuple[TokenizeSettings, InferSettings, BatchSettings]:
+    """The tokenize, infer and batch settings of a few texts embedded in
+    this process (each checked once, by its class)."""
+    tokenize = TokenizeSettings(max_seq_length, long_text, chunk_stride)
+    infer = InferSettings(model_dir, ("pooled",), precision, engine,
+                          int8_model, pooling, normalize,
+                          intra_op_threads=intra_op_threads,
+                          inter_op_threads=inter_op_threads)
+    batch = BatchSettings(batch_size, max_tokens_per_batch,
+                          max_seq_length=tokenize.max_seq_length)
+    return tokenize, infer, batch
 
 
 def model_settings(model: Optional[str] = None,
@@ -130,27 +151,18 @@ def model_settings(model: Optional[str] = None,
     if model is None:
         from model.demo import ensure_demo_model
         model = ensure_demo_model()
-    if long_text not in LONG_TEXT_MODES:
-        raise UsageError(f"long_text must be one of {LONG_TEXT_MODES}")
-    if max_seq_length < 3:
-        raise UsageError("max_seq_length must be at least 3")
-    if batch_size < 1:
-        raise UsageError("batch_size must be at least 1")
-    check_max_seq_length(model, max_seq_length, "max_seq_length")
-    check_model_pooling(model, pooling, "pooling")
+    try:
+        tokenize, infer, batch = _stages(
+            model, max_seq_length, long_text, chunk_stride, pooling,
+            normalize, precision, "auto", batch_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    check_max_seq_length(model, tokenize.max_seq_length, "max_seq_length")
+    check_model_pooling(model, infer.pooling, "pooling")
     tokenizer = tokenizer_settings_with_overrides(model, vocab_file,
                                                   do_lower_case)
-    return EmbedSettings(model, tokenizer.vocab_path,
-                         tokenizer.do_lower_case, max_seq_length, long_text,
-                         chunk_stride, pooling, normalize, precision,
-                         batch_size)
-
-
-def manifest_of(index: str) -> str:
-    """The manifest path ``index`` names: a ``*.json`` manifest or a run's
-    output prefix (its ``-manifest.json``)."""
-    from pipeline.manifest import manifest_path
-    return index if index.endswith(".json") else manifest_path(index)
+    return EmbedSettings(tokenizer.vocab_path, tokenizer.do_lower_case,
+                         tokenize, infer, batch)
 
 
 def read_index_manifest(index: str) -> tuple[str, dict[str, Any]]:
@@ -182,16 +194,19 @@ def index_settings(manifest: dict[str, Any], model: Optional[str] = None,
     tokenizer = tokenizer_settings_with_overrides(
         model_dir, vocab_file, bool(options["do_lower_case"]))
     return EmbedSettings(
-        model_dir, tokenizer.vocab_path, tokenizer.do_lower_case,
-        int(options["max_seq_length"]), options.get("long_text", "truncate"),
-        options.get("chunk_stride"), options.get("pooling", DEFAULT_POOLING),
-        bool(options.get("normalize", False)),
-        options.get("precision", "float32"),
-        batch_size or int(options.get("batch_size", DEFAULT_BATCH_SIZE)),
-        int(options.get("max_tokens_per_batch",
-                        DEFAULT_MAX_TOKENS_PER_BATCH)),
-        options.get("intra_op_threads"), options.get("inter_op_threads"),
-        options.get("engine", "tensorflow"), options.get("int8_model"))
+        tokenizer.vocab_path, tokenizer.do_lower_case, *_stages(
+            model_dir, int(options["max_seq_length"]),
+            options.get("long_text", "truncate"),
+            options.get("chunk_stride"),
+            options.get("pooling", DEFAULT_POOLING),
+            bool(options.get("normalize", False)),
+            options.get("precision", "float32"),
+            options.get("engine", "tensorflow"),
+            batch_size or int(options.get("batch_size", DEFAULT_BATCH_SIZE)),
+            int(options.get("max_tokens_per_batch",
+                            DEFAULT_MAX_TOKENS_PER_BATCH)),
+            options.get("int8_model"), options.get("intra_op_threads"),
+            options.get("inter_op_threads")))
 
 
 def check_same_vectors(settings: EmbedSettings, manifest: dict[str, Any],
@@ -202,17 +217,18 @@ def check_same_vectors(settings: EmbedSettings, manifest: dict[str, Any],
     options = manifest["options"]
     stored = (options.get("pooling", DEFAULT_POOLING),
               bool(options.get("normalize", False)))
-    if (settings.pooling, settings.normalize) != stored:
+    pooling, normalize = settings.infer.pooling, settings.infer.normalize
+    if (pooling, normalize) != stored:
         raise IndexMismatch(
             f"the index {path} holds pooling {stored[0]}"
             f"{' normalized' if stored[1] else ''} vectors, not "
-            f"{settings.pooling}{' normalized' if settings.normalize else ''}"
+            f"{pooling}{' normalized' if normalize else ''}"
             ": its vectors and the query's would not be comparable")
     expected = manifest.get("model_fingerprint")
     actual = settings.fingerprint()
     if actual != expected:
         raise IndexMismatch(
-            f"model fingerprint {actual} of {settings.model_dir} differs "
+            f"model fingerprint {actual} of {settings.infer.model_dir} differs "
             f"from the index's {expected} ({path}): another model, "
             "vocabulary or token settings, or the model's files changed "
             "since the index was built")
@@ -225,20 +241,11 @@ class Embedder:
         self.settings = settings
         vocab = load_vocab(settings.vocab_file)
         self.hidden_size = infer_hidden_size(
-            resolve_model_path(settings.model_dir), len(vocab))
-        self._tokenize = TokenizeDocuments(
-            vocab, settings.do_lower_case, settings.max_seq_length,
-            settings.long_text, settings.chunk_stride)
+            resolve_model_path(settings.infer.model_dir), len(vocab))
+        self._tokenize = TokenizeDocuments(vocab, settings.do_lower_case,
+                                           settings.tokenize)
         self._tokenize.setup()
-        # XLA off: a handful of texts would spend more time compiling each
-        # new shape than running it.
-        self._handler = BertModelHandler(
-            settings.model_dir, ("pooled",), settings.precision,
-            settings.intra_op_threads, settings.inter_op_threads,
-            jit_compile=False, max_seq_length=settings.max_seq_length,
-            xla_cache_dir=xla_cache.OFF, pooling=settings.pooling,
-            normalize=settings.normalize, engine=settings.engine,
-            int8_model=settings.int8_model)
+        self._handler = BertModelHandler(settings.infer, settings.batch)
         self._model = self._handler.load_model()
 
     def _tokens(self, index: int, text: str) -> list[TokenizedDocument]:
@@ -263,9 +270,10 @@ class Embedder:
         docs = [doc for i, text in enumerate(texts)
                 for doc in self._tokens(i, text)]
         vectors: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for batch in cut_batches(docs, settings.batch_size,
-                                 settings.max_tokens_per_batch,
-                                 pad_to_steps=self._handler.pad_to_steps):
+        batching = settings.batch
+        for batch in cut_batches(docs, batching.batch_size,
+                                 batching.max_tokens_per_batch,
+                                 pad_to_steps=batching.pad_to_steps):
             for result in self._handler.run_inference(batch, self._model):
                 row = result.inference
                 vectors.setdefault(row.document_id, []).append(
@@ -276,7 +284,7 @@ class Embedder:
                                            key=lambda c: c[0])]
             out[i] = (chunks[0] if len(chunks) == 1
                       else mean_of_vectors(np.stack(chunks),
-                                           settings.normalize))
+                                           settings.infer.normalize))
         return out
 
 
@@ -336,15 +344,7 @@ def settings_for_index(index: str, model: Optional[str] = None,
     asked = dict(model_options, pooling=pooling, normalize=normalize,
                  max_seq_length=max_seq_length)
     for name, value in asked.items():
-        if value is None:
-            continue
-        if name in ("vocab_file",):
-            settings = dataclasses.replace(settings, vocab_file=value)
-        elif not hasattr(settings, name):
-            raise TypeError(f"embed_texts() got an unexpected argument "
-                            f"{name!r}")
-        else:
-            settings = dataclasses.replace(settings, **{name: value})
-    check_pooling(settings.pooling)
+        if value is not None:
+            settings = settings.replaced(name, value)
     check_same_vectors(settings, manifest, path)
     return settings

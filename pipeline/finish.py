@@ -27,14 +27,14 @@ from pipeline.lock import LockLost, OutputLock
 from pipeline.manifest import (FAILED, PreviousIndex, index_counts,
                                index_segments, output_schemas, run_manifest,
                                schema_document)
-from pipeline.publish import (discard, final_name, publish, staging_dir,
-                              write_json)
+from pipeline.publish import discard, final_name, publish, write_json
 from pipeline.summary import RunSummary, list_outputs, write_summary
 from pipeline.views import indexed_view, views_file, write_text
-from transforms.write import (COMPACT_SUFFIX, DUCKDB_SUFFIX, FORMATS,
-                              MANIFEST_SUFFIX, SCHEMA_SUFFIX, SUMMARY_SUFFIX,
-                              TFRECORD_COMPRESSIONS, output_patterns,
-                              output_regex)
+from transforms.embedding_files import (
+    COMPACT_SUFFIX, DOCUMENTS, DUCKDB_SUFFIX, EMBEDDINGS, INDEX,
+    MANIFEST_SUFFIX, PARQUET, SCHEMA_SUFFIX, SUMMARY_SUFFIX, output_patterns,
+    output_regex, staging_dir)
+from transforms.write import FORMATS, TFRECORD_COMPRESSIONS
 
 
 class RunFailed(RuntimeError):
@@ -93,15 +93,15 @@ def staged_mismatch(staged: dict[str, list[str]], counts: dict[str, int],
     the ``--dedup`` duplicates it maps to them (at most the duplicates).
     """
     rows = counts["chunks_embedded"]
-    if rows and not staged["embeddings"]:
+    if rows and not staged[EMBEDDINGS]:
         return (f"{rows} rows were embedded but no embedding file was "
                 "staged (the staging directory was removed?)")
-    if config.output_format == "parquet":
-        found = parquet_rows(staged["embeddings"])
+    if config.output_format == PARQUET:
+        found = parquet_rows(staged[EMBEDDINGS])
         if found != rows:
             return (f"the staged embedding files hold {found} rows, the "
                     f"counts say {rows}")
-    index = index_counts(staged["index"])
+    index = index_counts(staged[INDEX])
     if index.mapped > counts["documents_duplicates"]:
         return (f"the staged index maps {index.mapped} ids to other "
                 f"documents' rows, more than the "
@@ -129,11 +129,11 @@ class StagedRun:
         return staging_dir(self.config.output, self.config.run_id)
 
     def staged_outputs(self) -> dict[str, list[str]]:
-        """The staged files, by kind (``transforms.write.output_patterns``,
+        """The staged files, by kind (``embedding_files.output_patterns``,
         names of exactly that form)."""
         patterns = output_patterns(self.staged_prefix,
                                    self.config.output_format,
-                                   self.config.tfrecord_compression)
+                                   self.config.write.tfrecord_compression)
         return {kind: [p for p in paths
                        if output_regex(patterns[kind]).fullmatch(p)]
                 for kind, paths in list_outputs(patterns).items()}
@@ -162,14 +162,14 @@ class StagedRun:
     def _index(self, staged: dict[str, list[str]]) -> dict[str, Any]:
         """The manifest's index: this run's entries and the segments (runs
         whose files still hold live rows)."""
-        counts = index_counts(staged["index"])
+        counts = index_counts(staged[INDEX])
         own = {"run_id": self.config.run_id, "output": self.config.output,
                "format": self.config.output_format,
-               "embeddings": self.final(staged["embeddings"]),
-               "documents": self.final(staged["documents"])}
+               EMBEDDINGS: self.final(staged[EMBEDDINGS]),
+               DOCUMENTS: self.final(staged[DOCUMENTS])}
         return {"documents": counts.entries,
                 "duplicates_mapped": counts.mapped,
-                "keys": self.final(staged["index"]),
+                "keys": self.final(staged[INDEX]),
                 "segments": index_segments(own, self.previous, counts.runs)}
 
     def _describe(self, files: dict[str, Any], index: dict[str, Any]
@@ -181,7 +181,7 @@ class StagedRun:
         write_json(schema_document(self.config, files), schema_path)
         staged = [schema_path]
         views = []
-        if self.config.output_format == "parquet":
+        if self.config.output_format == PARQUET:
             for kind, schema in output_schemas(self.config).items():
                 segments = [(s["run_id"], s[kind])
                             for s in index["segments"] if s[kind]]

@@ -42,9 +42,10 @@ import threading
 import time
 from typing import Any, Callable, Optional, Protocol
 
+from transforms.embedding_files import LOCK_SUFFIX
+
 _LOG = logging.getLogger("pipeline.lock")
 
-LOCK_SUFFIX = ".lock"
 LEASE_SECONDS = 600.0
 REFRESH_SECONDS = 60.0
 # A lock whose content cannot be read (its creator died between creating

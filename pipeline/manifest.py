@@ -30,9 +30,10 @@ from typing import Any, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import (EMBEDDED_AS, MANIFEST_SUFFIX, METADATA_KEY,
-                              SCHEMA_VERSION, embedding_schema,
-                              file_metadata)
+from transforms.embedding_files import (
+    DOCUMENTS, EMBEDDED_AS, EMBEDDINGS, ID, INDEX, INDEX_MEANINGS,
+    MANIFEST_SUFFIX, METADATA_KEY, RUN_ID, SCHEMA_VERSION, TFRECORD,
+    embedding_schema, file_metadata, manifest_of, tfrecord_features)
 
 _LOG = logging.getLogger("pipeline.manifest")
 
@@ -108,7 +109,7 @@ def find_previous(spec: str, own_output: str) -> Optional[str]:
             _LOG.warning("--previous_index %s: no successful run yet; "
                          "embedding everything", spec)
         return found
-    path = spec if spec.endswith(".json") else manifest_path(spec)
+    path = manifest_of(spec)
     if not FileSystems.exists(path):
         raise ManifestError(
             f"--previous_index {spec}: no manifest at {path} (the run did "
@@ -153,44 +154,31 @@ def load_previous(path: str, output: str,
                          list(index["segments"]), reuse)
 
 
-# The columns of the index files (``transforms.incremental``).
-INDEX_MEANINGS = {
-    "id": "a document id of the current dataset (one entry per id)",
-    "content_hash": "BLAKE2b-128 of its text",
-    "model_fingerprint": "the fingerprint of the vectors it resolves to",
-    "run_id": "the run whose files hold those vectors",
-    EMBEDDED_AS: ("the id of the row holding them: the id itself, or under "
-                  "--dedup the document with the same text that was "
-                  "embedded"),
-}
-
-
 def dataset_description(config: Any) -> dict[str, Any]:
     """What produced a run's vectors (``config`` a ``JobConfig``), for the
-    files' self-description.  Pooling, normalization and the inference
-    engine are read with defaults (``cls``, off, ``tensorflow``: what a
-    config without them computes)."""
+    files' self-description."""
+    tokens, infer = config.tokenize, config.infer
     return {
         "schema_version": SCHEMA_VERSION,
         "producer": "bert-zh-embed",
         "run_id": config.run_id,
-        "model": {"path": config.model_dir,
+        "model": {"path": infer.model_dir,
                   "fingerprint": config.model_fingerprint,
                   "hidden_size": config.hidden_size},
-        "tokenizer": {"vocab_sha256": getattr(config, "vocab_sha256", ""),
+        "tokenizer": {"vocab_sha256": config.vocab_sha256,
                       "vocab_size": len(config.vocab),
                       "do_lower_case": bool(config.do_lower_case),
-                      "max_seq_length": config.max_seq_length,
-                      "long_text": config.long_text,
-                      "chunk_stride": config.chunk_stride},
-        "pooling": getattr(config, "pooling", "cls"),
-        "normalize": bool(getattr(config, "normalize", False)),
-        "precision": getattr(config, "precision", "float32"),
-        "engine": getattr(config, "engine", "tensorflow"),
+                      "max_seq_length": tokens.max_seq_length,
+                      "long_text": tokens.long_text,
+                      "chunk_stride": tokens.chunk_stride},
+        "pooling": infer.pooling,
+        "normalize": bool(infer.normalize),
+        "precision": infer.precision,
+        "engine": infer.engine,
         # ``auto`` settings as the launcher's machine resolves them.
-        "planned_engine": getattr(config, "planned_engine", ""),
-        "planned_precision": getattr(config, "planned_precision", ""),
-        "sequence_dtype": config.sequence_dtype,
+        "planned_engine": config.planned_engine,
+        "planned_precision": config.planned_precision,
+        "sequence_dtype": config.write.sequence_dtype,
         "format": config.output_format,
     }
 
@@ -199,41 +187,14 @@ def output_schemas(config: Any) -> dict[str, Any]:
     """The Arrow schema of each kind of embedding file the run writes
     (``embeddings``, and ``documents`` with document vectors), as
     ``transforms.write.WriteEmbeddings`` builds them."""
-    schemas = {"embeddings": embedding_schema(
-        config.hidden_size, "pooled" in config.outputs,
-        "sequence" in config.outputs, config.chunked, config.write_text,
-        config.sequence_dtype)}
+    outputs, write = config.infer.outputs, config.write
+    schemas = {EMBEDDINGS: embedding_schema(
+        config.hidden_size, "pooled" in outputs, "sequence" in outputs,
+        config.chunked, write.write_text, write.sequence_dtype)}
     if config.document_vectors:
-        schemas["documents"] = embedding_schema(config.hidden_size,
-                                                sequence=False)
+        schemas[DOCUMENTS] = embedding_schema(config.hidden_size,
+                                              sequence=False)
     return schemas
-
-
-def _tfrecord_features(schema: Any, sequence_dtype: str) -> dict[str, str]:
-    """The ``tf.train.Example`` features of a TFRecord file whose rows have
-    ``schema``'s columns (``transforms.write.to_tf_example``)."""
-    hidden = 0
-    for name in ("pooled_output", "sequence_output"):
-        if name in schema.names:
-            vector = schema.field(name).type
-            hidden = (vector.value_type if name == "sequence_output"
-                      else vector).list_size
-    kinds = {"id": "bytes", "doc_id": "bytes", "content_hash": "bytes",
-             "model_fingerprint": "bytes", "text": "bytes",
-             "num_tokens": "int64", "truncated": "int64 (0 or 1)",
-             "chunk_index": "int64", "num_chunks": "int64",
-             "pooled_output": f"float list of {hidden}"}
-    features = {name: kinds[name] for name in schema.names if name in kinds}
-    if "sequence_output" in schema.names:
-        features["sequence_shape"] = f"int64 [num_tokens, {hidden}]"
-        if sequence_dtype == "float16":
-            features["sequence_output"] = ("bytes: little-endian float16, "
-                                           "num_tokens x hidden, row-major")
-            features["sequence_dtype"] = "bytes: float16"
-        else:
-            features["sequence_output"] = ("float list of num_tokens x "
-                                           "hidden, row-major")
-    return features
 
 
 def schema_document(config: Any, files: dict[str, list[str]]
@@ -254,12 +215,12 @@ def schema_document(config: Any, files: dict[str, list[str]]
                                      "meaning": footer["columns"].get(
                                          field.name, "")}
                         for field in schema}}
-        if config.output_format == "tfrecord":
-            entry["tfrecord_features"] = _tfrecord_features(
-                schema, config.sequence_dtype if kind == "embeddings"
+        if config.output_format == TFRECORD:
+            entry["tfrecord_features"] = tfrecord_features(
+                schema, config.write.sequence_dtype if kind == EMBEDDINGS
                 else "float32")
         record["files"][kind] = entry
-    record["index"] = {"files": files.get("index", []),
+    record["index"] = {"files": files.get(INDEX, []),
                        "columns": INDEX_MEANINGS}
     return record
 
@@ -288,9 +249,9 @@ def index_counts(index_files: Sequence[str]) -> IndexCounts:
         with FileSystems.open(path) as handle:
             table = pq.read_table(handle)
         entries += table.num_rows
-        runs.update(pc.unique(table.column("run_id")).to_pylist())
+        runs.update(pc.unique(table.column(RUN_ID)).to_pylist())
         if EMBEDDED_AS in table.column_names and table.num_rows:
-            own = pc.sum(pc.equal(table.column("id"),
+            own = pc.sum(pc.equal(table.column(ID),
                                   table.column(EMBEDDED_AS))).as_py()
             mapped += table.num_rows - own
     return IndexCounts(runs, entries, mapped)
@@ -317,8 +278,7 @@ def run_manifest(config: Any, summary: Any, started_at: str,
                  index: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The manifest of a finished run (``config`` a ``JobConfig``,
     ``summary`` a ``RunSummary``); ``index`` is None for a failed run."""
-    options = {k: v for k, v in dataclasses.asdict(config).items()
-               if k != "vocab"}
+    options = config.options()
     options["vocab_size"] = len(config.vocab)
     return {
         "manifest_version": MANIFEST_VERSION,

@@ -70,12 +70,24 @@ _non_negative_int = _at_least(0, int, "non-negative int")
 _seconds = _at_least(0, float, "seconds")
 
 
-def _share(value: str) -> float:
-    """A fraction in [0, 1]."""
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
+def _fraction(include_zero: bool):
+    """An argparse type: a float in [0, 1] with ``include_zero``, else in
+    (0, 1] (a share that must be positive)."""
+    interval = "[0, 1]" if include_zero else "(0, 1]"
+
+    def parse(value: str) -> float:
+        number = float(value)
+        low_ok = 0.0 <= number if include_zero else 0.0 < number
+        if not (low_ok and number <= 1.0):
+            raise argparse.ArgumentTypeError(
+                f"must be in {interval}, got {value}")
+        return number
+    parse.__name__ = "_share"  # argparse's "invalid _share value" message
+    return parse
+
+
+_share = _fraction(include_zero=True)
+_positive_share = _fraction(include_zero=False)
 
 
 class EmbedOptions(PipelineOptions):
@@ -86,9 +98,9 @@ class EmbedOptions(PipelineOptions):
         group = parser.add_argument_group("embedding job")
         group.add_argument(
             "--input", action="append", default=None,
-            help="File or glob of documents (local, gs://, ...; .gz/.bz2 "
-                 "are decompressed). Repeat the flag for several patterns. "
-                 "Required.")
+            help="File, glob or directory of documents (local, gs://, ...; "
+                 ".gz/.bz2/.xz/.zst/.deflate are decompressed). Repeat the "
+                 "flag for several patterns. Required.")
         group.add_argument(
             "--input_format", default="auto", choices=INPUT_FORMATS,
             help="text: one document per line; jsonl: one JSON object per "
@@ -230,17 +242,7 @@ class EmbedOptions(PipelineOptions):
                  "of 8 tokens, 16 above 128): model calls ~10%% faster "
                  "after 3-8 s of compiling per shape on BERT-Base.  auto: "
                  "on when the engine is tensorflow and the input is large "
-                 "(8 MiB or more per worker) or the compile cache holds "
-                 "executables from earlier runs, off otherwise.")
-        group.add_argument(
-            "--xla_cache_dir", default="auto",
-            help="Where XLA-compiled executables are kept for later runs "
-                 "(the next run of a scheduled job loads them instead of "
-                 "compiling: about half the compile time saved).  auto: "
-                 "xla/ under $BERT_ZH_EMBED_CACHE or ~/.cache/bert_zh_embed "
-                 "on each worker; none: off; or a local or gs:// path "
-                 "shared by workers (split by TensorFlow version and CPU "
-                 "kind, entries published whole).")
+                 "(8 MiB or more per worker), off otherwise.")
         group.add_argument(
             "--tf_intra_op_threads", type=int, default=0,
             help="TensorFlow threads per op (0: the worker's usable cores).")

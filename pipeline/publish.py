@@ -35,11 +35,11 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.lock import read_owner
-from transforms.write import DOCUMENTS_SUFFIX, INDEX_SUFFIX, output_regex
+from transforms.embedding_files import (DOCUMENTS_SUFFIX, INDEX_SUFFIX,
+                                        STAGING_MARK, output_regex)
 
 _LOG = logging.getLogger("pipeline.publish")
 
-STAGING_MARK = ".tmp-"
 # What new_run_id makes: staging directories are recognised by it exactly.
 RUN_ID_REGEX = r"\d{8}T\d{6}Z-[0-9a-f]{6}"
 GLOB_CHARS = "*?[]"
@@ -75,17 +75,6 @@ def check_output_prefix(output: str) -> None:
             raise ValueError(f"--output {output}: a prefix ending in "
                              f"{reserved} names another run's files; choose "
                              "another name")
-
-
-def staging_dir(output: str, run_id: str) -> str:
-    """``<output>.tmp-<run_id>``: the directory a run writes into."""
-    return f"{output}{STAGING_MARK}{run_id}"
-
-
-def staging_prefix(output: str, run_id: str) -> str:
-    """The output prefix inside the staging directory: files keep their
-    final base names there."""
-    return f"{staging_dir(output, run_id)}/{posixpath.basename(output)}"
 
 
 def final_name(path: str, staged_prefix: str, output: str) -> str:
@@ -164,9 +153,9 @@ def _ensure_parent(path: str) -> None:
 
 
 def own_files(patterns: list[str]) -> list[str]:
-    """The files ``patterns`` (``transforms.write.output_patterns`` globs)
-    match that are really theirs (``output_regex``), not a neighbouring
-    prefix's."""
+    """The files ``patterns`` (``transforms.embedding_files.output_patterns``
+    globs) match that are really theirs (``output_regex``), not a
+    neighbouring prefix's."""
     return [m.path for pattern, result in zip(
                 patterns, FileSystems.match(patterns))
             for m in result.metadata_list

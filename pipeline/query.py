@@ -33,8 +33,8 @@ import json
 import sys
 from typing import Any, Iterator, Optional, Sequence
 
-from pipeline.cli import (UsageError, exit_on_interrupt, setup_logging,
-                          wants_help)
+from pipeline.cli import (UsageError, UsageParser, exit_on_interrupt,
+                          setup_logging, wants_help)
 
 if __name__ == "__main__":
     exit_on_interrupt()
@@ -42,12 +42,19 @@ if __name__ == "__main__":
 # pylint: disable=wrong-import-position
 import numpy as np
 
-ROWS_KINDS = ("auto", "embeddings", "documents")
+from transforms.embedding_files import (
+    CONTENT_HASH, DOC_ID, DOCUMENTS, EMBEDDINGS, ID, MODEL_FINGERPRINT,
+    PARQUET, POOLED_OUTPUT, RUN_ID, TEXT, TFRECORD, document_key,
+    example_values, file_format, tf_compression)
+
+ROWS_KINDS = ("auto", EMBEDDINGS, DOCUMENTS)
 DEFAULT_TOP_K = 10
 DEFAULT_TEXT_CHARS = 200
 # TFRecord rows scored at a time (8,192 x 768 float32 is 24 MiB); Parquet
 # files are scored a row group at a time (about 32 MiB as the job writes).
 SCAN_ROWS = 8192
+# What names a row's document and its content (chunk rows: ``doc_id``).
+_KEY_COLUMNS = (ID, DOC_ID, CONTENT_HASH)
 
 EXIT_OK, EXIT_DATASET, EXIT_USAGE = 0, 1, 2
 
@@ -157,11 +164,11 @@ def _parquet_batches(path: str) -> Iterator[RowBatch]:
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
-        if "pooled_output" not in names:
+        if POOLED_OUTPUT not in names:
             raise UsageError(f"{path} has no pooled_output column (a run "
                              "with --outputs sequence): nothing to search")
-        key = "doc_id" if "doc_id" in names else "id"
-        columns = [key, "content_hash", "model_fingerprint", "pooled_output"]
+        columns = [document_key(names), CONTENT_HASH, MODEL_FINGERPRINT,
+                   POOLED_OUTPUT]
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=columns,
                                            use_threads=False)
@@ -176,23 +183,16 @@ def _parquet_batches(path: str) -> Iterator[RowBatch]:
 def _tfrecord_batches(path: str, rows: int) -> Iterator[RowBatch]:
     """``RowBatch``es of a TFRecord embeddings file, record by record."""
     import tensorflow as tf
-
-    def text(feature: Any, name: str) -> str:
-        return feature[name].bytes_list.value[0].decode("utf-8")
-
-    compression = "GZIP" if path.endswith(".gz") else ""
+    wanted = set(_KEY_COLUMNS) | {POOLED_OUTPUT, MODEL_FINGERPRINT}
     pending: list[tuple[str, str, str, np.ndarray]] = []
-    for record in tf.data.TFRecordDataset([path],
-                                          compression_type=compression):
-        feature = tf.train.Example.FromString(record.numpy()).features.feature
-        if "pooled_output" not in feature:
+    for record in tf.data.TFRecordDataset(
+            [path], compression_type=tf_compression(path)):
+        values = example_values(record.numpy(), wanted)
+        if POOLED_OUTPUT not in values:
             raise UsageError(f"{path} has no pooled_output feature (a run "
                              "with --outputs sequence): nothing to search")
-        key = "doc_id" if "doc_id" in feature else "id"
-        pending.append((text(feature, key), text(feature, "content_hash"),
-                        text(feature, "model_fingerprint"),
-                        np.asarray(feature["pooled_output"].float_list.value,
-                                   dtype=np.float32)))
+        pending.append((values[document_key(values)], values[CONTENT_HASH],
+                        values[MODEL_FINGERPRINT], values[POOLED_OUTPUT]))
         if len(pending) >= rows:
             yield _row_batch(pending)
             pending = []
@@ -209,9 +209,10 @@ def _row_batch(rows: list[tuple[str, str, str, np.ndarray]]) -> RowBatch:
 def file_batches(path: str, rows: int = SCAN_ROWS) -> Iterator[RowBatch]:
     """The rows of one embeddings file: a Parquet file's row groups, or
     ``rows`` records of a TFRecord[.gz] file at a time."""
-    if path.endswith(".parquet"):
+    kind = file_format(path)
+    if kind == PARQUET:
         return _parquet_batches(path)
-    if path.endswith((".tfrecord", ".tfrecord.gz")):
+    if kind == TFRECORD:
         return _tfrecord_batches(path, rows)
     raise UsageError(f"{path}: not a .parquet or .tfrecord[.gz] file")
 
@@ -231,15 +232,15 @@ def segment_keys(manifest: dict[str, Any], run_id: str
     for path in manifest["index"]["keys"]:
         with FileSystems.open(path) as handle:
             table = pq.read_table(handle, columns=[
-                "id", "content_hash", "model_fingerprint", "run_id"])
-        table = table.filter(pc.equal(table.column("run_id"), run_id))
-        fingerprints = set(table.column("model_fingerprint").to_pylist())
+                ID, CONTENT_HASH, MODEL_FINGERPRINT, RUN_ID])
+        table = table.filter(pc.equal(table.column(RUN_ID), run_id))
+        fingerprints = set(table.column(MODEL_FINGERPRINT).to_pylist())
         if fingerprints - {manifest["model_fingerprint"]}:
             raise DatasetError(
                 f"{path}: index entries with another model fingerprint "
                 f"than the index's {manifest['model_fingerprint']}")
-        keys.update(zip(table.column("id").to_pylist(),
-                        table.column("content_hash").to_pylist()))
+        keys.update(zip(table.column(ID).to_pylist(),
+                        table.column(CONTENT_HASH).to_pylist()))
     return keys
 
 
@@ -249,8 +250,8 @@ def rows_kind(manifest: dict[str, Any], rows: str) -> str:
     has_documents = bool((manifest.get("layout") or {}).get(
         "document_vectors"))
     if rows == "auto":
-        return "documents" if has_documents else "embeddings"
-    if rows == "documents" and not has_documents:
+        return DOCUMENTS if has_documents else EMBEDDINGS
+    if rows == DOCUMENTS and not has_documents:
         raise UsageError("--rows documents: the index has no document "
                          "vectors (a run without --document_vectors)")
     return rows
@@ -331,8 +332,8 @@ def hit_texts(manifest: dict[str, Any], wanted: set[tuple[str, str]]
         return {}
     found: dict[tuple[str, str], str] = {}
     for segment in manifest["index"]["segments"]:
-        for path in segment.get("embeddings") or []:
-            texts = (_parquet_texts if path.endswith(".parquet")
+        for path in segment.get(EMBEDDINGS) or []:
+            texts = (_parquet_texts if file_format(path) == PARQUET
                      else _tfrecord_texts)
             found.update(texts(path, wanted))
             if len(found) == len(wanted):
@@ -345,17 +346,14 @@ def _tfrecord_texts(path: str, wanted: set[tuple[str, str]]
     """The texts of ``wanted`` documents in one TFRecord file, streamed."""
     import tensorflow as tf
     found = {}
-    compression = "GZIP" if path.endswith(".gz") else ""
-    for record in tf.data.TFRecordDataset([path],
-                                          compression_type=compression):
-        feature = tf.train.Example.FromString(record.numpy()).features.feature
-        if "text" not in feature:
+    for record in tf.data.TFRecordDataset(
+            [path], compression_type=tf_compression(path)):
+        values = example_values(record.numpy(), (*_KEY_COLUMNS, TEXT))
+        if TEXT not in values:
             continue
-        key = "doc_id" if "doc_id" in feature else "id"
-        pair = tuple(feature[name].bytes_list.value[0].decode("utf-8")
-                     for name in (key, "content_hash"))
+        pair = (values[document_key(values)], values[CONTENT_HASH])
         if pair in wanted:
-            found[pair] = feature["text"].bytes_list.value[0].decode("utf-8")
+            found[pair] = values[TEXT]
     return found
 
 
@@ -368,12 +366,11 @@ def _parquet_texts(path: str, wanted: set[tuple[str, str]]
     with FileSystems.open(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = parquet.schema_arrow.names
-        if "text" not in names:
+        if TEXT not in names:
             return found
-        key = "doc_id" if "doc_id" in names else "id"
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(
-                group, columns=[key, "content_hash", "text"],
+                group, columns=[document_key(names), CONTENT_HASH, TEXT],
                 use_threads=False)
             for pair, text in zip(zip(table.column(0).to_pylist(),
                                       table.column(1).to_pylist()),
@@ -417,16 +414,9 @@ def one_line(text: Optional[str], limit: int) -> str:
         flat[:limit - 1] + "…"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage mistakes raise ``UsageError`` (one line)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m pipeline.query``."""
-    parser = _Parser(
+    parser = UsageParser(
         prog="python -m pipeline.query",
         description="Print the documents of an embeddings index nearest "
                     "(cosine) to a text, embedded with the index's own "
@@ -458,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: 0 with hits printed, 1 when the index's files do not match its
     manifest, 2 on bad usage or a refused query."""
-    from model.load import ModelFormatError
+    from model.errors import ModelFormatError
     from pipeline.manifest import ManifestError
     from pipeline.read_embeddings import DatasetError
     args = list(sys.argv[1:] if argv is None else argv)
@@ -476,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(err, DatasetError):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_DATASET
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(str(err), 0)}", file=sys.stderr)
         return EXIT_USAGE
     for hit in hits:
         if options.json:

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from transforms.incremental import INDEX_COLUMNS, INDEX_SCHEMA
-from transforms.write import EMBEDDED_AS
-
-_SHARD = re.compile(r"^(.*)-(\d+)-of-(\d+)(\.[^/]*)$")
+from transforms.embedding_files import (
+    CHUNK_COLUMNS, CHUNK_INDEX, CONTENT_HASH, DOC_ID, EMBEDDED_AS,
+    EMBEDDINGS, ID, INDEX_COLUMNS, INDEX_SCHEMA, MODEL_FINGERPRINT,
+    NUM_CHUNKS, NUM_TOKENS, PARQUET, POOLED_OUTPUT, RUN_ID, SEQUENCE_OUTPUT,
+    TEXT, TFRECORD, TRUNCATED, document_key, example_values, file_format,
+    fixed_vectors, parse_shard, sequence_array, table_columns,
+    tf_compression, vector_array)
 
 
 @dataclasses.dataclass
@@ -70,10 +72,10 @@ def check_complete(files: list[str]) -> None:
     shards."""
     found: dict[tuple[str, int, str], set[int]] = collections.defaultdict(set)
     for path in files:
-        match = _SHARD.match(path)
-        if match:
-            prefix, shard, count, suffix = match.groups()
-            found[(prefix, int(count), suffix)].add(int(shard))
+        shard = parse_shard(path)
+        if shard:
+            prefix, number, count, suffix = shard
+            found[(prefix, count, suffix)].add(number)
     for (prefix, count, suffix), shards in found.items():
         missing = sorted(set(range(count)) - shards)
         if missing:
@@ -112,74 +114,29 @@ def _sorted(emb: Embeddings) -> Embeddings:
     return _take(emb, sorted(range(len(emb.ids)), key=key))
 
 
-def _strings(table: Any, name: str) -> Optional[list[Any]]:
-    if name not in table.column_names:
-        return None
-    return table.column(name).to_pylist()
-
-
-def _combined(column: Any) -> Any:
-    """One Arrow array from a (chunked) column."""
-    return column.combine_chunks() if hasattr(column, "combine_chunks") \
-        else column
-
-
-def _matrix(column: Any, name: str) -> np.ndarray:
-    """``[rows, width]`` numpy from a column of equally long vectors: Arrow
-    fixed-size lists, or plain lists (outputs written before vectors were
-    fixed-size, or by other tools)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    array = _combined(column)
-    values = array.flatten().to_numpy(zero_copy_only=False)
-    if pa.types.is_fixed_size_list(array.type):
-        return values.reshape(len(array), array.type.list_size)
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-    if len(set(lengths.tolist())) > 1:
-        raise ValueError(f"{name}: vectors of different lengths "
-                         f"({sorted(set(lengths.tolist()))[:3]})")
-    width = int(lengths[0]) if len(lengths) else 0
-    return values.reshape(len(array), width)
-
-
-def _sequences(column: Any) -> list[np.ndarray]:
-    """Each row's ``[tokens, width]`` matrix from a list-of-vectors
-    column."""
-    import pyarrow.compute as pc
-    array = _combined(column)
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-    flat = _matrix(array.flatten(), "sequence_output")
-    ends = np.cumsum(lengths)
-    return [flat[end - n:end] for n, end in zip(lengths, ends)]
-
-
 def table_embeddings(table: Any) -> Embeddings:
     """``Embeddings`` from an Arrow table of embedding rows (file order)."""
-    names = table.column_names
-    chunked = "doc_id" in names
+    values = table_columns(table)
+    chunked = DOC_ID in values
     return Embeddings(
-        ids=table.column("id").to_pylist(),
-        num_tokens=table.column("num_tokens").to_numpy().astype(np.int32),
-        truncated=table.column("truncated").to_numpy(
-            zero_copy_only=False).astype(bool),
-        pooled_output=(_matrix(table.column("pooled_output"),
-                               "pooled_output")
-                       if "pooled_output" in names else None),
-        sequence_output=(_sequences(table.column("sequence_output"))
-                         if "sequence_output" in names else None),
-        doc_ids=table.column("doc_id").to_pylist() if chunked else None,
-        chunk_index=(table.column("chunk_index").to_numpy().astype(np.int32)
+        ids=values[ID],
+        num_tokens=values[NUM_TOKENS].astype(np.int32),
+        truncated=values[TRUNCATED].astype(bool),
+        pooled_output=values.get(POOLED_OUTPUT),
+        sequence_output=values.get(SEQUENCE_OUTPUT),
+        doc_ids=values.get(DOC_ID),
+        chunk_index=(values[CHUNK_INDEX].astype(np.int32)
                      if chunked else None),
-        num_chunks=(table.column("num_chunks").to_numpy().astype(np.int32)
+        num_chunks=(values[NUM_CHUNKS].astype(np.int32)
                     if chunked else None),
-        content_hash=_strings(table, "content_hash"),
-        model_fingerprint=_strings(table, "model_fingerprint"),
-        text=_strings(table, "text"),
-        embedded_as=_strings(table, EMBEDDED_AS))
+        content_hash=values.get(CONTENT_HASH),
+        model_fingerprint=values.get(MODEL_FINGERPRINT),
+        text=values.get(TEXT),
+        embedded_as=values.get(EMBEDDED_AS))
 
 
 def read_parquet(files: list[str]) -> Embeddings:
-    """Reads Parquet files of ``transforms.write.embedding_schema`` rows."""
+    """Reads Parquet files of ``embedding_files.embedding_schema`` rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
@@ -191,42 +148,21 @@ def read_parquet(files: list[str]) -> Embeddings:
                                              promote_options="default"))
 
 
-def _bytes(feature: Any, name: str) -> Optional[str]:
-    if name not in feature:
-        return None
-    return feature[name].bytes_list.value[0].decode("utf-8")
-
-
-def _sequence(feature: Any) -> np.ndarray:
-    """A row's sequence matrix: float list, or float16 bytes."""
-    shape = tuple(feature["sequence_shape"].int64_list.value)
-    if _bytes(feature, "sequence_dtype") == "float16":
-        data = feature["sequence_output"].bytes_list.value[0]
-        return np.frombuffer(data, dtype="<f2").astype(np.float16).reshape(
-            shape)
-    return np.array(feature["sequence_output"].float_list.value,
-                    dtype=np.float32).reshape(shape)
-
-
-def _add_example(columns: dict[str, list[Any]], feature: Any) -> None:
-    """Appends one ``tf.train.Example``'s features to ``columns``."""
-    columns["ids"].append(_bytes(feature, "id"))
-    columns["num_tokens"].append(feature["num_tokens"].int64_list.value[0])
-    columns["truncated"].append(
-        bool(feature["truncated"].int64_list.value[0]))
-    for name in ("content_hash", "model_fingerprint", "text"):
-        columns[name].append(_bytes(feature, name))
-    if "doc_id" in feature:
-        columns["doc_ids"].append(_bytes(feature, "doc_id"))
-        columns["chunk_index"].append(
-            feature["chunk_index"].int64_list.value[0])
-        columns["num_chunks"].append(
-            feature["num_chunks"].int64_list.value[0])
-    if "pooled_output" in feature:
-        columns["pooled"].append(np.array(
-            feature["pooled_output"].float_list.value, dtype=np.float32))
-    if "sequence_output" in feature:
-        columns["sequence"].append(_sequence(feature))
+def _add_example(columns: dict[str, list[Any]], record: bytes) -> None:
+    """Appends one serialized ``tf.train.Example``'s columns to ``columns``
+    (None for an absent optional one)."""
+    values = example_values(record)
+    columns[ID].append(values.get(ID))
+    columns[NUM_TOKENS].append(values[NUM_TOKENS])
+    columns[TRUNCATED].append(values[TRUNCATED])
+    for name in (CONTENT_HASH, MODEL_FINGERPRINT, TEXT):
+        columns[name].append(values.get(name))
+    if DOC_ID in values:
+        for name in CHUNK_COLUMNS:
+            columns[name].append(values[name])
+    for name in (POOLED_OUTPUT, SEQUENCE_OUTPUT):
+        if name in values:
+            columns[name].append(values[name])
 
 
 def _tfrecord_chunks(files: list[str], rows: int = 0
@@ -235,16 +171,14 @@ def _tfrecord_chunks(files: list[str], rows: int = 0
     (0: all at once); at least one, possibly empty, chunk."""
     import tensorflow as tf
     columns: dict[str, list[Any]] = collections.defaultdict(list)
-    compression = "GZIP" if files[0].endswith(".gz") else ""
     yielded = False
-    for record in tf.data.TFRecordDataset(files,
-                                          compression_type=compression):
-        _add_example(columns, tf.train.Example.FromString(
-            record.numpy()).features.feature)
-        if rows and len(columns["ids"]) >= rows:
+    for record in tf.data.TFRecordDataset(
+            files, compression_type=tf_compression(files[0])):
+        _add_example(columns, record.numpy())
+        if rows and len(columns[ID]) >= rows:
             yield _tfrecord_embeddings(columns)
             columns, yielded = collections.defaultdict(list), True
-    if columns["ids"] or not yielded:
+    if columns[ID] or not yielded:
         yield _tfrecord_embeddings(columns)
 
 
@@ -254,34 +188,34 @@ def read_tfrecord(files: list[str]) -> Embeddings:
 
 
 def _tfrecord_embeddings(columns: dict[str, list[Any]]) -> Embeddings:
-    chunked = bool(columns["doc_ids"])
+    chunked = bool(columns[DOC_ID])
 
     def optional(name: str) -> Optional[list[Any]]:
         values = columns[name]
         return values if any(v is not None for v in values) else None
 
     return Embeddings(
-        ids=columns["ids"],
-        num_tokens=np.array(columns["num_tokens"], dtype=np.int32),
-        truncated=np.array(columns["truncated"], dtype=bool),
-        pooled_output=(np.stack(columns["pooled"]) if columns["pooled"]
-                       else None),
-        sequence_output=columns["sequence"] or None,
-        doc_ids=columns["doc_ids"] if chunked else None,
-        chunk_index=(np.array(columns["chunk_index"], np.int32)
+        ids=columns[ID],
+        num_tokens=np.array(columns[NUM_TOKENS], dtype=np.int32),
+        truncated=np.array(columns[TRUNCATED], dtype=bool),
+        pooled_output=(np.stack(columns[POOLED_OUTPUT])
+                       if columns[POOLED_OUTPUT] else None),
+        sequence_output=columns[SEQUENCE_OUTPUT] or None,
+        doc_ids=columns[DOC_ID] if chunked else None,
+        chunk_index=(np.array(columns[CHUNK_INDEX], np.int32)
                      if chunked else None),
-        num_chunks=(np.array(columns["num_chunks"], np.int32)
+        num_chunks=(np.array(columns[NUM_CHUNKS], np.int32)
                     if chunked else None),
-        content_hash=optional("content_hash"),
-        model_fingerprint=optional("model_fingerprint"),
-        text=optional("text"))
+        content_hash=optional(CONTENT_HASH),
+        model_fingerprint=optional(MODEL_FINGERPRINT),
+        text=optional(TEXT))
 
 
 def read_files(files: list[str]) -> Embeddings:
     """Rows of ``files`` (all Parquet or all TFRecord), in file order."""
-    if all(f.endswith(".parquet") for f in files):
+    if all(file_format(f) == PARQUET for f in files):
         return read_parquet(files)
-    if all(f.endswith((".tfrecord", ".tfrecord.gz")) for f in files):
+    if all(file_format(f) == TFRECORD for f in files):
         return read_tfrecord(files)
     raise ValueError(f"files that are not all .parquet or all .tfrecord"
                      f"[.gz]: {files[:3]}")
@@ -300,72 +234,34 @@ def load_embeddings(pattern: str) -> Embeddings:
 _TFRECORD_ROWS = 1024  # TFRecord rows per table
 
 
-def _vector_array(matrix: np.ndarray, dtype: Any = np.float32) -> Any:
-    """A fixed-size list array, one ``matrix`` row per element."""
-    import pyarrow as pa
-    flat = pa.array(np.ascontiguousarray(matrix, dtype=dtype).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-
-
 def embeddings_table(emb: Embeddings) -> Any:
     """An Arrow table of ``emb``'s rows, with the columns (in the order and
-    types) of ``transforms.write.embedding_schema``."""
+    types) of ``transforms.embedding_files.embedding_schema``."""
     import pyarrow as pa
-    columns: dict[str, Any] = {"id": pa.array(emb.ids, pa.string())}
+    columns: dict[str, Any] = {ID: pa.array(emb.ids, pa.string())}
     if emb.doc_ids is not None:
-        columns["doc_id"] = pa.array(emb.doc_ids, pa.string())
-        columns["chunk_index"] = pa.array(emb.chunk_index, pa.int32())
-        columns["num_chunks"] = pa.array(emb.num_chunks, pa.int32())
-    columns["num_tokens"] = pa.array(emb.num_tokens, pa.int32())
-    columns["truncated"] = pa.array(emb.truncated, pa.bool_())
-    for name in ("content_hash", "model_fingerprint", "text"):
+        columns[DOC_ID] = pa.array(emb.doc_ids, pa.string())
+        columns[CHUNK_INDEX] = pa.array(emb.chunk_index, pa.int32())
+        columns[NUM_CHUNKS] = pa.array(emb.num_chunks, pa.int32())
+    columns[NUM_TOKENS] = pa.array(emb.num_tokens, pa.int32())
+    columns[TRUNCATED] = pa.array(emb.truncated, pa.bool_())
+    for name in (CONTENT_HASH, MODEL_FINGERPRINT, TEXT):
         if getattr(emb, name) is not None:
             columns[name] = pa.array(getattr(emb, name), pa.string())
     if emb.pooled_output is not None:
-        columns["pooled_output"] = _vector_array(emb.pooled_output)
+        columns[POOLED_OUTPUT] = vector_array(emb.pooled_output)
     if emb.sequence_output is not None:
-        dtype = emb.sequence_output[0].dtype
-        offsets = np.concatenate([[0], np.cumsum(
-            [s.shape[0] for s in emb.sequence_output])]).astype(np.int32)
-        columns["sequence_output"] = pa.ListArray.from_arrays(
-            pa.array(offsets), _vector_array(
-                np.concatenate(emb.sequence_output), dtype))
+        columns[SEQUENCE_OUTPUT] = sequence_array(
+            emb.sequence_output, emb.sequence_output[0].dtype)
     return pa.table(columns)
-
-
-def fixed_vectors(table: Any) -> Any:
-    """``table`` with its vector columns as fixed-size lists (plain lists
-    of older outputs converted; already fixed ones kept) and no schema
-    metadata."""
-    import pyarrow as pa
-    table = table.replace_schema_metadata()
-    for name in ("pooled_output", "sequence_output"):
-        if name not in table.column_names:
-            continue
-        column = table.column(name)
-        fixed = (column.type if name == "pooled_output"
-                 else column.type.value_type)
-        if pa.types.is_fixed_size_list(fixed):
-            continue
-        if name == "pooled_output":
-            array = _vector_array(_matrix(column, name))
-        else:
-            array = _combined(column)
-            tokens = _matrix(array.flatten(), name)
-            array = pa.ListArray.from_arrays(
-                pa.array(np.concatenate([[0], np.cumsum(
-                    pa.compute.list_value_length(array).to_numpy(
-                        zero_copy_only=False))]).astype(np.int32)),
-                _vector_array(tokens, tokens.dtype))
-        table = table.set_column(table.column_names.index(name), name, array)
-    return table
 
 
 def file_tables(path: str) -> Iterator[Any]:
     """The rows of one embeddings file as Arrow tables (fixed-size vectors):
     a Parquet row group, or ``_TFRECORD_ROWS`` TFRecord rows, at a time;
     at least one table, possibly empty."""
-    if path.endswith(".parquet"):
+    kind = file_format(path)
+    if kind == PARQUET:
         import pyarrow.parquet as pq
         from apache_beam.io.filesystems import FileSystems
         with FileSystems.open(path) as handle:
@@ -374,7 +270,7 @@ def file_tables(path: str) -> Iterator[Any]:
                 yield fixed_vectors(reader.schema_arrow.empty_table())
             for group in range(reader.num_row_groups):
                 yield fixed_vectors(reader.read_row_group(group))
-    elif path.endswith((".tfrecord", ".tfrecord.gz")):
+    elif kind == TFRECORD:
         for chunk in _tfrecord_chunks([path], _TFRECORD_ROWS):
             yield embeddings_table(chunk)
     else:
@@ -413,7 +309,7 @@ def index_table(manifest: dict[str, Any]) -> Any:
         with FileSystems.open(path) as handle:
             table = pq.read_table(handle)
         if EMBEDDED_AS not in table.column_names:
-            table = table.append_column(EMBEDDED_AS, table.column("id"))
+            table = table.append_column(EMBEDDED_AS, table.column(ID))
         table = table.select(list(INDEX_COLUMNS)).replace_schema_metadata()
         tables.append(table.append_column(
             "_file", pa.array(np.full(table.num_rows, number, np.int32))))
@@ -422,7 +318,7 @@ def index_table(manifest: dict[str, Any]) -> Any:
     index = pa.concat_tables(tables)
     index = index.append_column("_pos", pa.array(
         np.arange(index.num_rows, dtype=np.int64)))
-    first = index.group_by("id", use_threads=False).aggregate(
+    first = index.group_by(ID, use_threads=False).aggregate(
         [("_pos", "min")]).column("_pos_min")
     if len(first) != index.num_rows:
         repeated = index.filter(pc.invert(pc.is_in(index.column("_pos"),
@@ -441,7 +337,7 @@ def _unlisted_runs(manifest: dict[str, Any], index: Any) -> None:
     segment of the manifest lists (their rows could not be found)."""
     import pyarrow.compute as pc
     listed = {s["run_id"] for s in manifest["index"]["segments"]}
-    unlisted = set(pc.unique(index.column("run_id")).to_pylist()) - listed
+    unlisted = set(pc.unique(index.column(RUN_ID)).to_pylist()) - listed
     if unlisted:
         raise DatasetError(
             f"{manifest['index']['keys'][0]}: index entries point at runs "
@@ -478,7 +374,7 @@ class _SegmentMatch:
     @classmethod
     def of(cls, entries: Any) -> "_SegmentMatch":
         import pyarrow.compute as pc
-        own = pc.equal(entries.column("id"), entries.column(EMBEDDED_AS))
+        own = pc.equal(entries.column(ID), entries.column(EMBEDDED_AS))
         return cls(entries, np.zeros(entries.num_rows, np.int64),
                    own.to_numpy(zero_copy_only=False).astype(bool), set())
 
@@ -489,24 +385,24 @@ class _SegmentMatch:
         their entry's)."""
         import pyarrow as pa
         import pyarrow.compute as pc
-        chunked = "doc_id" in table.column_names
+        chunked = DOC_ID in table.column_names
         keys = pa.table({
-            "_key": table.column("doc_id" if chunked else "id"),
-            "content_hash": table.column("content_hash"),
+            "_key": table.column(document_key(table.column_names)),
+            CONTENT_HASH: table.column(CONTENT_HASH),
             "_row": pa.array(np.arange(table.num_rows, dtype=np.int64))})
         entries = pa.table({
             "_key": self.entries.column(EMBEDDED_AS),
-            "content_hash": self.entries.column("content_hash"),
+            CONTENT_HASH: self.entries.column(CONTENT_HASH),
             "_entry": pa.array(np.arange(self.entries.num_rows,
                                          dtype=np.int64))})
-        joined = keys.join(entries, keys=["_key", "content_hash"],
+        joined = keys.join(entries, keys=["_key", CONTENT_HASH],
                            join_type="inner", use_threads=False)
         rows = joined.column("_row").to_numpy()
         entry = joined.column("_entry").to_numpy()
-        if "model_fingerprint" in table.column_names:
-            found = table.column("model_fingerprint").take(rows)
+        if MODEL_FINGERPRINT in table.column_names:
+            found = table.column(MODEL_FINGERPRINT).take(rows)
             good = pc.equal(found, self.entries.column(
-                "model_fingerprint").take(entry)).fill_null(False)
+                MODEL_FINGERPRINT).take(entry)).fill_null(False)
             good = good.to_numpy(zero_copy_only=False).astype(bool)
         else:
             good = np.zeros(len(rows), bool)
@@ -515,7 +411,7 @@ class _SegmentMatch:
         rows, entry, own = rows[good], entry[good], own[good]
         np.add.at(self.hits, entry, 1)
         if chunked:
-            chunk = table.column("chunk_index").to_numpy()[rows]
+            chunk = table.column(CHUNK_INDEX).to_numpy()[rows]
             for key in zip(entry[own].tolist(), chunk[own].tolist()):
                 if key in self.chunks_seen:
                     self.repeated += 1
@@ -534,21 +430,21 @@ class _SegmentMatch:
         import pyarrow.compute as pc
         if not expand:
             return rows
-        ids = self.entries.column("id").take(pa.array(entry))
+        ids = self.entries.column(ID).take(pa.array(entry))
         own_mask = pa.array(own)
-        if "doc_id" in rows.column_names:
-            doc = rows.column("doc_id")
+        if DOC_ID in rows.column_names:
+            doc = rows.column(DOC_ID)
             chunk_ids = pc.binary_join_element_wise(
-                ids, pc.cast(rows.column("chunk_index"), pa.string()), "#")
+                ids, pc.cast(rows.column(CHUNK_INDEX), pa.string()), "#")
             rows = rows.set_column(
-                rows.column_names.index("id"), "id",
-                pc.if_else(own_mask, rows.column("id"), chunk_ids))
-            rows = rows.set_column(rows.column_names.index("doc_id"),
-                                   "doc_id", pc.if_else(own_mask, doc, ids))
+                rows.column_names.index(ID), ID,
+                pc.if_else(own_mask, rows.column(ID), chunk_ids))
+            rows = rows.set_column(rows.column_names.index(DOC_ID),
+                                   DOC_ID, pc.if_else(own_mask, doc, ids))
             embedded_as = doc
         else:
-            embedded_as = rows.column("id")
-            rows = rows.set_column(rows.column_names.index("id"), "id", ids)
+            embedded_as = rows.column(ID)
+            rows = rows.set_column(rows.column_names.index(ID), ID, ids)
         return rows.append_column(EMBEDDED_AS, embedded_as)
 
     def check(self, segment: dict[str, Any], kind: str) -> None:
@@ -614,7 +510,7 @@ def _check_segment_run(segment: dict[str, Any], own_output: str) -> None:
             "was re-run, so this index no longer describes its files")
 
 
-def current_tables(manifest: dict[str, Any], kind: str = "embeddings",
+def current_tables(manifest: dict[str, Any], kind: str = EMBEDDINGS,
                    expand_duplicates: bool = False) -> Iterator[Any]:
     """The current dataset of a succeeded run's ``manifest`` as Arrow
     tables (fixed-size vectors), a Parquet row group (or a thousand
@@ -634,13 +530,13 @@ def current_tables(manifest: dict[str, Any], kind: str = "embeddings",
     index = index_table(manifest)
     _unlisted_runs(manifest, index)
     for segment in manifest["index"]["segments"]:
-        entries = index.filter(pc.equal(index.column("run_id"),
+        entries = index.filter(pc.equal(index.column(RUN_ID),
                                         segment["run_id"]))
         yield from _segment_tables(segment, kind, entries, expand_duplicates)
         _check_segment_run(segment, manifest["output"])
 
 
-def load_index(manifest_path: str, kind: str = "embeddings",
+def load_index(manifest_path: str, kind: str = EMBEDDINGS,
                expand_duplicates: bool = False) -> Embeddings:
     """The current dataset a run's manifest describes, sorted by id.
 

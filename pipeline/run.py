@@ -3,7 +3,9 @@
 The launcher resolves everything the workers need before the pipeline
 starts (model directory, vocabulary, ``do_lower_case``, hidden size, model
 fingerprint, previous index), so a wrong flag fails in seconds with one
-clear line instead of on a worker.  It then runs the pipeline into a staging
+clear line instead of on a worker: the checks are ``pipeline.preflight``'s,
+and each stage gets its own settings, made here from the options and
+checked once, by their classes.  It then runs the pipeline into a staging
 directory, waits, checks the counts (they must reconcile, and the error rate
 must be within ``--max_error_rate``), and only then publishes the files
 under their final names, the summary, and the manifest last (see
@@ -21,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
 from typing import Any, Optional, Sequence
 
-from pipeline.cli import (DefaultsHelpFormatter, UsageError,
+from pipeline.cli import (DefaultsHelpFormatter,
                           check_known_flags, exit_on_interrupt,
                           interrupts_deferred, live_progress, setup_console,
                           wants_help, wants_verbose)
@@ -40,29 +41,20 @@ if __name__ == "__main__":
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from model import engines, xla_cache
-from model.load import (ModelFormatError, infer_hidden_size, probe_model,
-                        resolve_model_path, tokenizer_settings_with_overrides)
-from model.load import check_max_seq_length
-from pipeline.embed import check_model_pooling
-from transforms.pooling import needs_layers
-from pipeline.fingerprint import (file_sha256, model_fingerprint,
-                                  precision_key)
-from pipeline.graph import JobConfig, build_pipeline
+from pipeline import preflight
 from pipeline.finish import RunFailed, StagedRun, failure_of, utc_now
-from pipeline.manifest import (FAILED, ManifestError, PreviousIndex,
-                               find_previous, load_previous)
-from pipeline.options import EmbedOptions, lower_case_override
-from transforms.batch import check_bucket_boundaries
-from pipeline.lock import OutputLock, OutputLocked, OutputNotWritable
-from pipeline.publish import (check_output_prefix, clean_stale, new_run_id,
-                              staging_prefix)
-from pipeline.worker_pool import check_environment
+from pipeline.graph import JobConfig, build_pipeline
+from pipeline.lock import OutputLock, OutputLocked
+from pipeline.manifest import (FAILED, PreviousIndex, find_previous,
+                               load_previous)
+from pipeline.options import EmbedOptions
+from pipeline.publish import clean_stale, new_run_id
 from pipeline.summary import (COUNTERS, RunSummary, collect_counts,
                               duplicate_id_sample, most_common_reason)
-from transforms.read import check_patterns_match
-from transforms.sources import is_compressed
-from transforms.tokenization import load_vocab
+from transforms.batch import BatchSettings
+from transforms.embedding_files import staging_prefix
+from transforms.infer import InferSettings
+from transforms.write import WriteSettings
 
 _LOG = logging.getLogger("pipeline.run")
 
@@ -85,200 +77,57 @@ class ResolvedJob:
     previous: Optional[PreviousIndex] = None
 
 
-def read_analysis_boundaries(path: str) -> Optional[list[int]]:
-    """The recommended bucket boundaries of a ``pipeline.analyze`` report."""
-    from apache_beam.io.filesystems import FileSystems
-    try:
-        with FileSystems.open(path) as handle:
-            report = json.loads(handle.read().decode("utf-8"))
-        bounds = report["recommended_bucket_boundaries"]
-        return check_bucket_boundaries(bounds) if bounds else None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--analysis {path}: not a readable analysis "
-                         f"report ({type(err).__name__}: {err})") from err
-
-
-def _check_flags(options: EmbedOptions) -> None:
-    """Raises ``UsageError`` for missing or inconsistent flags."""
-    if not options.input:
-        raise UsageError("--input is required (a file or glob)")
-    if not options.output:
-        raise UsageError("--output is required (an output prefix)")
-    try:
-        check_output_prefix(options.output)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-    if options.max_seq_length < 3:
-        raise UsageError("--max_seq_length must be at least 3")
-    if options.long_text != "chunk" and (options.document_vectors
-                                         or options.chunk_stride):
-        raise UsageError("--document_vectors and --chunk_stride need "
-                         "--long_text chunk")
-    if options.chunk_stride and options.chunk_stride > \
-            options.max_seq_length - 2:
-        raise UsageError("--chunk_stride must be at most max_seq_length - 2 "
-                         "(chunks must not skip tokens)")
-    if options.document_vectors and "pooled" not in options.outputs:
-        raise UsageError("--document_vectors needs pooled in --outputs")
-    if (options.pooling != "cls" or options.normalize) and \
-            "pooled" not in options.outputs:
-        raise UsageError("--pooling and --normalize make the pooled vector: "
-                         "they need pooled in --outputs")
-
-
-def input_size(patterns: Sequence[str]) -> Optional[int]:
-    """Total bytes of the input files, or None when some are compressed
-    (their decompressed size, which progress counts, is unknown)."""
-    files = check_patterns_match(patterns)
-    if any(is_compressed(f.path) for f in files):
-        return None
-    return sum(f.size_in_bytes for f in files)
-
-
-def _check_remote_paths(options: EmbedOptions) -> None:
-    """On Dataflow the workers cannot see this machine's files: the model,
-    inputs and output must be cloud paths, and the demo model (built in a
-    local cache) cannot be used."""
-    from apache_beam.options.pipeline_options import (StandardOptions,
-                                                      TestOptions)
-    runner = str(options.view_as(StandardOptions).runner or "")
-    dry_run = str(options.view_as(TestOptions).dry_run).lower() == "true"
-    if "dataflow" not in runner.lower() or dry_run:
-        return  # a dry run submits nothing: local files are fine there
-    if options.model is None:
-        raise UsageError("--runner DataflowRunner needs --model (a gs:// "
-                         "SavedModel): the demo model lives on this machine")
-    if options.precision == "int8" and not options.int8_model:
-        raise UsageError("--runner DataflowRunner with --precision int8 "
-                         "needs --int8_model (a gs:// directory): the "
-                         "quantize cache lives on this machine")
-    local = [f"{flag} {path}" for flag, paths in (
-        ("--model", [options.model]), ("--input", options.input),
-        ("--output", [options.output]),
-        ("--int8_model", [options.int8_model] if options.int8_model
-         else [])) for path in paths
-        if "://" not in path]
-    if local:
-        raise UsageError("Dataflow workers cannot read local paths: "
-                         + ", ".join(local) + " (use gs://...)")
-
-
-def _workers_hint(options: EmbedOptions) -> int:
-    """Worker processes the job will likely have (``--direct_num_workers``,
-    Dataflow's ``--num_workers`` or ``--max_num_workers``; else 1)."""
-    from apache_beam.options.pipeline_options import (DirectOptions,
-                                                      WorkerOptions)
-    workers = options.view_as(WorkerOptions)
-    counts = [options.view_as(DirectOptions).direct_num_workers,
-              workers.num_workers, workers.max_num_workers]
-    return max([int(c) for c in counts if c] or [1])
-
-
-def _plan_engine(options: EmbedOptions, total_bytes: Optional[int]
-                 ) -> tuple[bool, str, "engines.EngineChoice"]:
-    """Checks ``--engine``/``--precision``/``--int8_model`` (UsageError for
-    a combination that cannot run) and decides ``--xla`` for the job:
-    returns (XLA on, why, the engine and precision ``auto`` picks on this
-    machine, which stands in for the workers')."""
-    if options.int8_model and options.precision != "int8":
-        raise UsageError("--int8_model needs --precision int8")
-    if needs_layers(options.pooling) and options.engine == engines.OPENVINO:
-        raise UsageError(f"--pooling {options.pooling} needs the model's "
-                         "encoder_outputs, which only --engine tensorflow "
-                         "returns")
-    try:
-        planned = engines.choose_engine(options.engine, options.precision,
-                                        engines.detect_hardware())
-        warm = (options.xla == "auto"
-                and planned.engine == engines.TENSORFLOW
-                and planned.precision == "float32"
-                and xla_cache.is_warm(options.xla_cache_dir))
-        jit_compile, why = engines.decide_xla(
-            options.xla, planned, total_bytes, _workers_hint(options), warm)
-        return jit_compile, why, planned
-    except engines.EngineError as err:
-        raise UsageError(str(err)) from err
-
-
-def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
-    """Turns flags into a ``ResolvedJob`` (with ``run_id``, or a new one).
+def resolve_job(options: EmbedOptions, run_id: str = "",
+                flags: Optional[preflight.CheckedFlags] = None
+                ) -> ResolvedJob:
+    """Turns flags into a ``ResolvedJob`` (with ``run_id``, or a new one):
+    the pre-flight checks (``pipeline.preflight``), then each stage's
+    settings from the options.  ``flags`` is ``check_flags``' result when
+    the caller checked them already (``run`` does, before the lock).
 
     Raises ``UsageError``, ``FileNotFoundError``, ``ModelFormatError`` or
     ``ManifestError`` with a one-line message when something is wrong.
     """
-    _check_flags(options)
-    _check_remote_paths(options)
-    check_environment(options, options.worker_connect_timeout)
-    total_bytes = input_size(options.input)
-    jit_compile, why, planned = _plan_engine(options, total_bytes)
-    _LOG.info("XLA %s (%s)", "on" if jit_compile else "off", why)
-    if engines.xla_applies(jit_compile, options.precision, options.engine):
-        # Now, before this process first uses TensorFlow: a DirectRunner
-        # runs the model in this process, and TensorFlow reads its XLA
-        # flags once, when its runtime starts.
-        xla_cache.process_cache(options.xla_cache_dir)
-    boundaries = options.bucket_boundaries
-    if boundaries is None and options.analysis:
-        boundaries = read_analysis_boundaries(options.analysis)
-    demo = options.model is None
-    if demo:
-        from model.demo import ensure_demo_model
-        model_dir = ensure_demo_model()
-    else:
-        model_dir = options.model
-    # Before any work: a longer setting fails every longer document.
-    check_max_seq_length(model_dir, options.max_seq_length)
-    settings = tokenizer_settings_with_overrides(
-        model_dir, options.vocab_file, lower_case_override(options))
-    vocab = load_vocab(settings.vocab_path)
-    check_model_pooling(model_dir, options.pooling)
-    precision = precision_key(options.precision, resolve_model_path(model_dir),
-                              options.int8_model)
-    probed = probe_model(model_dir)
-    hidden_size = infer_hidden_size(model_dir, len(vocab))
-    if probed != hidden_size:
-        raise ModelFormatError(
-            f"{model_dir}: the model returns {probed}-wide vectors but its "
-            f"word-embedding table is {hidden_size} wide")
-    stride = (options.chunk_stride or options.max_seq_length - 2
-              if options.long_text == "chunk" else None)
+    flags = flags or preflight.check_flags(options)
+    preflight.check_remote_paths(options)
+    total_bytes = preflight.check_inputs(options)
+    plan = preflight.plan_engine(options, total_bytes)
+    _LOG.info("XLA %s (%s)", "on" if plan.jit_compile else "off", plan.why)
+    boundaries = preflight.bucket_boundaries(options)
+    model = preflight.resolve_model(options, flags.tokenize)
+    infer = preflight.settings(
+        InferSettings, model_dir=model.model_dir, outputs=options.outputs,
+        precision=options.precision, engine=options.engine,
+        int8_model=options.int8_model, pooling=options.pooling,
+        normalize=options.normalize, jit_compile=plan.jit_compile,
+        intra_op_threads=options.tf_intra_op_threads or None,
+        inter_op_threads=options.tf_inter_op_threads or None)
     config = JobConfig(
         inputs=list(options.input), output=options.output,
-        model_dir=model_dir, vocab=vocab,
-        do_lower_case=settings.do_lower_case, hidden_size=hidden_size,
-        vocab_sha256=file_sha256(settings.vocab_path),
-        input_format=options.input_format, id_field=options.id_field,
-        text_field=options.text_field,
-        output_format=options.output_format,
-        max_seq_length=options.max_seq_length,
-        batch_size=options.batch_size,
-        max_tokens_per_batch=options.max_tokens_per_batch,
-        bucket_boundaries=boundaries,
-        outputs=tuple(options.outputs),
-        num_shards=options.num_shards, long_text=options.long_text,
-        chunk_stride=options.chunk_stride,
+        vocab=model.vocab, do_lower_case=model.do_lower_case,
+        hidden_size=model.hidden_size, infer=infer, read=flags.read,
+        tokenize=flags.tokenize,
+        batch=preflight.settings(
+            BatchSettings, batch_size=options.batch_size,
+            max_tokens_per_batch=options.max_tokens_per_batch,
+            bucket_boundaries=boundaries,
+            max_seq_length=flags.tokenize.max_seq_length,
+            step_padding=infer.xla),
+        write=preflight.settings(
+            WriteSettings, sequence_dtype=options.sequence_dtype,
+            write_text=options.write_text,
+            parquet_compression=options.parquet_compression,
+            row_group_rows=options.parquet_row_group_rows,
+            tfrecord_compression=options.tfrecord_compression),
+        vocab_sha256=model.vocab_sha256, vocab_file=model.vocab_file,
+        output_format=options.output_format, num_shards=options.num_shards,
         document_vectors=options.document_vectors,
-        pooling=options.pooling, normalize=options.normalize,
-        vocab_file=settings.vocab_path,
-        precision=options.precision, jit_compile=jit_compile,
-        engine=options.engine, int8_model=options.int8_model,
-        planned_engine=planned.engine, planned_precision=planned.precision,
-        xla_cache_dir=options.xla_cache_dir,
-        intra_op_threads=options.tf_intra_op_threads or None,
-        inter_op_threads=options.tf_inter_op_threads or None,
-        input_encoding=options.input_encoding,
-        max_text_chars=options.max_text_chars, dedup=options.dedup,
+        planned_engine=plan.planned.engine,
+        planned_precision=plan.planned.precision,
+        dedup=options.dedup,
         run_id=run_id or new_run_id(),
-        model_fingerprint=model_fingerprint(
-            resolve_model_path(model_dir), settings.vocab_path,
-            settings.do_lower_case, options.max_seq_length,
-            options.long_text, stride, precision, options.pooling,
-            options.normalize),
-        sequence_dtype=options.sequence_dtype,
-        parquet_compression=options.parquet_compression,
-        parquet_row_group_rows=options.parquet_row_group_rows,
-        tfrecord_compression=options.tfrecord_compression,
-        write_text=options.write_text, input_bytes=total_bytes,
+        model_fingerprint=model.fingerprint(flags.tokenize, infer),
+        input_bytes=total_bytes,
         progress_interval=options.progress_interval)
     previous = None
     if options.previous_index:
@@ -288,14 +137,7 @@ def resolve_job(options: EmbedOptions, run_id: str = "") -> ResolvedJob:
             config = dataclasses.replace(
                 config, previous_index_files=previous.index_files,
                 reuse_previous=previous.reuse)
-    return ResolvedJob(config, demo, previous)
-
-
-def resolve_config(options: EmbedOptions) -> tuple[JobConfig, bool]:
-    """``resolve_job`` as ``(config, demo)``: the job a graph is built from
-    (e.g. by a launcher that submits it without waiting)."""
-    job = resolve_job(options)
-    return job.config, job.demo
+    return ResolvedJob(config, model.demo, previous)
 
 
 def _execute(pipeline: beam.Pipeline, active: StagedRun, demo: bool) -> Any:
@@ -308,7 +150,7 @@ def _execute(pipeline: beam.Pipeline, active: StagedRun, demo: bool) -> Any:
     except Exception as err:
         message = " ".join(f"{type(err).__name__}: {err}".split())[:500]
         summary = RunSummary(dict.fromkeys(COUNTERS, 0), 0, 0.0,
-                             active.config.model_dir, demo, {},
+                             active.config.infer.model_dir, demo, {},
                              active.config.run_id,
                              active.config.model_fingerprint,
                              failure=f"pipeline failed: {message}")
@@ -361,18 +203,18 @@ def run(argv: Optional[Sequence[str]] = None) -> RunSummary:
     check_known_flags(args)
     pipeline_options = PipelineOptions(args)
     options = pipeline_options.view_as(EmbedOptions)
-    _check_flags(options)
+    flags = preflight.check_flags(options)
     run_id = new_run_id()
     # Taken before the model loads: it proves the output can be written,
     # and no other run at this output starts (or cleans up) until ours ends.
     with OutputLock(options.output, run_id) as lock:
-        return _run_locked(pipeline_options, options, run_id, lock)
+        job = resolve_job(options, run_id, flags)
+        return _run_locked(pipeline_options, options, job, lock)
 
 
 def _run_locked(pipeline_options: PipelineOptions, options: EmbedOptions,
-                run_id: str, lock: OutputLock) -> RunSummary:
-    """``run`` while this run holds the output's lock."""
-    job = resolve_job(options, run_id)
+                job: ResolvedJob, lock: OutputLock) -> RunSummary:
+    """``run`` of the resolved ``job`` while it holds the output's lock."""
     config = job.config
     if job.demo:
         print(DEMO_WARNING, file=sys.stderr)
@@ -389,7 +231,7 @@ def _run_locked(pipeline_options: PipelineOptions, options: EmbedOptions,
     summary = RunSummary(
         counts=counts, model_loads=loads,
         elapsed_seconds=round(time.perf_counter() - started, 3),
-        model_dir=config.model_dir, demo_model=job.demo, outputs={},
+        model_dir=config.infer.model_dir, demo_model=job.demo, outputs={},
         run_id=config.run_id, model_fingerprint=config.model_fingerprint,
         previous_index=job.previous.manifest if job.previous else None,
         duplicate_id_sample=duplicate_id_sample(result))
@@ -441,8 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_console(wants_verbose(args))
     try:
         summary = run(args)
-    except (UsageError, FileNotFoundError, ModelFormatError,
-            ManifestError, OutputNotWritable) as err:
+    except preflight.LAUNCH_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OutputLocked as err:

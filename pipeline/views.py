@@ -23,7 +23,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from transforms.write import vector_width
+from transforms.embedding_files import (CHUNK_INDEX, CONTENT_HASH, DOC_ID,
+                                        EMBEDDED_AS, ID, MODEL_FINGERPRINT,
+                                        POOLED_OUTPUT, RUN_ID,
+                                        SEQUENCE_OUTPUT, vector_width)
+
 
 def sql_string(text: str) -> str:
     """``text`` as an SQL string literal."""
@@ -44,12 +48,12 @@ def _casts(schema: Any, table: str) -> list[str]:
     """``CAST(... AS FLOAT[H]) AS name`` for each vector column."""
     width = vector_width(schema)
     casts = []
-    if "pooled_output" in schema.names:
-        casts.append(f"CAST({table}pooled_output AS FLOAT[{width}]) "
-                     "AS pooled_output")
-    if "sequence_output" in schema.names:
-        casts.append(f"CAST({table}sequence_output AS FLOAT[{width}][]) "
-                     "AS sequence_output")
+    if POOLED_OUTPUT in schema.names:
+        casts.append(f"CAST({table}{POOLED_OUTPUT} AS FLOAT[{width}]) "
+                     f"AS {POOLED_OUTPUT}")
+    if SEQUENCE_OUTPUT in schema.names:
+        casts.append(f"CAST({table}{SEQUENCE_OUTPUT} AS FLOAT[{width}][]) "
+                     f"AS {SEQUENCE_OUTPUT}")
     return casts
 
 
@@ -68,26 +72,26 @@ def indexed_view(name: str, segments: Sequence[tuple[str, Sequence[str]]],
     files = [path for _, paths in segments for path in paths]
     runs = ", ".join(f"({sql_string(_view_path(path))}, {sql_string(run)})"
                      for run, paths in segments for path in paths)
-    chunked = "doc_id" in schema.names
     replaced = _casts(schema, "e.")
-    if chunked:
-        key = "e.doc_id"
-        replaced += ["i.id || '#' || CAST(e.chunk_index AS VARCHAR) AS id",
-                     "i.id AS doc_id"]
+    if DOC_ID in schema.names:
+        key = f"e.{DOC_ID}"
+        replaced += [f"i.{ID} || '#' || CAST(e.{CHUNK_INDEX} AS VARCHAR) "
+                     f"AS {ID}", f"i.{ID} AS {DOC_ID}"]
     else:
-        key = "e.id"
-        replaced.append("i.id AS id")
+        key = f"e.{ID}"
+        replaced.append(f"i.{ID} AS {ID}")
     return (
         f"CREATE OR REPLACE VIEW {name} AS\n"
         f"SELECT e.* EXCLUDE (filename) REPLACE ({', '.join(replaced)}),\n"
-        "       i.embedded_as AS embedded_as\n"
+        f"       i.{EMBEDDED_AS} AS {EMBEDDED_AS}\n"
         f"FROM read_parquet({_file_list(files)}, filename = true) AS e\n"
-        f"JOIN (VALUES {runs}) AS f(filename, run_id)\n"
+        f"JOIN (VALUES {runs}) AS f(filename, {RUN_ID})\n"
         "  ON f.filename = e.filename\n"
         f"JOIN read_parquet({_file_list(index_files)}) AS i\n"
-        f"  ON i.embedded_as = {key} AND i.content_hash = e.content_hash\n"
-        "  AND i.model_fingerprint = e.model_fingerprint\n"
-        "  AND i.run_id = f.run_id;\n")
+        f"  ON i.{EMBEDDED_AS} = {key} AND i.{CONTENT_HASH} = e.{CONTENT_HASH}"
+        "\n"
+        f"  AND i.{MODEL_FINGERPRINT} = e.{MODEL_FINGERPRINT}\n"
+        f"  AND i.{RUN_ID} = f.{RUN_ID};\n")
 
 
 def views_file(title: str, views: Sequence[str]) -> str:

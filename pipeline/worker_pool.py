@@ -132,7 +132,7 @@ def check_worker_pool(address: str, timeout: float) -> float:
             raise WorkerPoolUnavailable(
                 f"no SDK worker pool answers at {address} "
                 f"(--environment_config) within {timeout:g} s: start one "
-                "(see the README, Runners) or correct the address") from err
+                "(see docs/runners.md) or correct the address") from err
         here = endpoints_pb2.ApiServiceDescriptor(
             url=f"{'localhost' if is_local(address) else socket.getfqdn()}"
                 f":{port}")
@@ -156,7 +156,7 @@ def check_worker_pool(address: str, timeout: float) -> float:
                 f"the worker pool at {address} started no SDK worker that "
                 f"connected within {timeout:g} s (--worker_connect_timeout): "
                 "it starts workers as `python` from its own PATH, which must "
-                "have apache-beam and this project; see the README, Runners")
+                "have apache-beam and this project; see docs/runners.md")
         return time.monotonic() - started
     finally:
         try:

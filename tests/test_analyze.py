@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.analyze import (CANDIDATE_LENGTHS, QUANTILE_PERCENTS, main,
                               recommend_bucket_boundaries,
-                              recommend_max_seq_length, resolve_config, run)
+                              recommend_max_seq_length, resolve_analysis, run)
 from transforms.tokenization import UNK_TOKEN, BertWordPieceTokenizer
 
 MAX_SEQ_LENGTH = 64
@@ -166,11 +166,11 @@ def test_tokenizer_settings_come_from_the_model_with_overrides(
         tmp_path, tiny_model_dir, vocab_file):
     (tmp_path / "a.txt").write_text("今天\n", encoding="utf-8")
     pattern = str(tmp_path / "a.txt")
-    config, demo = resolve_config_from(["--input", pattern,
+    config, demo = resolve_analysis_from(["--input", pattern,
                                         "--model", tiny_model_dir])
     assert not demo and config.do_lower_case
     assert config.vocab_path.startswith(tiny_model_dir)
-    config, _ = resolve_config_from(["--input", pattern, "--model",
+    config, _ = resolve_analysis_from(["--input", pattern, "--model",
                                      tiny_model_dir, "--do_lower_case",
                                      "false", "--vocab_file",
                                      str(vocab_file)])
@@ -178,10 +178,10 @@ def test_tokenizer_settings_come_from_the_model_with_overrides(
     assert config.vocab_path == str(vocab_file)
 
 
-def resolve_config_from(argv: list[str]):
-    """``resolve_config`` on parsed flags, as ``run`` calls it."""
+def resolve_analysis_from(argv: list[str]):
+    """``resolve_analysis`` on parsed flags, as ``run`` calls it."""
     from apache_beam.options.pipeline_options import PipelineOptions
-    return resolve_config(PipelineOptions(argv))
+    return resolve_analysis(PipelineOptions(argv))
 
 
 def test_max_seq_length_recommendation_rule():

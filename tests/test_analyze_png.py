@@ -1,7 +1,8 @@
 """``pipeline.analyze`` draws the token-length histogram: a valid, non-blank
 PNG whose bars are the corpus' exact lengths and whose lines mark the
 ``--max_seq_length`` cut and the recommended buckets; without matplotlib
-one line and the JSON still.  And the README's quick start runs."""
+one line and the JSON still.  And the analyze commands of
+docs/performance.md run as written."""
 
 from __future__ import annotations
 
@@ -150,12 +151,13 @@ def test_without_matplotlib_one_line_and_the_json(tmp_path, vocab_file,
     assert not (tmp_path / "r.png").exists()
 
 
-# --- the README's quick start ----------------------------------------------
+# --- the analyze commands of docs/performance.md ----------------------------
 
 
-def _readme_commands(heading: str) -> list[list[str]]:
-    """The commands of the first bash block under ``heading``."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def _doc_commands(page: str, heading: str) -> list[list[str]]:
+    """The commands of the first bash block under ``heading`` in
+    ``page``."""
+    text = (ROOT / page).read_text(encoding="utf-8")
     section = text[text.index(heading):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     joined = block.replace("\\\n", " ")
@@ -184,7 +186,8 @@ def test_the_readme_quick_start_runs(tmp_path, monkeypatch, capsys,
     def local(arg: str) -> str:
         return str(tmp_path / arg) if arg.startswith("out/") else arg
 
-    commands = _readme_commands("### Know your corpus first")
+    commands = _doc_commands("docs/performance.md",
+                            "## Know your corpus first")
     kinds = []
     for words in commands:
         if words[:3] == [".venv/bin/python", "-m", "pipeline.analyze"]:
@@ -195,7 +198,7 @@ def test_the_readme_quick_start_runs(tmp_path, monkeypatch, capsys,
                 [local(w) for w in _run_local_args() + words[1:]])
             kinds.append("run")
         else:
-            pytest.fail(f"unexpected command in the README: {words}")
+            pytest.fail(f"unexpected command in docs/performance.md: {words}")
         assert code == 0, (words, capsys.readouterr().err[-2000:])
     assert kinds == ["analyze", "run", "run"]
     assert "--analysis" in commands[1] and "--bucket_boundaries" in commands[2]

@@ -8,8 +8,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.batch import (BatchByLength, batch_width, cut_batches,
-                             step_length)
+from transforms.batch import (BatchByLength, BatchSettings, batch_width,
+                             cut_batches, step_length)
 from transforms.records import TokenizedDocument
 
 
@@ -45,14 +45,15 @@ def test_every_document_lands_in_exactly_one_batch():
 
 def test_rejects_nonpositive_limits():
     with pytest.raises(ValueError):
-        BatchByLength(0, 100)
+        BatchSettings(0, 100)
 
 
 def test_dofn_in_a_pipeline_keeps_all_documents():
     docs = [_doc(i, 2 + i % 50) for i in range(300)]
     with BeamTestPipeline() as p:
         sizes = (p | beam.Create(docs)
-                 | beam.ParDo(BatchByLength(8, 256, sort_window=64))
+                 | beam.ParDo(BatchByLength(
+                     BatchSettings(8, 256, sort_window=64)))
                  | beam.FlatMap(lambda b: [d.id for d in b]))
         assert_that(sizes, equal_to([d.id for d in docs]))
 
@@ -108,7 +109,7 @@ def test_rejects_unusable_bucket_boundaries(boundaries):
     with pytest.raises(ValueError, match="bucket_boundaries"):
         cut_batches([_doc(0, 5)], 4, 100, bucket_boundaries=boundaries)
     with pytest.raises(ValueError, match="bucket_boundaries"):
-        BatchByLength(4, 100, bucket_boundaries=boundaries)
+        BatchSettings(4, 100, bucket_boundaries=boundaries)
 
 
 def test_dofn_with_bucket_boundaries_keeps_buckets_apart():
@@ -116,8 +117,8 @@ def test_dofn_with_bucket_boundaries_keeps_buckets_apart():
     boundaries = [10, 30]
     with BeamTestPipeline() as p:
         batches = (p | beam.Create(docs)
-                   | beam.ParDo(BatchByLength(
-                       8, 256, sort_window=64, bucket_boundaries=boundaries)))
+                   | beam.ParDo(BatchByLength(BatchSettings(
+                       8, 256, sort_window=64, bucket_boundaries=boundaries))))
         mixed = batches | beam.Filter(
             lambda b: len({_bucket_index(d.num_tokens, boundaries)
                            for d in b}) > 1)
@@ -173,6 +174,7 @@ def test_dofn_pads_to_steps_when_asked():
     docs = [_doc(i, 20) for i in range(50)]
     with BeamTestPipeline() as p:
         sizes = (p | beam.Create(docs)
-                 | beam.ParDo(BatchByLength(100, 1024, pad_to_steps=128))
+                 | beam.ParDo(BatchByLength(BatchSettings(
+                     100, 1024, max_seq_length=128, step_padding=True)))
                  | beam.Map(len))
         assert_that(sizes, equal_to([42, 8]))

@@ -19,7 +19,6 @@ TODAY_HELP = """usage: python -m pipeline.run [-h] [--input INPUT]
   --precision {float32,bfloat16}
                         Model arithmetic: float32, or bfloat16.
   --xla {on,off}        Compile the model with XLA.
-  --xla_cache_dir XLA_CACHE_DIR
 """
 MERGED_HELP = TODAY_HELP.replace(
     "{float32,bfloat16}", "{auto,float32,bfloat16,int8}") + """
@@ -54,7 +53,7 @@ def test_engine_variants_wait_for_the_engine_flag(name):
 
 
 def test_todays_variants_run_on_todays_build():
-    for name in ("ours", "baseline", "peer", "ours_noxla", "ours_rerun",
+    for name in ("ours", "baseline", "peer", "ours_noxla",
                  "ours_tf_bf16", "torch_f32", "torch_bf16"):
         assert throughput.unavailable(BY_NAME[name], TODAY, AMX) is None
 

@@ -12,10 +12,11 @@ import pytest
 import tensorflow as tf
 
 from model import engines
-from model.accuracy import ACCURACY_TARGETS, compare_engines, probe_batches
+from model.self_check import ACCURACY_TARGETS, compare_engines, probe_batches
 from model.bf16_graph import Bfloat16BertModel, load_bfloat16_model
 from model.engines import AUTO, EngineSpec, Hardware, load_engine
-from model.load import BertSavedModel, ModelFormatError, load_bert_saved_model
+from model.errors import ModelFormatError
+from model.load import BertSavedModel, load_bert_saved_model
 
 GPU_BF16 = Hardware(frozenset({"avx2"}), ("NVIDIA A100",), True, True)
 _MATMULS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"}
@@ -92,7 +93,7 @@ def test_gpu_worker_runs_the_bfloat16_retrace(bert_like, monkeypatch,
     """The engine's GPU branch (a GPU is faked; the graph runs on the
     CPU): bfloat16 by name loads the re-trace; auto keeps it after the
     self-check, or runs float32 when the target is missed."""
-    from model import accuracy
+    from model import self_check
     caplog.set_level(logging.INFO, logger="model.engines")
     named = load_engine(EngineSpec(bert_like, engines.TENSORFLOW,
                                    "bfloat16"), GPU_BF16)
@@ -102,7 +103,7 @@ def test_gpu_worker_runs_the_bfloat16_retrace(bert_like, monkeypatch,
     kept = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
     assert isinstance(kept, Bfloat16BertModel)
     assert "self-check" in kept.engine_choice.precision_reason
-    monkeypatch.setitem(accuracy.ACCURACY_TARGETS, "bfloat16", 1.5)
+    monkeypatch.setitem(self_check.ACCURACY_TARGETS, "bfloat16", 1.5)
     refused = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
     assert isinstance(refused, BertSavedModel)
     assert refused.engine_choice.precision == "float32"

@@ -17,7 +17,7 @@ from pipeline import compact
 from pipeline.lock import OutputLock
 from pipeline.read_embeddings import current_tables, load_index
 from pipeline.run import run
-from transforms.write import read_file_metadata
+from transforms.embedding_files import read_file_metadata
 
 duckdb = pytest.importorskip("duckdb")
 pl = pytest.importorskip("polars")

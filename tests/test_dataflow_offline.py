@@ -41,7 +41,8 @@ from packaging.requirements import Requirement
 
 from pipeline.graph import JobConfig, build_pipeline
 from pipeline.options import EmbedOptions
-from pipeline.run import UsageError, resolve_config
+from pipeline.cli import UsageError
+from pipeline.run import resolve_job
 from tests.conftest import ROOT
 
 GS_INPUT = "gs://my-bucket/corpus/*.jsonl"
@@ -107,16 +108,17 @@ def corpus(tmp_path_factory) -> Path:
 def cloud_config(corpus, tiny_model_dir) -> JobConfig:
     """The launcher's resolved config, with the paths a cloud run would use.
 
-    ``resolve_config`` reads the model and checks the input, which needs the
+    ``resolve_job`` reads the model and checks the input, which needs the
     files, so it runs on local copies; the graph is then built for gs://
     paths exactly as the launcher would build it for them.
     """
     options = PipelineOptions(["--input", str(corpus), "--output", "unused",
                                "--model", tiny_model_dir,
                                "--max_seq_length", "32"])
-    config, _ = resolve_config(options.view_as(EmbedOptions))
-    return dataclasses.replace(config, inputs=[GS_INPUT], output=GS_OUTPUT,
-                               model_dir=GS_MODEL)
+    config = resolve_job(options.view_as(EmbedOptions)).config
+    return dataclasses.replace(
+        config, inputs=[GS_INPUT], output=GS_OUTPUT,
+        infer=dataclasses.replace(config.infer, model_dir=GS_MODEL))
 
 
 @dataclasses.dataclass
@@ -268,7 +270,7 @@ pickler.set_library(library)
 
 def handlers(obj, depth=0):
     if "BertModelHandler" in {c.__name__ for c in type(obj).__mro__}:
-        return [obj._model_dir]
+        return [obj._settings.model_dir]
     if depth == 3 or not hasattr(obj, "__dict__"):
         return []
     return [h for v in vars(obj).values() for h in handlers(v, depth + 1)]
@@ -408,4 +410,4 @@ def test_dataflow_refuses_paths_workers_cannot_read(corpus, flags, message):
                                             "--output", "gs://bucket/out/emb",
                                             *flags])
     with pytest.raises(UsageError, match=message):
-        resolve_config(options.view_as(EmbedOptions))
+        resolve_job(options.view_as(EmbedOptions))

@@ -12,11 +12,12 @@ import logging
 import numpy as np
 import pytest
 
-from model import engines, xla_cache
+from model import engines, runtime
 from model.engines import (AUTO, OPENVINO, TENSORFLOW, EngineError,
                            EngineSpec, Hardware, choose_engine, decide_xla,
                            load_engine, xla_applies)
-from model.load import BertSavedModel, ModelFormatError
+from model.errors import ModelFormatError
+from model.load import BertSavedModel
 from model.runtime import cpu_has_fast_bfloat16
 from pipeline.run import EXIT_USAGE, main
 
@@ -92,9 +93,9 @@ def test_unknown_names_are_refused():
 
 def test_gpus_count_only_when_tensorflow_can_use_them(monkeypatch):
     import tensorflow as tf
-    monkeypatch.setattr(xla_cache, "_gpu_models", lambda: [])
+    monkeypatch.setattr(runtime, "gpu_models", lambda: [])
     assert engines.tensorflow_gpus() == ()
-    monkeypatch.setattr(xla_cache, "_gpu_models", lambda: ["NVIDIA L4"])
+    monkeypatch.setattr(runtime, "gpu_models", lambda: ["NVIDIA L4"])
     monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: True)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert engines.tensorflow_gpus() == ("NVIDIA L4",)
@@ -107,9 +108,8 @@ def test_gpus_count_only_when_tensorflow_can_use_them(monkeypatch):
 
 
 def test_detect_hardware_reads_cpu_flags_and_openvino(monkeypatch):
-    from model import runtime
     monkeypatch.setattr(runtime, "cpu_flags", lambda: AMX)
-    monkeypatch.setattr(xla_cache, "_gpu_models", lambda: [])
+    monkeypatch.setattr(runtime, "gpu_models", lambda: [])
     monkeypatch.setattr(engines, "openvino_installed", lambda: False)
     hardware = engines.detect_hardware()
     assert hardware == Hardware(AMX, (), None, False)
@@ -133,43 +133,26 @@ def _tf32() -> engines.EngineChoice:
 
 
 def test_xla_on_and_off_are_kept():
-    assert decide_xla("on", choose_engine(AUTO, AUTO, CPU_AMX), 10, 1,
-                      False)[0]
-    assert not decide_xla("off", _tf32(), 10 << 30, 1, True)[0]
+    assert decide_xla("on", choose_engine(AUTO, AUTO, CPU_AMX), 10, 1)[0]
+    assert not decide_xla("off", _tf32(), 10 << 30, 1)[0]
 
 
 def test_xla_auto_compiles_only_large_tensorflow_float32_jobs():
     big = engines.XLA_AUTO_MIN_BYTES_PER_WORKER
-    on, why = decide_xla(AUTO, _tf32(), big, 1, False)
+    on, why = decide_xla(AUTO, _tf32(), big, 1)
     assert on and ">=" in why
-    on, why = decide_xla(AUTO, _tf32(), 300 * 200, 1, False)
+    on, why = decide_xla(AUTO, _tf32(), 300 * 200, 1)
     assert not on and "<" in why  # a 300-document job runs the plain graph
     # Each worker compiles for itself: the input is split among them.
-    assert not decide_xla(AUTO, _tf32(), 3 * big, 4, False)[0]
-    assert decide_xla(AUTO, _tf32(), 4 * big, 4, False)[0]
+    assert not decide_xla(AUTO, _tf32(), 3 * big, 4)[0]
+    assert decide_xla(AUTO, _tf32(), 4 * big, 4)[0]
     # Unknown size (compressed input) counts as small.
-    assert not decide_xla(AUTO, _tf32(), None, 1, False)[0]
+    assert not decide_xla(AUTO, _tf32(), None, 1)[0]
     # Engines and precisions that do not use XLA.
     assert not decide_xla(AUTO, choose_engine(AUTO, AUTO, CPU_AVX2), 10 * big,
-                          1, True)[0]
+                          1)[0]
     assert not decide_xla(AUTO, choose_engine(TENSORFLOW, "bfloat16",
-                                              CPU_AMX), 10 * big, 1, True)[0]
-
-
-def test_xla_auto_compiles_when_the_cache_is_warm():
-    on, why = decide_xla(AUTO, _tf32(), 1000, 1, True)
-    assert on and "cache" in why
-
-
-def test_cache_warmth_is_read_from_the_machine_directory(tmp_path):
-    assert not xla_cache.is_warm(str(tmp_path))
-    assert not xla_cache.is_warm("none")
-    machine = tmp_path / xla_cache.machine_key()
-    machine.mkdir()
-    (machine / ".partial.pb.tmp").write_bytes(b"x")
-    assert not xla_cache.is_warm(str(tmp_path))
-    (machine / "entry.pb").write_bytes(b"x")
-    assert xla_cache.is_warm(str(tmp_path))
+                                              CPU_AMX), 10 * big, 1)[0]
 
 
 # --- loading and falling back ------------------------------------------------
@@ -267,7 +250,7 @@ def test_auto_bfloat16_that_misses_its_target_runs_float32(
     """The load-time self-check: with a target bfloat16 cannot reach, auto
     warns once and compiles float32; a met target keeps bfloat16, and the
     verdict is cached beside the IR for the next load."""
-    from model import accuracy
+    from model import self_check
     caplog.set_level(logging.INFO)
     kept = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert kept.precision == "bfloat16"
@@ -275,7 +258,7 @@ def test_auto_bfloat16_that_misses_its_target_runs_float32(
         kept.engine_choice.precision_reason
     again = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert "(cached)" in again.engine_choice.precision_reason
-    monkeypatch.setitem(accuracy.ACCURACY_TARGETS, "bfloat16", 1.5)
+    monkeypatch.setitem(self_check.ACCURACY_TARGETS, "bfloat16", 1.5)
     caplog.clear()
     model = load_engine(EngineSpec(tiny_model_dir, AUTO, AUTO), CPU_AMX)
     assert model.precision == "float32"
@@ -343,7 +326,8 @@ def test_int8_without_a_quantized_model_exits_2(corpus, tmp_path,
 def test_int8_on_dataflow_needs_a_cloud_int8_model(tmp_path):
     from apache_beam.options.pipeline_options import PipelineOptions
     from pipeline.options import EmbedOptions
-    from pipeline.run import UsageError, resolve_config
+    from pipeline.cli import UsageError
+    from pipeline.run import resolve_job
     common = ["--input", "gs://bucket/in/*.jsonl", "--output",
               "gs://bucket/out/emb", "--model", "gs://bucket/model",
               "--runner", "DataflowRunner", "--precision", "int8"]
@@ -352,4 +336,4 @@ def test_int8_on_dataflow_needs_a_cloud_int8_model(tmp_path):
                             f"--int8_model {tmp_path}")):
         options = PipelineOptions(common + extra).view_as(EmbedOptions)
         with pytest.raises(UsageError, match=message):
-            resolve_config(options)
+            resolve_job(options)

@@ -112,7 +112,7 @@ def test_parameter_expressions_accept_only_what_the_flags_take(
                 list(action.choices), param["name"]
     by_name = {p["name"]: p for p in metadata["parameters"]}
     for name in ("input", "output", "model", "vocab_file", "analysis",
-                 "previous_index", "xla_cache_dir"):
+                 "previous_index"):
         (pattern,) = by_name[name]["regexes"]
         assert re.fullmatch(pattern, "gs://my-bucket/a/b-*.jsonl"), name
         assert not re.fullmatch(pattern, "/local/path"), name

@@ -23,6 +23,7 @@ import pytest
 
 from pipeline.read_embeddings import load_embeddings
 from pipeline.run import EXIT_ERROR_RATE, main, run
+from transforms.embedding_files import dead_letter_line
 from transforms.identity import content_hash, derived_id
 from transforms.read import RecordParser
 from transforms.records import DeadLetter, Document
@@ -144,7 +145,7 @@ def test_record_parser_rules():
         assert isinstance(dead, DeadLetter) and dead.reason == reason
         assert (dead.stage, dead.source, dead.line) == (
             "read", "gs://b/in/x.jsonl", 7)
-        json.loads(dead.to_json())  # always writable as UTF-8 JSON
+        json.loads(dead_letter_line(dead))  # always writable as UTF-8 JSON
 
 
 def test_derived_ids_survive_a_line_inserted_above():

@@ -30,10 +30,11 @@ from pipeline.cli import (EXIT_INTERRUPTED, INTERRUPTED, UsageError,
 from pipeline.run import main, run
 from pipeline.summary import collect_counts, most_common_reason
 from tests.conftest import ROOT
+from transforms.batch import BatchSettings
 from transforms.infer import (REASON_CHARS, BertModelHandler, EmbedDocuments,
-                              failure_reason)
+                              InferSettings, failure_reason)
 from transforms.records import Document, DocumentEmbedding, TokenizedDocument
-from transforms.tokenize import TokenizeDocuments
+from transforms.tokenize import TokenizeDocuments, TokenizeSettings
 from transforms.write import WriteDeadLetters
 
 
@@ -210,9 +211,12 @@ def failed_batches(tmp_path_factory, small_vocab) -> tuple[list, dict]:
     _, dead = (
         pipeline
         | beam.Create(docs)
-        | beam.ParDo(TokenizeDocuments(small_vocab, True, 8))
-        | EmbedDocuments(_FailingHandler("unused", ("pooled",)),
-                         batch_size=1, max_tokens_per_batch=64))
+        | beam.ParDo(TokenizeDocuments(small_vocab, True,
+                                       TokenizeSettings(8)))
+        | EmbedDocuments(_FailingHandler(InferSettings("unused",
+                                                       ("pooled",))),
+                         BatchSettings(batch_size=1,
+                                       max_tokens_per_batch=64)))
     _ = dead | WriteDeadLetters(str(out))
     result = pipeline.run()
     result.wait_until_finish()

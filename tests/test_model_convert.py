@@ -30,10 +30,12 @@ from model.convert import (ConversionError, bert_config_from_hf,
                            choose_do_lower_case, convert_checkpoint,
                            detect_layout, hf_to_google_name, main,
                            read_safetensors, read_torch_bin)
-from model.load import (infer_hidden_size, load_bert_saved_model,
-                        read_tokenizer_settings)
+from model.load import load_bert_saved_model
+from model.variables import infer_hidden_size
+from model.vocab import read_tokenizer_settings
 from tests.bert_reference import ReferenceBert
-from transforms.tokenization import BertWordPieceTokenizer, load_vocab
+from model.vocab import load_vocab
+from transforms.tokenization import BertWordPieceTokenizer
 from tests.conftest import SHARED_ASSETS, SPECIALS
 
 TINY = BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
@@ -1010,7 +1012,8 @@ def _real_weights_dir() -> Optional[Path]:
                     reason="no real Chinese BERT weights in ../shared/assets/"
                            "bert_zh (see README there)")
 def test_real_chinese_bert_semantics(tmp_path):
-    from transforms.tokenization import BertWordPieceTokenizer, load_vocab
+    from model.vocab import load_vocab
+    from transforms.tokenization import BertWordPieceTokenizer
     output = convert_checkpoint(str(_real_weights_dir()), str(tmp_path / "m"))
     model = load_bert_saved_model(output)
     settings = read_tokenizer_settings(output)

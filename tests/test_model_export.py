@@ -18,9 +18,9 @@ import pytest
 import tensorflow as tf
 
 from model.bert import BertConfig, BertEncoder, bert_weight_shapes
-from model.demo import (DEMO_CONFIG, default_cache_dir, demo_vocab,
-                        ensure_demo_model)
+from model.demo import DEMO_CONFIG, demo_vocab, ensure_demo_model
 from model.export import export_bert_saved_model
+from model.runtime import default_cache_dir
 from tests.bert_reference import ReferenceBert
 
 TINY = BertConfig(vocab_size=200, hidden_size=32, num_layers=2, num_heads=4,
@@ -201,7 +201,7 @@ def test_loaded_model_offers_the_reusable_savedmodel_api(loaded, export_dir):
                for k, v in keys.items())
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS_DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 _CARD_MARKER = ("<!-- model card usage: tests/test_model_export.py runs this "
                 "verbatim -->")
 _CARD_MODEL = '"/path/to/saved_model"'
@@ -244,8 +244,8 @@ print(json.dumps({
 
 
 def _card_snippet() -> str:
-    """The usage snippet of the README's model card, verbatim."""
-    text = README.read_text(encoding="utf-8")
+    """The usage snippet of the model card (docs/models.md), verbatim."""
+    text = MODELS_DOC.read_text(encoding="utf-8")
     assert text.count(_CARD_MARKER) == 1
     after = text.split(_CARD_MARKER, 1)[1].lstrip("\n")
     assert after.startswith("```python\n")

@@ -25,13 +25,13 @@ import tensorflow as tf
 from model import load as model_load
 from model.bert import BertConfig, BertEncoder
 from model.export import export_bert_saved_model
-from model.load import (BertSavedModel, ModelFormatError, ModelInputError,
-                        ModelLimits, SequenceLengthError, TokenizerSettings,
-                        check_max_seq_length, infer_hidden_size,
-                        is_hub_handle, load_bert_saved_model,
-                        read_model_limits, read_tokenizer_settings,
-                        resolve_model_path,
-                        tokenizer_settings_with_overrides)
+from model.errors import ModelFormatError, ModelInputError, SequenceLengthError
+from model.handles import is_hub_handle, resolve_model_path
+from model.load import BertSavedModel, load_bert_saved_model
+from model.variables import (ModelLimits, check_max_seq_length,
+                             infer_hidden_size, read_model_limits)
+from model.vocab import (TokenizerSettings, read_tokenizer_settings,
+                         tokenizer_settings_with_overrides)
 from tests.bert_reference import ReferenceBert
 from tests.conftest import SPECIALS
 
@@ -402,13 +402,15 @@ def test_max_seq_length_beyond_the_position_table(models):
 
 
 def test_handler_refuses_a_longer_max_seq_length(models):
-    from transforms.infer import BertModelHandler
+    from transforms.batch import BatchSettings
+    from transforms.infer import BertModelHandler, InferSettings
     positions = TINY.max_position_embeddings
-    assert BertModelHandler(models["list"],
-                            max_seq_length=positions).load_model()
+    assert BertModelHandler(InferSettings(models["list"]), BatchSettings(
+        max_seq_length=positions)).load_model()
     for jit_compile in (False, True):
-        handler = BertModelHandler(models["list"], jit_compile=jit_compile,
-                                   max_seq_length=positions + 1)
+        infer = InferSettings(models["list"], jit_compile=jit_compile)
+        handler = BertModelHandler(infer, BatchSettings(
+            max_seq_length=positions + 1, step_padding=infer.xla))
         with pytest.raises(ValueError, match=f"max_seq_length {positions + 1}"
                            f" exceeds the model's {positions} positions"):
             handler.load_model()

@@ -12,11 +12,12 @@ import pytest
 pytest.importorskip("openvino", reason="openvino is not installed")
 
 from model import openvino_engine  # noqa: E402
-from model.accuracy import (ACCURACY_TARGETS, compare_engines,  # noqa: E402
-                            read_texts, token_batches)
+from model.accuracy import read_texts  # noqa: E402
 from model.load import load_bert_saved_model  # noqa: E402
 from model.openvino_engine import (OpenVINOBertModel, bf16_note,  # noqa: E402
                                    load_openvino_model)
+from model.self_check import (ACCURACY_TARGETS, compare_engines,  # noqa: E402
+                              token_batches)
 from tests.conftest import E2E_TEXTS, SHARED_ASSETS  # noqa: E402
 
 REAL_VOCAB = SHARED_ASSETS / "bert_zh" / "vocab.txt"
@@ -60,7 +61,7 @@ def test_float32_matches_tensorflow(tiny_model_dir, small_vocab):
 def test_bad_input_is_our_one_line_error(tiny_model_dir, small_vocab):
     """What TensorFlow's wrapper refuses, this engine refuses too: above
     all an id past the word table, which OpenVINO would embed as zeros."""
-    from model.load import ModelInputError
+    from model.errors import ModelInputError
     model = load_openvino_model(tiny_model_dir, "float32")
     assert model.limits.vocab_size == len(small_vocab)
     ids = np.ones((2, 4), np.int32)
@@ -413,7 +414,7 @@ def bert_scale(tmp_path_factory):
     from model.bert import BertConfig
     from model.export import export_bert_saved_model
     from tests.conftest import build_small_vocab
-    from transforms.tokenization import load_vocab
+    from model.vocab import load_vocab
     if REAL_VOCAB.exists():
         vocab = load_vocab(str(REAL_VOCAB))
         texts = read_texts([str(REAL_CORPUS)], limit=200, seed=3) \

@@ -14,7 +14,8 @@ from pipeline.read_embeddings import load_embeddings
 from pipeline.run import run
 from tests.conftest import E2E_TEXTS
 from transforms.records import DocumentEmbedding
-from transforms.write import embedding_schema, to_record_batch, to_tf_example
+from transforms.embedding_files import (embedding_schema, to_record_batch,
+                                        to_tf_example)
 
 HIDDEN = 4
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.preflight
 import pipeline.run
 from pipeline.lock import (BeamStore, GcsStore, LocalStore, LockLost,
                            LockOwner, OutputLock, OutputLocked,
@@ -278,7 +279,7 @@ def no_model_load(monkeypatch):
     def probe(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was "
                              "checked")
-    monkeypatch.setattr(pipeline.run, "probe_model", probe)
+    monkeypatch.setattr(pipeline.preflight, "probe_model", probe)
 
 
 def test_an_unwritable_output_is_refused_before_the_model_loads(

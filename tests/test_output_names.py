@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import pipeline.preflight
 import pipeline.run
 from pipeline.finish import RunFailed, all_output_patterns
 from pipeline.lock import OutputLock
-from pipeline.publish import clean_stale, publish, staging_prefix
+from pipeline.publish import clean_stale, publish
 from pipeline.read_embeddings import load_index
+from transforms.embedding_files import staging_prefix
 from pipeline.run import EXIT_USAGE, main, run
 
 TEXTS = ["今天天气很好", "客服回复很及时", "北京时间昨晚", "手机电池续航一般"]
@@ -142,7 +144,7 @@ def test_ambiguous_output_prefixes_are_usage_errors(
     def probe(*args, **kwargs):
         raise AssertionError("the job got past its launch checks")
 
-    monkeypatch.setattr(pipeline.run, "probe_model", probe)
+    monkeypatch.setattr(pipeline.preflight, "probe_model", probe)
     monkeypatch.chdir(tmp_path)
     assert main(_args(corpus, output, tiny_model_dir)) == EXIT_USAGE
     err = capsys.readouterr().err.strip()

@@ -277,18 +277,18 @@ def test_run_takes_bucket_boundaries_from_an_analysis_report(
         tmp_path, tiny_model_dir, e2e_corpus, capsys):
     from apache_beam.options.pipeline_options import PipelineOptions
     from pipeline.options import EmbedOptions
-    from pipeline.run import resolve_config
+    from pipeline.run import resolve_job
     report = tmp_path / "analysis.json"
     report.write_text(json.dumps({"recommended_bucket_boundaries": [8, 16]}))
     base = ["--input", str(e2e_corpus), "--output", str(tmp_path / "o"),
             "--model", tiny_model_dir]
-    config, _ = resolve_config(PipelineOptions(
-        base + ["--analysis", str(report)]).view_as(EmbedOptions))
-    assert list(config.bucket_boundaries) == [8, 16]
-    config, _ = resolve_config(PipelineOptions(
+    config = resolve_job(PipelineOptions(
+        base + ["--analysis", str(report)]).view_as(EmbedOptions)).config
+    assert list(config.batch.bucket_boundaries) == [8, 16]
+    config = resolve_job(PipelineOptions(
         base + ["--analysis", str(report), "--bucket_boundaries", "4,40"]
-    ).view_as(EmbedOptions))
-    assert list(config.bucket_boundaries) == [4, 40]
+    ).view_as(EmbedOptions)).config
+    assert list(config.batch.bucket_boundaries) == [4, 40]
     summary = _run(e2e_corpus, tmp_path / "out" / "emb", tiny_model_dir,
                    "--analysis", str(report))
     assert summary.reconciled

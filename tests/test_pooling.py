@@ -14,16 +14,16 @@ import pytest
 import tensorflow as tf
 
 from model.bert import _MASK_NEGATIVE, BertConfig, BertEncoder
+from model.files import hash_files, variables_files
 from pipeline.embed import embed_texts
-from pipeline.fingerprint import (hash_files, model_fingerprint,
-                                  variables_files)
+from pipeline.fingerprint import model_fingerprint
 from pipeline.read_embeddings import load_embeddings, load_index
 from pipeline.run import main, run
 from tests.conftest import E2E_TEXTS
 from transforms.pooling import (l2_normalize, masked_mean, mean_of_vectors,
                                 pool)
 from transforms.records import Document
-from transforms.tokenize import TokenizeDocuments
+from transforms.tokenize import TokenizeDocuments, TokenizeSettings
 
 MAX_SEQ = 12  # 10 wordpieces per chunk
 TEXTS = [t for t in E2E_TEXTS if t.strip()]
@@ -184,7 +184,8 @@ def test_default_pooling_is_the_models_pooled_output(tmp_path,
     vectors = embed_texts(TEXTS, model=tiny_model_dir,
                           max_seq_length=MAX_SEQ)
     model = tf.saved_model.load(tiny_model_dir)
-    tokenize = TokenizeDocuments(_vocab(tiny_model_dir), True, MAX_SEQ)
+    tokenize = TokenizeDocuments(_vocab(tiny_model_dir), True,
+                                 TokenizeSettings(MAX_SEQ))
     tokenize.setup()
     for i, text in enumerate(E2E_TEXTS):
         if not text.strip():
@@ -300,7 +301,8 @@ def test_first_last_avg_in_runs(tmp_path, layered_model_dir, small_vocab,
         flags.append("--document_vectors")
     _run(tmp_path, layered_model_dir, *flags)
     emb = load_embeddings(str(tmp_path / "emb-[0-9]*.parquet"))
-    tokenize = TokenizeDocuments(small_vocab, True, MAX_SEQ, long_text)
+    tokenize = TokenizeDocuments(small_vocab, True,
+                                 TokenizeSettings(MAX_SEQ, long_text))
     tokenize.setup()
     expected = {}
     for i, text in enumerate(E2E_TEXTS):
@@ -329,7 +331,7 @@ def test_first_last_avg_in_runs(tmp_path, layered_model_dir, small_vocab,
 def test_first_last_avg_embed_texts(layered_model_dir, small_vocab):
     vectors = embed_texts(TEXTS, model=layered_model_dir,
                           max_seq_length=MAX_SEQ, pooling="first_last_avg")
-    tokenize = TokenizeDocuments(small_vocab, True, MAX_SEQ)
+    tokenize = TokenizeDocuments(small_vocab, True, TokenizeSettings(MAX_SEQ))
     tokenize.setup()
     for i, text in enumerate(TEXTS):
         (doc,) = tokenize.process(Document("x", text))
@@ -368,7 +370,7 @@ def test_first_last_avg_with_an_exported_model(tmp_path, tiny_model_dir,
     vectors = embed_texts(TEXTS, model=tiny_model_dir,
                           max_seq_length=MAX_SEQ, pooling="first_last_avg",
                           normalize=True)
-    tokenize = TokenizeDocuments(small_vocab, True, MAX_SEQ)
+    tokenize = TokenizeDocuments(small_vocab, True, TokenizeSettings(MAX_SEQ))
     tokenize.setup()
     seen = 0
     for i, text in enumerate(E2E_TEXTS):

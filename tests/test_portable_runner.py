@@ -20,7 +20,7 @@ process, not in this one.
 Before a run, the launcher checks that the pool starts a worker that
 connects (``pipeline.worker_pool``): no pool, or a pool whose ``python``
 cannot run a Beam worker, ends the launch with one line instead of a hang;
-and the README's recipe for starting a pool works as written.
+and the recipe for starting a pool (docs/runners.md) works as written.
 """
 
 from __future__ import annotations
@@ -282,8 +282,8 @@ def test_no_worker_pool_is_one_line_and_exit_2(corpus, tmp_path,
     assert done.returncode == 2, done.stderr[-3000:]
     assert lines == [
         f"error: no SDK worker pool answers at localhost:{port} "
-        "(--environment_config) within 3 s: start one (see the README, "
-        "Runners) or correct the address"]
+        "(--environment_config) within 3 s: start one (see docs/runners.md)"
+        " or correct the address"]
     assert time.monotonic() - started < 120
     assert not list(tmp_path.glob("emb*"))
 
@@ -309,7 +309,7 @@ def test_a_pool_whose_python_cannot_run_a_worker_fails_in_time(tmp_path):
         f"the worker pool at {address} started no SDK worker that connected "
         "within 8 s (--worker_connect_timeout): it starts workers as "
         "`python` from its own PATH, which must have apache-beam and this "
-        "project; see the README, Runners")
+        "project; see docs/runners.md")
     assert "No module named apache_beam" in log.read_text(errors="replace")
 
 
@@ -318,9 +318,10 @@ def test_the_check_passes_with_a_working_pool(services):
 
 
 def _readme_pool_command() -> str:
-    """The README's command that starts the worker pool (Runners)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Runners"):]
+    """The documented command that starts the worker pool
+    (docs/runners.md)."""
+    text = (ROOT / "docs" / "runners.md").read_text(encoding="utf-8")
+    section = text[text.index("# Runners"):]
     (line,) = [line for line in section.splitlines()
                if "worker_pool_main" in line and "--service_port" in line]
     return line

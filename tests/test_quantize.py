@@ -13,7 +13,7 @@ pytest.importorskip("openvino", reason="openvino is not installed")
 pytest.importorskip("nncf", reason="nncf (the int8 extra) is not installed")
 
 from model import openvino_engine  # noqa: E402
-from model.accuracy import cosines  # noqa: E402
+from model.self_check import cosines  # noqa: E402
 from model.load import load_bert_saved_model  # noqa: E402
 from model.quantize import main  # noqa: E402
 from pipeline.run import EXIT_USAGE, run  # noqa: E402

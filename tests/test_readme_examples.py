@@ -6,8 +6,9 @@
   ``pipeline.run`` and ``pipeline.analyze`` are checked against the parser
   Beam builds for them (Beam's own options plus the module's options
   classes); other modules expose ``build_parser()``.
-* The README's options table names real flags, every flag of the job has
-  a row, and each stated default is the parser's.
+* Every options table (a table with ``flag`` and ``default`` columns) of
+  the README and ``docs/*.md`` names real flags of ``pipeline.run`` with
+  the parser's defaults; ``docs/options.md`` has a row for every flag.
 * The README's quick start ("A real model in five minutes") runs as
   written, in a temporary directory: its ``model.convert`` commands on
   small stand-ins of the Hugging Face and Google checkpoints it names, its
@@ -295,24 +296,41 @@ def module_problem(module: str) -> Optional[str]:
     return None if found is not None else f"no module {module}"
 
 
-# --- the README's options table ---------------------------------------------
+# --- the options tables -----------------------------------------------------
+
+OPTIONS_DOC = ROOT / "docs" / "options.md"
+_TABLE_ROW = re.compile(r"^\|.*\|[ \t]*$")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a table row, stripped."""
+    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
 
 
 def options_rows(text: str) -> list[tuple[int, list[str], str]]:
-    """``(line, flags, default cell)`` of each flag row of the table under
-    ``## Options``."""
-    start = text.index("\n## Options\n")
-    end = text.index("\n## ", start + 1)
+    """``(line, flags, default cell)`` of each flag row of every options
+    table in ``text``: a table whose header's first cell is ``flag`` and
+    which has a ``default`` column."""
     rows = []
-    for number, line in enumerate(text[start:end].split("\n")):
-        if not line.startswith("| `--"):
+    lines = text.split("\n")
+    default_column = None
+    for number, line in enumerate(lines, start=1):
+        if not _TABLE_ROW.match(line):
+            default_column = None
             continue
-        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        cells = _cells(line)
+        previous = lines[number - 2] if number > 1 else ""
+        if not _TABLE_ROW.match(previous):  # a header row
+            names = [cell.lower() for cell in cells]
+            default_column = (names.index("default")
+                              if names[0] == "flag" and "default" in names
+                              else None)
+            continue
+        if default_column is None or not cells[0].startswith("`--"):
+            continue
         flags = re.findall(r"`(--[\w-]+)`", cells[0])
-        rows.append((text.count("\n", 0, start) + number + 1, flags,
-                     cells[1]))
+        rows.append((number, flags, cells[default_column]))
     return rows
-
 
 def split_defaults(cell: str) -> list[str]:
     """A default cell's parts, one per flag of the row: split at commas
@@ -339,7 +357,8 @@ def default_matches(stated: str, default: Any) -> bool:
     """Whether a table's ``stated`` default is the parser's ``default``.
 
     `` `x` `` is the literal value (a list joined with commas); a number
-    is a number (``1,000,000`` = 1000000, ``60`` = 60.0); ``off``/``on``
+    is a number (``1,000,000`` = 1000000, ``60`` = 60.0, ``99%`` = 0.99);
+    ``off``/``on``
     are a switch's False/True; other words (``required``, ``none``, ``demo
     model``, ``from the model``, ``cached``) say there is no default value:
     None.  A remark in parentheses after it is ignored.
@@ -352,10 +371,13 @@ def default_matches(stated: str, default: Any) -> bool:
         return default is not None and str(default) == value
     head = re.split(r"\s+\(", stated, maxsplit=1)[0].strip()
     number = head.replace(",", "")
+    scale = 1.0
+    if number.endswith("%"):
+        number, scale = number[:-1], 0.01
     if re.fullmatch(r"-?\d+(\.\d+)?", number):
         return (isinstance(default, (int, float))
                 and not isinstance(default, bool)
-                and float(default) == float(number))
+                and abs(float(default) - float(number) * scale) < 1e-9)
     if head == "off":
         return default is False
     if head == "on":
@@ -363,8 +385,11 @@ def default_matches(stated: str, default: Any) -> bool:
     return default is None and "`" not in head
 
 
-def table_problems(text: str) -> list[str]:
-    """What the options table states that the job's parser does not."""
+def table_problems(text: str, where: str = "docs/options.md",
+                   complete: bool = True) -> list[str]:
+    """What the options tables of ``text`` (the page ``where``) state that
+    the job's parser does not; with ``complete``, also every flag of the
+    job that has no row."""
     from pipeline.options import EmbedOptions, embed_flags
     parser = beam_parser([EmbedOptions])
     # pylint: disable-next=protected-access
@@ -375,22 +400,23 @@ def table_problems(text: str) -> list[str]:
     for line, flags, cell in options_rows(text):
         parts = split_defaults(cell)
         if len(parts) not in (1, len(flags)):
-            problems.append(f"README.md:{line}: {len(flags)} flags but "
+            problems.append(f"{where}:{line}: {len(flags)} flags but "
                             f"{len(parts)} defaults in {cell!r}")
             continue
         for flag, stated in zip(flags, parts * len(flags)
                                 if len(parts) == 1 else parts):
             documented.add(flag)
             if flag not in ours:
-                problems.append(f"README.md:{line}: {flag} is not a flag of "
+                problems.append(f"{where}:{line}: {flag} is not a flag of "
                                 "pipeline.run")
             elif not default_matches(stated, actions[flag].default):
                 problems.append(
-                    f"README.md:{line}: {flag} is said to default to "
+                    f"{where}:{line}: {flag} is said to default to "
                     f"{stated!r}, the parser's default is "
                     f"{actions[flag].default!r}")
-    problems += [f"README.md: the options table has no row for {flag}"
-                 for flag in sorted(ours - documented)]
+    if complete:
+        problems += [f"{where}: the options table has no row for {flag}"
+                     for flag in sorted(ours - documented)]
     return problems
 
 
@@ -405,8 +431,11 @@ def test_the_documents_examples_are_found():
             "pipeline.compact", "model.convert",
             "apache_beam.runners.worker.worker_pool_main"} <= modules
     assert len([e for e in ALL_EXAMPLES
-                if e.where.startswith("README.md")]) >= 12
-    assert any(e.where.startswith("docs/models.md") for e in ALL_EXAMPLES)
+                if e.where.startswith("README.md")]) >= 5
+    assert len(ALL_EXAMPLES) >= 15
+    for page in ("docs/models.md", "docs/runners.md", "docs/dataflow.md",
+                 "docs/performance.md", "docs/incremental.md"):
+        assert any(e.where.startswith(page + ":") for e in ALL_EXAMPLES), page
     # Continuation lines are joined: the Dataflow example's last flag.
     assert any("--outputs" in e.args and "--setup_file" in e.args
                for e in ALL_EXAMPLES)
@@ -422,9 +451,26 @@ def test_every_command_takes_its_flags(example):
     assert not problems, f"{example.where}: " + "; ".join(problems)
 
 
-def test_the_options_table_states_the_parsers_defaults():
-    problems = table_problems(README.read_text(encoding="utf-8"))
+def test_docs_options_has_a_row_for_every_flag_with_its_default():
+    """docs/options.md is the full table: every flag of pipeline.run, each
+    with the parser's default."""
+    problems = table_problems(OPTIONS_DOC.read_text(encoding="utf-8"))
+    assert options_rows(OPTIONS_DOC.read_text(encoding="utf-8"))
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", [p for p in DOCS if p != OPTIONS_DOC],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_other_options_table_states_the_parsers_defaults(path):
+    """Shorter tables (the README's main options) need not name every flag,
+    but what they state must be true."""
+    problems = table_problems(path.read_text(encoding="utf-8"),
+                              str(path.relative_to(ROOT)), complete=False)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_has_a_main_options_table():
+    assert len(options_rows(README.read_text(encoding="utf-8"))) >= 10
 
 
 def test_the_checks_catch_drift():
@@ -456,21 +502,35 @@ def test_the_checks_catch_drift():
             "pipeline.compact: --parquet_compression 'lz4' is not one of")
     assert module_problem("pipeline.rnu") == "no module pipeline.rnu"
     assert module_problem("pipeline.run") is None
-    # The table: another default, a flag that does not exist, a missing row.
-    text = README.read_text(encoding="utf-8")
+    # The full table: another default, a flag that does not exist, a
+    # missing row.
+    text = OPTIONS_DOC.read_text(encoding="utf-8")
     assert table_problems(text) == []
     drifted = (text.replace("| `--batch_size` | 32 |",
                             "| `--batch_size` | 64 |")
                .replace("| `--pooling` | `cls` |", "| `--pooling` | `mean` |")
                .replace("| `--dedup` | off |", "| `--dedupe` | off |"))
     assert sorted(table_problems(drifted)) == sorted([
-        f"README.md:{_row_line(drifted, '--dedupe')}: --dedupe is not a "
-        "flag of pipeline.run",
-        f"README.md:{_row_line(drifted, '--pooling')}: --pooling is said "
-        "to default to '`mean`', the parser's default is 'cls'",
-        f"README.md:{_row_line(drifted, '--batch_size')}: --batch_size is "
-        "said to default to '64', the parser's default is 32",
-        "README.md: the options table has no row for --dedup"])
+        f"docs/options.md:{_row_line(drifted, '--dedupe')}: --dedupe is not "
+        "a flag of pipeline.run",
+        f"docs/options.md:{_row_line(drifted, '--pooling')}: --pooling is "
+        "said to default to '`mean`', the parser's default is 'cls'",
+        f"docs/options.md:{_row_line(drifted, '--batch_size')}: "
+        "--batch_size is said to default to '64', the parser's default is 32",
+        "docs/options.md: the options table has no row for --dedup"])
+    # The README's short table: a wrong default is reported, a flag it
+    # leaves out is not.
+    readme = README.read_text(encoding="utf-8")
+    assert table_problems(readme, "README.md", complete=False) == []
+    wrong = readme.replace("| `--max_tokens_per_batch` | 2048 |",
+                           "| `--max_tokens_per_batch` | 4,096 |")
+    assert table_problems(wrong, "README.md", complete=False) == [
+        f"README.md:{_row_line(wrong, '--max_tokens_per_batch')}: "
+        "--max_tokens_per_batch is said to default to '4,096', the parser's "
+        "default is 2048"]
+    # Only tables with a flag and a default column are options tables.
+    assert options_rows("| `--pooling` | vector |\n|---|---|\n"
+                        "| `--x` | y |\n") == []
 
 
 def _row_line(text: str, flag: str) -> int:
@@ -487,6 +547,7 @@ def _row_line(text: str, flag: str) -> int:
     ("required", None, True), ("demo model", None, True),
     ("`pooled,sequence`", ["pooled", "sequence"], True),
     ("`pooled`", ["pooled", "sequence"], False), ("32", True, False),
+    ("99%", 0.99, True), ("99%", 0.9, False), ("0.99", 0.99, True),
 ])
 def test_how_table_defaults_are_read(stated, default, matches):
     assert default_matches(stated, default) is matches
@@ -594,7 +655,8 @@ def _prefill_tf_hub_cache(cache: Path, handle: str, model_dir: Path) -> None:
 def _converted_models_agree(first: Path, second: Path) -> None:
     """The two releases hold the same weights: so do their conversions."""
     import numpy as np
-    from model.load import load_bert_saved_model, read_tokenizer_settings
+    from model.load import load_bert_saved_model
+    from model.vocab import read_tokenizer_settings
     ids = np.array([[101, 104, 110, 105, 102, 0]], np.int32)
     mask = (ids > 0).astype(np.int32)
     a = load_bert_saved_model(str(first))(ids, mask, np.zeros_like(ids))
@@ -638,7 +700,7 @@ def test_the_quick_start_runs_as_written(tmp_path, random_bert_weights):
     after its inputs were put there: the checkpoints it converts (tiny
     stand-ins), ``data/sample_zh.jsonl`` and, for a TF Hub handle, a
     pre-filled cache.  Then what each printed or wrote is checked."""
-    from model.load import is_hub_handle
+    from model.handles import is_hub_handle
     lines = quick_start_lines()
     calls = []
     for line in lines:

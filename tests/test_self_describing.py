@@ -23,7 +23,7 @@ import pytest
 from pipeline.read_embeddings import load_embeddings, load_index
 from pipeline.run import run
 from tests.conftest import E2E_TEXTS
-from transforms.write import METADATA_KEY, read_file_metadata
+from transforms.embedding_files import METADATA_KEY, read_file_metadata
 
 duckdb = pytest.importorskip("duckdb")
 pl = pytest.importorskip("polars")

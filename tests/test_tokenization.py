@@ -32,8 +32,8 @@ from tests.tokenizer_corpus import (HF_DIVERGENCE_DOCS, SPECIAL_TOKENS,
                                     build_test_vocab,
                                     build_tokenizer_test_corpus)
 from transforms import tokenization
-from transforms.tokenization import (BertWordPieceTokenizer, Encoded,
-                                     load_vocab)
+from model.vocab import load_vocab
+from transforms.tokenization import BertWordPieceTokenizer, Encoded
 
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 REAL_VOCAB = SHARED_ASSETS / "bert_zh" / "vocab.txt"
@@ -598,10 +598,10 @@ def test_parity_with_hf_tokenizers_on_real_assets(lower):
 
 
 # --------------------------------------------------------------------------
-# Vectorised fast path and encode_batch
+# Vectorised fast path
 # --------------------------------------------------------------------------
 #
-# encode(), encode_batch() and tokenize() look code points up in a NumPy table
+# encode() and tokenize() look code points up in a NumPy table
 # and send only runs of non-isolated characters (and whole documents with a
 # context-dependent character) through the general path. These tests pin the
 # fast path to the naive reference above and to the general path.
@@ -666,59 +666,10 @@ def test_fast_path_edge_cases_match_naive_reference(name, text, lower):
 
 
 @pytest.mark.parametrize("lower", [True, False])
-def test_encode_batch_of_edge_cases_equals_encode(lower):
-    """Mixed batches: a context-dependent or odd document must not change its
-    neighbours (documents are joined internally)."""
-    tok = BertWordPieceTokenizer(EDGE_VOCAB, do_lower_case=lower)
-    texts = [text for _, text in FAST_PATH_EDGE_CASES]
-    for order in (texts, texts[::-1], [t for t in texts for _ in (0, 1)]):
-        _assert_batch_equals_encode(tok, order, max_seq_length=6)
-        _assert_batch_equals_encode(tok, order, max_seq_length=64)
-
-
-def _assert_batch_equals_encode(tok: BertWordPieceTokenizer, texts: Sequence[str],
-                                max_seq_length: int, pad_to_longest: bool = False) -> None:
-    """Row i of encode_batch is encode(texts[i]) followed by zeros."""
-    batch = tok.encode_batch(texts, max_seq_length, pad_to_longest=pad_to_longest)
-    width = max_seq_length
-    if pad_to_longest:
-        width = max((tok.encode(t, max_seq_length).num_tokens for t in texts), default=2)
-    assert batch.input_word_ids.shape == batch.input_mask.shape == (len(texts), width)
-    assert batch.input_word_ids.dtype == batch.input_mask.dtype == np.int32
-    for row, text in enumerate(texts):
-        enc = tok.encode(text, max_seq_length)
-        ids, mask = batch.input_word_ids[row], batch.input_mask[row]
-        assert ids[:enc.num_tokens].tolist() == enc.input_word_ids.tolist(), repr(text[:80])
-        assert not ids[enc.num_tokens:].any()
-        assert mask.tolist() == [1] * enc.num_tokens + [0] * (width - enc.num_tokens)
-        assert (batch.num_tokens[row], batch.truncated[row], batch.num_wordpieces[row]) == (
-            enc.num_tokens, enc.truncated, enc.num_wordpieces)
-
-
-def test_encode_batch_pads_to_max_seq_length_or_longest():
-    tok = make_tokenizer()
-    batch = tok.encode_batch(["今天好今天好", "", "今"], max_seq_length=5)
-    assert batch.input_word_ids.tolist() == [
-        [2, 21, 22, 23, 3], [2, 3, 0, 0, 0], [2, 21, 3, 0, 0]]
-    assert batch.input_mask.tolist() == [[1] * 5, [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
-    assert batch.num_tokens.tolist() == [5, 2, 3]
-    assert batch.truncated.tolist() == [True, False, False]
-    assert batch.num_wordpieces.tolist() == [6, 0, 1]
-    longest = tok.encode_batch(["今", "今天"], max_seq_length=128, pad_to_longest=True)
-    assert longest.input_word_ids.tolist() == [[2, 21, 3, 0], [2, 21, 22, 3]]
-    empty = tok.encode_batch([], max_seq_length=8)
-    assert empty.input_word_ids.shape == (0, 8) and empty.num_tokens.shape == (0,)
-    assert tok.encode_batch(["", " "], 8, pad_to_longest=True).input_word_ids.tolist() == [
-        [2, 3], [2, 3]]
-    with pytest.raises(ValueError, match="max_seq_length"):
-        tok.encode_batch(["a"], max_seq_length=1)
-
-
-@pytest.mark.parametrize("lower", [True, False])
 def test_fast_path_matches_general_path_on_unicode_sweep(lower):
     """Every swept code point, in a vocabulary that knows it (so a wrong id
     cannot hide behind [UNK]), next to CJK, Latin, space and dropped
-    characters, through _piece_ids and through one encode_batch."""
+    characters, through _piece_ids."""
     points = _sweep_code_points()
     chars = [chr(cp) for cp in points]
     forms = {form for c in chars for form in (c, *c.lower(), *unicodedata.normalize(
@@ -730,20 +681,6 @@ def test_fast_path_matches_general_path_on_unicode_sweep(lower):
             for ctx in contexts for start in range(0, len(chars), 256)]
     for doc in docs:
         assert tok._piece_ids(doc).tolist() == tok._text_to_ids(doc), repr(doc[:40])
-    batch = tok.encode_batch(docs, max_seq_length=1 << 16, pad_to_longest=True)
-    for row, doc in enumerate(docs):
-        assert batch.input_word_ids[row, 1:batch.num_tokens[row] - 1].tolist() == \
-            tok._text_to_ids(doc)
-
-
-@pytest.mark.parametrize("lower", [True, False])
-def test_encode_batch_equals_encode_on_generated_corpus(corpus, corpus_vocab, lower):
-    tok = BertWordPieceTokenizer(corpus_vocab, do_lower_case=lower)
-    for max_seq_length in (2, 3, 16, 128):
-        _assert_batch_equals_encode(tok, corpus, max_seq_length)
-    for size in (1, 7):
-        for start in range(0, 300, size):
-            _assert_batch_equals_encode(tok, corpus[start:start + size], 16, pad_to_longest=True)
 
 
 def test_fast_path_equals_general_path_on_generated_corpus(corpus, corpus_vocab):
@@ -780,8 +717,9 @@ def test_run_cache_is_bounded(monkeypatch):
     assert "x" * 80 not in tok._run_cache  # long runs are not cached
 
 
-def test_encode_batch_equals_encode_on_real_assets():
+def test_fast_path_equals_general_path_on_real_assets():
     vocab, docs = _load_real_assets()
     tok = BertWordPieceTokenizer(vocab, do_lower_case=True)
-    for start in range(0, len(docs), 4096):
-        _assert_batch_equals_encode(tok, docs[start:start + 4096], max_seq_length=128)
+    fresh = BertWordPieceTokenizer(vocab, do_lower_case=True)
+    for doc in docs[:4096]:
+        assert tok._piece_ids(doc).tolist() == fresh._text_to_ids(doc), repr(doc[:200])

@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.read_embeddings import load_embeddings
-from transforms.infer import BertModelHandler, pad_batch
+from transforms.batch import BatchSettings
+from transforms.infer import InferSettings, pad_batch
 from transforms.read import detect_format, get_field
 from transforms.records import DeadLetter, DocumentEmbedding, TokenizedDocument
-from transforms.write import embedding_schema, to_record_batch, to_tf_example
+from transforms.embedding_files import (dead_letter_line, embedding_schema,
+                                        to_record_batch, to_tf_example)
 
 
 def _doc(doc_id: str, ids: list[int]) -> TokenizedDocument:
@@ -40,20 +42,24 @@ def test_pad_batch_rounds_the_width_to_a_step_when_asked():
     np.testing.assert_array_equal(mask.sum(axis=1), [3, 5])
 
 
-def test_model_handler_pads_to_steps_only_under_xla():
-    assert BertModelHandler("/m", jit_compile=True,
-                            max_seq_length=64).pad_to_steps == 64
-    assert BertModelHandler("/m").pad_to_steps is None
+def test_batches_pad_to_steps_only_under_xla():
+    def pad_to(**infer: object) -> object:
+        """The width cap batches of a run with these settings pad to, as
+        the launcher composes them (step padding where XLA applies)."""
+        return BatchSettings(max_seq_length=64, step_padding=InferSettings(
+            "/m", **infer).xla).pad_to_steps
+    assert pad_to(jit_compile=True) == 64
+    assert pad_to() is None
     # TensorFlow's bfloat16 rewrite works on graphs that XLA replaces.
-    assert BertModelHandler("/m", precision="bfloat16", jit_compile=True,
-                            max_seq_length=64).pad_to_steps is None
+    assert pad_to(precision="bfloat16", jit_compile=True) is None
+    assert pad_to(engine="openvino", jit_compile=True) is None
 
 
 def test_model_handler_rejects_unknown_outputs():
     with pytest.raises(ValueError, match="outputs"):
-        BertModelHandler("/nowhere", outputs=("cls",))
+        InferSettings("/nowhere", outputs=("cls",))
     with pytest.raises(ValueError, match="outputs"):
-        BertModelHandler("/nowhere", outputs=())
+        InferSettings("/nowhere", outputs=())
 
 
 def _rows(hidden: int = 4) -> list[DocumentEmbedding]:
@@ -139,7 +145,7 @@ def test_get_field_follows_dots():
 
 def test_dead_letter_json_escapes_control_characters_and_cuts_excerpt():
     letter = DeadLetter("read", "bad", "f.jsonl", 3, "x", "坏\x00" + "字" * 500)
-    record = json.loads(letter.to_json())
+    record = json.loads(dead_letter_line(letter))
     assert record["excerpt"].startswith("坏\\x00字")
     assert record["excerpt"].endswith("…")
     assert len(record["excerpt"]) < 220

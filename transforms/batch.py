@@ -11,8 +11,8 @@ With ``bucket_boundaries`` (e.g. the ones ``pipeline.analyze`` recommends)
 documents are first split into length buckets and a batch never mixes two
 buckets, so each bucket's batches are padded within that bucket's range.
 
-With ``pad_to_steps`` (set when the model is compiled with XLA, which
-compiles once per input shape) a batch's width is its longest document
+With step padding (``BatchSettings.step_padding``, set when the model is
+compiled with XLA, which compiles once per input shape) a batch's width is its longest document
 rounded up to a length step (``step_length``), so that a whole corpus
 needs a few dozen shapes instead of one per length; the token budget
 counts the rounded width.
@@ -21,6 +21,7 @@ counts the rounded width.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -130,28 +131,54 @@ def cut_batches(docs: Sequence[TokenizedDocument], max_docs: int,
                                      pad_to_steps)]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    """How documents are batched and how wide each batch is padded
+    (``--batch_size``, ``--max_tokens_per_batch``, ``--bucket_boundaries``),
+    checked once, here.
+
+    The width policy is this class's: a batch is padded to its longest
+    document, rounded up to a length step (``step_length``) capped at
+    ``max_seq_length`` when ``step_padding`` is set (the model runs under
+    XLA).  The batcher counts and the model handler pads those same widths.
+    ``max_seq_length`` is received already checked (``TokenizeSettings``).
+    """
+    batch_size: int = 32
+    max_tokens_per_batch: int = 2048
+    bucket_boundaries: Optional[Sequence[int]] = None
+    max_seq_length: int = 512
+    step_padding: bool = False
+    sort_window: int = DEFAULT_SORT_WINDOW
+
+    def __post_init__(self) -> None:
+        if (self.batch_size < 1 or self.max_tokens_per_batch < 1
+                or self.sort_window < 1):
+            raise ValueError("batch_size, max_tokens_per_batch and "
+                             "sort_window must be positive")
+        boundaries = check_bucket_boundaries(self.bucket_boundaries)
+        object.__setattr__(self, "bucket_boundaries",
+                           None if boundaries is None else tuple(boundaries))
+
+    @property
+    def pad_to_steps(self) -> Optional[int]:
+        """The cap widths are rounded up to steps within, or None (each
+        batch as wide as its longest document)."""
+        return self.max_seq_length if self.step_padding else None
+
+
 class BatchByLength(beam.DoFn):
     """Groups documents of similar token length into bounded batches.
 
     Sorting happens within a window of ``sort_window`` documents of one
     bundle; what is left at the end of a bundle is flushed then.  With
     ``bucket_boundaries`` no batch mixes length buckets (see
-    ``cut_batches``); with ``pad_to_steps`` the budget counts widths
-    rounded to length steps, as the model handler then pads them.
+    ``cut_batches``); with step padding the budget counts widths rounded to
+    length steps, as the model handler then pads them.
     """
 
-    def __init__(self, max_docs: int, max_tokens: int,
-                 sort_window: int = DEFAULT_SORT_WINDOW,
-                 bucket_boundaries: Optional[Sequence[int]] = None,
-                 pad_to_steps: Optional[int] = None):
-        if max_docs < 1 or max_tokens < 1 or sort_window < 1:
-            raise ValueError("max_docs, max_tokens and sort_window must be "
-                             "positive")
-        self._max_docs = max_docs
-        self._max_tokens = max_tokens
-        self._boundaries = check_bucket_boundaries(bucket_boundaries)
-        self._pad_to_steps = pad_to_steps
-        self._window = max(sort_window, max_docs)
+    def __init__(self, settings: BatchSettings = BatchSettings()):
+        self._settings = settings
+        self._window = max(settings.sort_window, settings.batch_size)
         self._buffer: list[TokenizedDocument] = []
 
     def start_bundle(self) -> None:
@@ -168,7 +195,9 @@ class BatchByLength(beam.DoFn):
             yield GlobalWindows.windowed_value(batch)
 
     def _drain(self) -> list[list[TokenizedDocument]]:
-        batches = cut_batches(self._buffer, self._max_docs, self._max_tokens,
-                              self._boundaries, self._pad_to_steps)
+        s = self._settings
+        batches = cut_batches(self._buffer, s.batch_size,
+                              s.max_tokens_per_batch, s.bucket_boundaries,
+                              s.pad_to_steps)
         self._buffer = []
         return batches

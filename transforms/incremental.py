@@ -27,15 +27,11 @@ import json
 from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
-import pyarrow as pa
 
+from transforms.embedding_files import (EMBEDDED_AS, ID, INDEX_COLUMNS,
+                                        INDEX_SCHEMA, JSONL_EXT, PARQUET_EXT)
 from transforms.records import METRICS_NAMESPACE, Document, DocumentEmbedding
-from transforms.write import EMBEDDED_AS
 
-INDEX_COLUMNS = ("id", "content_hash", "model_fingerprint", "run_id",
-                 EMBEDDED_AS)
-INDEX_SCHEMA = pa.schema([pa.field(name, pa.string(), nullable=False)
-                          for name in INDEX_COLUMNS])
 UNCHANGED_TAG = "unchanged"
 DELETED_TAG = "deleted"
 
@@ -86,7 +82,7 @@ def entry_of(row: DocumentEmbedding, fingerprint: str,
 def _entry_from_row(row: dict[str, Any]) -> tuple[str, IndexEntry]:
     """An index file's row as ``(id, entry)``; files written before
     ``embedded_as`` existed lack the column (every entry its own row)."""
-    return row["id"], IndexEntry(**{name: row.get(name) or ""
+    return row[ID], IndexEntry(**{name: row.get(name) or ""
                                     for name in INDEX_COLUMNS})
 
 
@@ -189,7 +185,7 @@ class WriteIndex(beam.PTransform):
                 | "ToRow" >> beam.Map(IndexEntry.to_row)
                 | "WriteParquet" >> beam.io.WriteToParquet(
                     self._prefix, INDEX_SCHEMA, codec="snappy",
-                    file_name_suffix=".parquet"))
+                    file_name_suffix=PARQUET_EXT))
 
 
 class WriteDeleted(beam.PTransform):
@@ -204,7 +200,7 @@ class WriteDeleted(beam.PTransform):
         return (deleted
                 | "ToJson" >> beam.Map(DeletedDocument.to_json)
                 | "WriteJsonl" >> beam.io.WriteToText(
-                    self._prefix, file_name_suffix=".jsonl"))
+                    self._prefix, file_name_suffix=JSONL_EXT))
 
 
 class _KeepComplete(beam.DoFn):

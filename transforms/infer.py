@@ -12,6 +12,7 @@ only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -19,11 +20,10 @@ import numpy as np
 from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
                                            RunInference)
 
-from model import xla_cache
 from model.engines import (OPENVINO, PRECISIONS, TENSORFLOW, EngineSpec,
                            load_engine, xla_applies)
 from model.load import BertSavedModel
-from transforms.batch import BatchByLength, batch_width
+from transforms.batch import BatchByLength, BatchSettings, batch_width
 from transforms.pooling import check_pooling, needs_layers, pool
 from transforms.records import (METRICS_NAMESPACE, DeadLetter,
                                 DocumentEmbedding, TokenizedDocument)
@@ -54,76 +54,100 @@ def pad_batch(docs: Sequence[TokenizedDocument],
     return ids, mask, np.zeros_like(ids)
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` once it names one (``auto``, ``float32``,
+    ``bfloat16``, ``int8``: see ``model.engines``); else ``ValueError``.
+
+    The one place a run's precision is checked: ``InferSettings`` calls it,
+    and the launchers reach it through that class."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    return precision
+
+
+@dataclasses.dataclass(frozen=True)
+class InferSettings:
+    """How the model runs (``--model``, ``--outputs``, ``--engine``,
+    ``--precision``, ``--int8_model``, ``--pooling``, ``--normalize``, the
+    TensorFlow thread pools, and XLA as the launcher decides it); checked
+    once, here.
+
+    ``outputs`` picks which embeddings each result keeps (``pooled``,
+    ``sequence``).  ``engine`` and ``precision`` (``auto`` or a name, see
+    ``model.engines``) pick the engine each worker loads; ``int8_model`` is
+    the quantized model for ``int8``.  ``jit_compile`` runs the TensorFlow
+    engine through XLA where it applies (``xla``).  ``pooling`` and
+    ``normalize`` say how the ``pooled`` vector is made from the model's
+    outputs (``transforms.pooling``: ``cls`` keeps the model's
+    ``pooled_output``).
+    """
+    model_dir: str
+    outputs: Sequence[str] = OUTPUT_KINDS
+    precision: str = "float32"
+    engine: str = TENSORFLOW
+    int8_model: Optional[str] = None
+    pooling: str = "cls"
+    normalize: bool = False
+    jit_compile: bool = False
+    intra_op_threads: Optional[int] = None
+    inter_op_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.outputs) - set(OUTPUT_KINDS)
+        if unknown or not self.outputs:
+            raise ValueError(f"outputs must be a non-empty subset of "
+                             f"{OUTPUT_KINDS}, got {list(self.outputs)}")
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        check_precision(self.precision)
+        check_pooling(self.pooling)
+        # Per-layer outputs come from the TensorFlow wrapper only.
+        if needs_layers(self.pooling) and self.engine == OPENVINO:
+            raise ValueError(f"pooling {self.pooling} needs the model's "
+                             "encoder_outputs, which only the "
+                             "tensorflow engine returns")
+
+    @property
+    def xla(self) -> bool:
+        """Whether a worker may run the model through XLA (float32 on
+        TensorFlow only: TensorFlow's bfloat16 paths are graphs XLA does
+        not see); batches are then padded to length steps
+        (``BatchSettings.step_padding``)."""
+        return xla_applies(self.jit_compile, self.precision, self.engine)
+
+
 class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                                     BertSavedModel]):
     """RunInference handler for a TF Hub–style BERT SavedModel.
 
-    ``outputs`` picks which embeddings each result keeps (``pooled``,
-    ``sequence``); the other is dropped right after the model call so it
-    does not travel through the rest of the pipeline.  Each result also
-    carries the document's row metadata (chunk fields, content hash, text
-    when the run writes it), so no join of the large embedding rows with
-    the documents is needed after inference.
-
-    ``engine`` and ``precision`` (``auto`` or a name, see
-    ``model.engines``) pick the engine each worker loads; ``int8_model``
-    is the quantized model for ``int8``.  ``jit_compile`` runs the
-    TensorFlow engine through XLA (float32 only: TensorFlow's bfloat16
-    paths are graphs XLA does not see); where a worker may do so, batch
-    widths are rounded up to length steps capped at ``max_seq_length``
-    (``pad_to_steps``), which the batcher must use too, and compiled
-    executables are shared with later runs through ``xla_cache_dir``
-    (``auto``, ``none`` or a path: see ``model.xla_cache``).  OpenVINO
-    runs each batch at its own width.
-
-    ``pooling`` and ``normalize`` say how the ``pooled`` vector is made from
-    the model's outputs (``transforms.pooling``: ``cls`` keeps the model's
-    ``pooled_output``).
+    ``settings`` say how the model runs (``InferSettings``); ``batching``
+    how wide each batch is padded (``BatchSettings``, whose widths the
+    batcher counts) and the ``max_seq_length`` no batch exceeds.  Of the
+    model's outputs only ``settings.outputs`` are kept, the other dropped
+    right after the model call so it does not travel through the rest of
+    the pipeline.  Each result also carries the document's row metadata
+    (chunk fields, content hash, text when the run writes it), so no join
+    of the large embedding rows with the documents is needed after
+    inference.  OpenVINO runs each batch at its own width.
     """
 
-    def __init__(self, model_dir: str,
-                 outputs: Sequence[str] = OUTPUT_KINDS,
-                 precision: str = "float32",
-                 intra_op_threads: Optional[int] = None,
-                 inter_op_threads: Optional[int] = None,
-                 jit_compile: bool = False,
-                 max_seq_length: int = 512,
-                 xla_cache_dir: str = xla_cache.OFF,
-                 pooling: str = "cls", normalize: bool = False,
-                 engine: str = TENSORFLOW,
-                 int8_model: Optional[str] = None):
-        unknown = set(outputs) - set(OUTPUT_KINDS)
-        if unknown or not outputs:
-            raise ValueError(f"outputs must be a non-empty subset of "
-                             f"{OUTPUT_KINDS}, got {list(outputs)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}")
+    def __init__(self, settings: InferSettings,
+                 batching: BatchSettings = BatchSettings()):
         super().__init__()
-        self._model_dir = model_dir
-        self._precision = precision
-        self._threads = (intra_op_threads, inter_op_threads)
+        self._settings = settings
+        self._batching = batching
         # Padded tokens the model computed (batch x longest): with
         # tokens_embedded it gives the share of compute spent on padding.
         self._computed = beam.metrics.Metrics.counter(
             METRICS_NAMESPACE, "tokens_computed")
-        self._keep_pooled = "pooled" in outputs
-        self._keep_sequence = "sequence" in outputs
-        self._jit_compile = xla_applies(jit_compile, precision, engine)
-        self._max_seq_length = max_seq_length
-        self.pad_to_steps = max_seq_length if self._jit_compile else None
-        self._xla_cache_dir = xla_cache_dir
-        self._pooling = check_pooling(pooling)
-        self._normalize = normalize
-        if needs_layers(self._pooling):
-            # Per-layer outputs come from the TensorFlow wrapper only.
-            if engine == OPENVINO:
-                raise ValueError(f"pooling {pooling} needs the model's "
-                                 "encoder_outputs, which only the "
-                                 "tensorflow engine returns")
-            engine = TENSORFLOW
-        self._spec = EngineSpec(model_dir, engine, precision,
-                                intra_op_threads, inter_op_threads,
-                                self._jit_compile, xla_cache_dir, int8_model)
+        self._keep_pooled = "pooled" in settings.outputs
+        self._keep_sequence = "sequence" in settings.outputs
+        # Per-layer outputs come from the TensorFlow wrapper only.
+        engine = (TENSORFLOW if needs_layers(settings.pooling)
+                  else settings.engine)
+        self._spec = EngineSpec(
+            settings.model_dir, engine, settings.precision,
+            settings.intra_op_threads, settings.inter_op_threads,
+            settings.xla, settings.int8_model)
 
     def load_model(self) -> BertSavedModel:
         """This worker's engine for the job's model (see
@@ -133,9 +157,10 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
         every longer batch would fail."""
         model = load_engine(self._spec)
         positions = model.limits.max_positions
-        if positions is not None and self._max_seq_length > positions:
+        longest = self._batching.max_seq_length
+        if positions is not None and longest > positions:
             raise ValueError(
-                f"max_seq_length {self._max_seq_length} exceeds the model's "
+                f"max_seq_length {longest} exceeds the model's "
                 f"{positions} positions ({model.model_dir})")
         return model
 
@@ -143,16 +168,17 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                       model: BertSavedModel,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        ids, mask, segments = pad_batch(batch, self.pad_to_steps)
+        ids, mask, segments = pad_batch(batch, self._batching.pad_to_steps)
         layers = None
-        if needs_layers(self._pooling):
+        pooling = self._settings.pooling
+        if needs_layers(pooling):
             pooled, sequence, layers = model.call_with_layers(
                 ids, mask, segments)
         else:
             pooled, sequence = model(ids, mask, segments)
         if self._keep_pooled:
-            pooled = pool(self._pooling, pooled, sequence, mask, layers,
-                          self._normalize)
+            pooled = pool(pooling, pooled, sequence, mask, layers,
+                          self._settings.normalize)
         self._computed.inc(ids.size)
         for row, doc in enumerate(batch):
             yield PredictionResult(doc, DocumentEmbedding(
@@ -249,7 +275,7 @@ class _FailedBatchToDeadLetters(beam.DoFn):
             if doc.chunk_index == 0:
                 self._failed.inc()
             self._chunks.inc()
-            yield DeadLetter("infer", reason, doc.source, doc.line, doc.id)
+            yield DeadLetter.of_document("infer", reason, doc)
 
 
 class EmbedDocuments(beam.PTransform):
@@ -260,15 +286,11 @@ class EmbedDocuments(beam.PTransform):
     goes on.
     """
 
-    def __init__(self, model_handler: BertModelHandler, batch_size: int,
-                 max_tokens_per_batch: int,
-                 bucket_boundaries: Optional[Sequence[int]] = None):
+    def __init__(self, model_handler: BertModelHandler,
+                 batching: BatchSettings):
         super().__init__()
         self._handler = model_handler
-        self._batching = BatchByLength(
-            batch_size, max_tokens_per_batch,
-            bucket_boundaries=bucket_boundaries,
-            pad_to_steps=model_handler.pad_to_steps)
+        self._batching = BatchByLength(batching)
 
     def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
         results, failures = (

@@ -15,6 +15,7 @@ breaks off (a truncated or corrupt compressed stream).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,20 +27,20 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.embedding_files import LOCK_SUFFIX, run_prefix_of_manifest
 from transforms.identity import content_hash, derived_id
 from transforms.misdecoding import MISDECODED
-from transforms.records import METRICS_NAMESPACE, DeadLetter, Document
+from transforms.records import (DEAD_LETTER_TAG, METRICS_NAMESPACE,
+                                DeadLetter, Document, WithDeadLetters)
 from transforms.sources import (ENCODINGS, INPUT_FORMATS, RawRecord,
                                 compressed_fault, decompressed,
                                 detect_format, is_compressed, iter_records)
 
-__all__ = ["INPUT_FORMATS", "ENCODINGS", "DEAD_LETTER_TAG", "ReadDocuments",
+__all__ = ["INPUT_FORMATS", "ENCODINGS", "ReadDocuments", "ReadSettings",
            "RecordParser", "check_patterns_match", "detect_format",
            "get_field", "match_input"]
 
 _LOG = logging.getLogger("transforms.read")
-
-DEAD_LETTER_TAG = "dead_letter"
 
 # Longest text (in characters) embedded by default; longer ones are dead
 # letters (--max_text_chars).
@@ -54,12 +55,6 @@ def max_line_bytes(max_text_chars: int) -> int:
 
 
 _GLOB_CHARS = "*?["
-# How a run's manifest is named: ``<output>-manifest.json``
-# (``transforms.write.MANIFEST_SUFFIX``, not imported: write imports TF).
-_MANIFEST_SUFFIX = "-manifest.json"
-# A run's lease file ``<output>.lock`` (``pipeline.lock.LOCK_SUFFIX``), which
-# exists from launch on, before any manifest.
-_LOCK_SUFFIX = ".lock"
 
 
 def _directory(pattern: str) -> Optional[str]:
@@ -84,7 +79,8 @@ def _run_outputs(files: list[FileMetadata]) -> list[str]:
     prefixes = []
     for meta in files:
         name = posixpath.basename(meta.path.replace("\\", "/"))
-        if not name.endswith(_MANIFEST_SUFFIX):
+        prefix = run_prefix_of_manifest(name)
+        if prefix is None:
             continue
         try:
             with FileSystems.open(meta.path) as handle:
@@ -93,14 +89,14 @@ def _run_outputs(files: list[FileMetadata]) -> list[str]:
             continue  # not ours: read it like any other file
         if isinstance(manifest, dict) and "manifest_version" in manifest \
                 and "run_id" in manifest:
-            prefixes.append(name[:-len("manifest.json")])
+            prefixes.append(prefix)
     return prefixes
 
 
 def _is_run_lock(meta: FileMetadata) -> bool:
     """Whether ``meta`` is a run's lease file (``pipeline.lock``): named
     ``*.lock`` and holding a JSON object with the owner's run id and pid."""
-    if not meta.path.endswith(_LOCK_SUFFIX) or meta.size_in_bytes > 1 << 16:
+    if not meta.path.endswith(LOCK_SUFFIX) or meta.size_in_bytes > 1 << 16:
         return False
     try:
         with FileSystems.open(meta.path) as handle:
@@ -344,33 +340,46 @@ class _ParseFile(beam.DoFn):
         return item
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadSettings:
+    """How input records become documents (the read stage's flags:
+    ``--input_format``, ``--id_field``, ``--text_field``,
+    ``--input_encoding``, ``--max_text_chars``); checked once, here."""
+    input_format: str = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    input_encoding: str = "utf-8"
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
+                             f"not {self.input_format!r}")
+        if self.input_encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, "
+                             f"not {self.input_encoding!r}")
+        if self.max_text_chars < 1:
+            raise ValueError("max_text_chars must be positive")
+
+
 class ReadDocuments(beam.PTransform):
     """Reads documents from file patterns.
 
-    Returns a ``DoOutputsTuple`` whose main output holds ``Document`` elements
-    and whose ``dead_letter`` output holds ``DeadLetter`` elements for
-    records that could not be used.  Documents are reshuffled after reading
-    so that the expensive stages spread over all workers even when the
-    corpus is one big file.
+    Returns ``(documents, dead_letters)``: ``Document`` elements, and
+    ``DeadLetter`` elements for records that could not be used.  Documents
+    are reshuffled after reading so that the expensive stages spread over
+    all workers even when the corpus is one big file.
     """
 
-    def __init__(self, patterns: Sequence[str], input_format: str = "auto",
-                 id_field: str = "id", text_field: str = "text",
-                 encoding: str = "utf-8",
-                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+    def __init__(self, patterns: Sequence[str],
+                 settings: ReadSettings = ReadSettings()):
         super().__init__()
-        if input_format not in INPUT_FORMATS:
-            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, "
-                             f"not {input_format!r}")
-        if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, "
-                             f"not {encoding!r}")
-        if max_text_chars < 1:
-            raise ValueError("max_text_chars must be positive")
         self._patterns = list(patterns)
         self._parse = _ParseFile(
-            input_format, RecordParser(id_field, text_field, max_text_chars),
-            encoding)
+            settings.input_format,
+            RecordParser(settings.id_field, settings.text_field,
+                         settings.max_text_chars),
+            settings.input_encoding)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> Any:
         parsed = (
@@ -379,7 +388,7 @@ class ReadDocuments(beam.PTransform):
             | "Match" >> beam.FlatMap(match_input)
             | "Open" >> fileio.ReadMatches(
                 compression=CompressionTypes.UNCOMPRESSED)
-            | "Parse" >> beam.ParDo(self._parse).with_outputs(
-                DEAD_LETTER_TAG, main="documents"))
-        documents = parsed.documents | "Spread" >> beam.Reshuffle()
-        return documents, parsed[DEAD_LETTER_TAG]
+            | "Parse" >> WithDeadLetters(self._parse))
+        documents, dead_letters = parsed
+        documents = documents | "Spread" >> beam.Reshuffle()
+        return documents, dead_letters

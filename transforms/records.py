@@ -3,15 +3,18 @@
 read -> ``Document`` -> tokenize -> ``TokenizedDocument`` -> infer ->
 ``DocumentEmbedding`` -> write.  Anything that cannot go on becomes a
 ``DeadLetter`` that names the stage, the source and the reason, so that no
-input document is ever dropped without a trace.
+input document is ever dropped without a trace.  Every stage that makes
+dead letters returns ``(main, dead_letters)`` (``WithDeadLetters`` for a
+DoFn that tags them ``DEAD_LETTER_TAG``), and ``pipeline.graph`` writes
+them all to one errors file set (``transforms.embedding_files``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Optional
 
+import apache_beam as beam
 import numpy as np
 
 # Beam metrics namespace shared by every stage's counters.
@@ -19,6 +22,9 @@ METRICS_NAMESPACE = "bert_zh_embed"
 
 # How many characters of a bad record are kept in its dead-letter entry.
 EXCERPT_CHARS = 200
+
+# The output a DoFn tags its ``DeadLetter`` elements with.
+DEAD_LETTER_TAG = "dead_letter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +106,28 @@ class DeadLetter:
     id: str = ""
     excerpt: str = ""
 
-    def to_json(self) -> str:
-        """One JSON line; non-ASCII kept readable, the excerpt cut to a safe
-        size."""
-        record: dict[str, Any] = dataclasses.asdict(self)
-        record["excerpt"] = safe_excerpt(self.excerpt)
-        return json.dumps(record, ensure_ascii=False)
+    @classmethod
+    def of_document(cls, stage: str, reason: str, doc: Any,
+                    excerpt: str = "") -> "DeadLetter":
+        """The dead letter of a document (``Document``, or a
+        ``TokenizedDocument`` chunk) that ``stage`` could not process:
+        its source, line and id come with it."""
+        return cls(stage, reason, doc.source, doc.line, doc.id, excerpt)
+
+
+class WithDeadLetters(beam.PTransform):
+    """Applies a DoFn that tags its ``DeadLetter`` elements
+    ``DEAD_LETTER_TAG``; returns ``(main, dead_letters)``, the shape of
+    every stage that makes dead letters."""
+
+    def __init__(self, dofn: beam.DoFn):
+        super().__init__()
+        self._dofn = dofn
+
+    def expand(self, pcoll: beam.PCollection) -> tuple[Any, Any]:
+        outputs = pcoll | beam.ParDo(self._dofn).with_outputs(
+            DEAD_LETTER_TAG, main="main")
+        return outputs.main, outputs[DEAD_LETTER_TAG]
 
 
 def safe_excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:

@@ -33,7 +33,7 @@ final-sigma rule) and marks that survive accent stripping but have a non-zero
 combining class (NFD may reorder them). WordPiece results are cached per word.
 Both caches are bounded and are not pickled.
 
-On top of that, ``encode``, ``encode_batch`` and ``tokenize`` take a
+On top of that, ``encode`` and ``tokenize`` take a
 vectorised fast path. Most characters of Chinese text are "isolated": their
 translation starts and ends with a space (CJK ideographs, punctuation) or is
 a space (whitespace), so they never join a neighbour into a word and their
@@ -52,7 +52,6 @@ translation starts and ends with.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -85,8 +84,6 @@ _ASCII_PUNCT_RANGES: Tuple[Tuple[int, int], ...] = (
     (123, 126),
 )
 
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
 # Bounds for the lazily filled caches; when one is full it is simply cleared
 # (cheap, and real text re-fills the hot entries within a few documents).
 _MAX_CACHED_CHARS = 200_000
@@ -102,39 +99,6 @@ _CONTEXT = -3  # context dependent: the whole document takes the general path
 _RUN = -2  # part of a run that the general path tokenizes
 _SPACE = -1  # isolated and yields no word piece (whitespace)
 _NUM_CODE_POINTS = 0x110000
-
-
-# --------------------------------------------------------------------------
-# Vocabulary loading
-# --------------------------------------------------------------------------
-
-
-def load_vocab(path: str) -> List[str]:
-    """Read a WordPiece vocabulary: one token per line, UTF-8, id = line number.
-
-    Only the line terminator (``\\n`` or ``\\r\\n``) is removed, tokens are kept
-    otherwise verbatim. Paths with a URL scheme (``gs://...``) are read through
-    ``tf.io.gfile`` so the pipeline can run on Dataflow; TensorFlow is imported
-    only in that case because it is slow to import and not needed locally.
-    """
-    if _URL_SCHEME.match(path):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            data = handle.read()
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    else:
-        with open(path, "r", encoding="utf-8", newline="") as handle:
-            text = handle.read()
-    return _split_vocab_lines(text)
-
-
-def _split_vocab_lines(text: str) -> List[str]:
-    """Split file content into tokens, removing only line terminators."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline after the last token does not start a token
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 # --------------------------------------------------------------------------
@@ -298,16 +262,6 @@ class Encoded(NamedTuple):
     num_wordpieces: int  # word pieces before truncation, excluding CLS/SEP
 
 
-class EncodedBatch(NamedTuple):
-    """Padded model input for a list of documents (row i = document i)."""
-
-    input_word_ids: np.ndarray  # int32 [n, width]: [CLS] ... [SEP] then [PAD] (0)
-    input_mask: np.ndarray  # int32 [n, width]: 1 on real tokens, 0 on padding
-    num_tokens: np.ndarray  # int32 [n]: real tokens per row, incl. [CLS]/[SEP]
-    truncated: np.ndarray  # bool [n]: word pieces were dropped to fit
-    num_wordpieces: np.ndarray  # int64 [n]: word pieces before truncation
-
-
 class BertWordPieceTokenizer:
     """Reference-compatible BERT tokenizer (BasicTokenizer + WordPiece).
 
@@ -403,27 +357,6 @@ class BertWordPieceTokenizer:
             num_wordpieces=num_pieces,
         )
 
-    def encode_batch(
-        self, texts: Sequence[str], max_seq_length: int, pad_to_longest: bool = False
-    ) -> EncodedBatch:
-        """Encode several documents at once into padded model input arrays.
-
-        Row i equals ``encode(texts[i], max_seq_length)`` followed by [PAD]
-        (id 0) up to ``max_seq_length`` columns, or up to the longest row with
-        ``pad_to_longest``. The whole batch is looked up in one NumPy pass,
-        which is what makes it cheaper per document than ``encode``.
-        """
-        _check_max_seq_length(max_seq_length)
-        piece_ids, piece_counts = self._batch_piece_ids(texts)
-        kept = np.minimum(piece_counts, max_seq_length - 2)
-        num_tokens = (kept + 2).astype(np.int32)
-        width = int(num_tokens.max(initial=2)) if pad_to_longest else max_seq_length
-        ids = _pad_pieces(piece_ids, piece_counts, kept, width)
-        ids[:, 0] = self._cls_id
-        ids[np.arange(len(texts)), kept + 1] = self._sep_id
-        mask = (np.arange(width) < num_tokens[:, None]).astype(np.int32)
-        return EncodedBatch(ids, mask, num_tokens, piece_counts > kept, piece_counts)
-
     def basic_tokenize(self, text: str) -> List[str]:
         """Run the BasicTokenizer steps (clean, split CJK, case, punctuation)
         and return the words that WordPiece gets, e.g. for debugging.
@@ -443,34 +376,10 @@ class BertWordPieceTokenizer:
         """Word piece ids of one document (int32), via the code point table."""
         classes, low = self._classes(text)
         if low == _RUN:
-            return self._splice_runs(text, classes)[0]
+            return self._splice_runs(text, classes)
         if low == _CONTEXT:
             return np.array(self._text_to_ids(text), dtype=np.int32)
         return classes[classes >= 0]  # only isolated characters: most Chinese text
-
-    def _batch_piece_ids(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-        """Piece ids of all documents back to back, and the count of each.
-
-        The documents are joined with a space, which yields no piece and
-        keeps runs from spanning two documents.
-        """
-        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-        starts = np.cumsum(lengths + 1) - (lengths + 1)
-        ends = starts + lengths
-        joined = " ".join(texts)
-        classes, low = self._classes(joined)
-        if low == _CONTEXT:
-            self._route_context_documents(classes, starts, ends)
-            low = _RUN
-        is_piece = classes >= 0
-        cumulative = np.concatenate(([0], np.cumsum(is_piece)))
-        counts = cumulative[ends] - cumulative[starts]
-        if low != _RUN:
-            return classes[is_piece], counts
-        ids, run_starts, run_counts = self._splice_runs(joined, classes)
-        run_docs = np.searchsorted(ends, run_starts, side="right")
-        np.add.at(counts, run_docs, run_counts)
-        return ids, counts
 
     def _classes(self, text: str) -> Tuple[np.ndarray, int]:
         """The table entry of each code point of ``text`` (a fresh array), and
@@ -511,23 +420,12 @@ class BertWordPieceTokenizer:
         pieces = [i for word in replacement.split() for i in self._cached_wordpiece(word)]
         return pieces[0] if len(pieces) == 1 else _RUN
 
-    @staticmethod
-    def _route_context_documents(
-        classes: np.ndarray, starts: np.ndarray, ends: np.ndarray
-    ) -> None:
-        """Mark every character of a document with a context-dependent
-        character as ``_RUN``, so the document becomes a single run."""
-        positions = np.flatnonzero(classes == _CONTEXT)
-        for doc in np.unique(np.searchsorted(ends, positions, side="right")).tolist():
-            classes[starts[doc]:ends[doc]] = _RUN
-
     def _splice_runs(
         self, text: str, classes: np.ndarray
-    ) -> Tuple[np.ndarray, List[int], List[int]]:
+    ) -> np.ndarray:
         """Piece ids of ``text`` with each run tokenized by the general path.
 
-        Runs are maximal stretches of ``_RUN`` characters. Returns the ids,
-        and each run's start and number of pieces. The classes between runs
+        Runs are maximal stretches of ``_RUN`` characters. The classes between runs
         and the runs' piece ids are concatenated in order, then everything
         that is not a piece id (``_SPACE``) is dropped in one step.
         """
@@ -539,16 +437,13 @@ class BertWordPieceTokenizer:
             bounds.append(len(classes))
         starts = bounds[0::2]
         parts: List[np.ndarray] = []
-        counts: List[int] = []
         previous = 0
         for start, end in zip(starts, bounds[1::2]):
-            pieces = self._run_ids(text[start:end])
-            parts += (classes[previous:start], pieces)
-            counts.append(len(pieces))
+            parts += (classes[previous:start], self._run_ids(text[start:end]))
             previous = end
         parts.append(classes[previous:])
         joined = np.concatenate(parts)
-        return joined[joined >= 0], starts, counts
+        return joined[joined >= 0]
 
     def _run_ids(self, run: str) -> np.ndarray:
         """General-path piece ids of one run (int32), cached for short runs."""
@@ -652,22 +547,3 @@ def _check_max_seq_length(max_seq_length: int) -> None:
         raise ValueError(
             f"max_seq_length must be >= 2 to hold [CLS] and [SEP], got {max_seq_length}"
         )
-
-
-def _pad_pieces(
-    piece_ids: np.ndarray, piece_counts: np.ndarray, kept: np.ndarray, width: int
-) -> np.ndarray:
-    """Zero-filled int32 [n, width] with document i's first ``kept[i]`` pieces
-    in columns 1..kept[i] (column 0 and the one after stay for [CLS]/[SEP])."""
-    num_docs = len(piece_counts)
-    ids = np.zeros((num_docs, width), dtype=np.int32)
-    if not len(piece_ids):
-        return ids
-    doc = np.repeat(np.arange(num_docs), piece_counts)
-    first = np.cumsum(piece_counts) - piece_counts
-    column = np.arange(1, len(piece_ids) + 1) - first[doc]
-    keep = column <= kept[doc]
-    if not keep.all():
-        doc, column, piece_ids = doc[keep], column[keep], piece_ids[keep]
-    ids[doc, column] = piece_ids
-    return ids

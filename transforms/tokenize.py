@@ -13,16 +13,15 @@ from repeating it on every chunk row).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 
-from transforms.records import (METRICS_NAMESPACE, DeadLetter, Document,
-                                TokenizedDocument)
+from transforms.records import (DEAD_LETTER_TAG, METRICS_NAMESPACE,
+                                DeadLetter, Document, TokenizedDocument)
 from transforms.tokenization import BertWordPieceTokenizer
-
-DEAD_LETTER_TAG = "dead_letter"
 
 LONG_TEXT_MODES = ("truncate", "chunk")
 
@@ -30,6 +29,24 @@ LONG_TEXT_MODES = ("truncate", "chunk")
 # "document" (a whole book on one line) becomes a dead letter instead of
 # thousands of chunks.
 MAX_CHUNKS_PER_DOCUMENT = 1000
+
+# The shortest max_seq_length: [CLS], one token, [SEP].
+MIN_SEQ_LENGTH = 3
+
+
+def validate_max_seq_length(max_seq_length: int) -> int:
+    """``max_seq_length`` once it can hold ``[CLS]``, one token and
+    ``[SEP]``; else ``ValueError`` (one line).
+
+    The one place the rule and its minimum live: ``TokenizeSettings`` calls
+    it, and every launcher (``pipeline.run``, ``pipeline.analyze``,
+    ``pipeline.embed``) reaches it through that class or directly, so that
+    the other stages receive a value already checked.
+    """
+    if max_seq_length < MIN_SEQ_LENGTH:
+        raise ValueError(f"max_seq_length must be at least {MIN_SEQ_LENGTH}"
+                         " ([CLS], one token, [SEP])")
+    return max_seq_length
 
 
 def chunk_spans(num_pieces: int, window: int, stride: int
@@ -52,30 +69,71 @@ def chunk_spans(num_pieces: int, window: int, stride: int
         start += stride
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizeSettings:
+    """How documents become model inputs (``--max_seq_length``,
+    ``--long_text``, ``--chunk_stride``, and ``--write_text``, which keeps
+    each first chunk's text); checked once, here.
+
+    ``chunk_stride`` None (or 0) means windows that do not overlap.
+    """
+    max_seq_length: int = 128
+    long_text: str = "truncate"
+    chunk_stride: Optional[int] = None
+    write_text: bool = False
+
+    def __post_init__(self) -> None:
+        validate_max_seq_length(self.max_seq_length)
+        if self.long_text not in LONG_TEXT_MODES:
+            raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}")
+        if self.chunk_stride is not None and self.chunk_stride < 0:
+            raise ValueError("chunk_stride must be positive")
+        if self.chunk_stride and self.chunk_stride > self.window:
+            raise ValueError("chunk_stride must be at most max_seq_length - 2"
+                             " (chunks must not skip tokens)")
+
+    @property
+    def window(self) -> int:
+        """Wordpieces per document or chunk (``[CLS]`` and ``[SEP]`` take
+        the other two places)."""
+        return self.max_seq_length - 2
+
+    @property
+    def stride(self) -> int:
+        """Wordpieces between the starts of two chunks."""
+        return self.chunk_stride or self.window
+
+    @property
+    def chunked(self) -> bool:
+        return self.long_text == "chunk"
+
+    @property
+    def effective_stride(self) -> Optional[int]:
+        """The chunk stride the model fingerprint counts (None unless
+        chunking)."""
+        return self.stride if self.chunked else None
+
+
 class TokenizeDocuments(beam.DoFn):
     """Encodes each document as ``[CLS] wordpieces [SEP]`` token ids.
 
-    The tokenizer is built in ``setup`` from the vocabulary passed in, so it
-    exists once per DoFn instance and its caches warm up across bundles.
+    ``vocab`` and ``do_lower_case`` are the model's (as the launcher
+    resolves them); ``settings`` the run's.  The tokenizer is built in
+    ``setup`` from the vocabulary passed in, so it exists once per DoFn
+    instance and its caches warm up across bundles.  A document it cannot
+    encode is a ``DeadLetter`` tagged ``DEAD_LETTER_TAG``:
+    ``WithDeadLetters`` applies it as ``(tokens, dead_letters)``.
     """
 
     def __init__(self, vocab: Sequence[str], do_lower_case: bool,
-                 max_seq_length: int, long_text: str = "truncate",
-                 chunk_stride: Optional[int] = None,
-                 write_text: bool = False):
-        if max_seq_length < 3:
-            raise ValueError("max_seq_length must be at least 3 "
-                             "([CLS], one token, [SEP])")
-        if long_text not in LONG_TEXT_MODES:
-            raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}")
-        self._window = max_seq_length - 2
-        self._stride = chunk_stride or self._window
-        chunk_spans(1, self._window, self._stride)  # validates the stride
+                 settings: TokenizeSettings = TokenizeSettings()):
         self._vocab = list(vocab)
         self._do_lower_case = do_lower_case
-        self._max_seq_length = max_seq_length
-        self._chunk = long_text == "chunk"
-        self._write_text = write_text
+        self._max_seq_length = settings.max_seq_length
+        self._window = settings.window
+        self._stride = settings.stride
+        self._chunk = settings.chunked
+        self._write_text = settings.write_text
         self._tokenizer: BertWordPieceTokenizer | None = None
         counter = beam.metrics.Metrics.counter
         self._skipped = counter(METRICS_NAMESPACE, "documents_skipped_empty")
@@ -93,9 +151,10 @@ class TokenizeDocuments(beam.DoFn):
             pieces = self._encode(doc)
         except Exception as err:  # a bad document must not stop the run
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
-                "tokenize", f"{type(err).__name__}: {err}", doc.source,
-                doc.line, doc.id, doc.text))
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG, DeadLetter.of_document(
+                    "tokenize", f"{type(err).__name__}: {err}", doc,
+                    doc.text))
             return
         if pieces is None:
             self._skipped.inc()
