@@ -243,7 +243,7 @@ def test_a_worker_with_a_cached_ir_never_imports_tensorflow(
     (here by this process), an OpenVINO worker loads and runs the model
     without it, with the same input limits and outputs, also for auto
     (its bfloat16 self-check verdict is cached too)."""
-    from model.load import read_model_limits
+    from model.variables import read_model_limits
     here = load_openvino_model(tiny_model_dir, "float32")
     got = run_without_tensorflow(tiny_model_dir)
     assert got["engine"] == "openvino" and got["precision"] == "float32"
@@ -260,7 +260,7 @@ def test_local_model_files_hash_as_through_tensorflow(tiny_model_dir):
     """Local paths are hashed without TensorFlow, to the same digest that
     TensorFlow's file system gives (its file:// URLs), so IR cache keys,
     int8 source digests and run fingerprints do not change."""
-    from pipeline import fingerprint
+    from model import files as fingerprint
     local = fingerprint.variables_files(tiny_model_dir)
     through_tf = fingerprint.variables_files("file://" + tiny_model_dir)
     assert [p[len("file://"):] for p in through_tf] == local
@@ -272,7 +272,7 @@ def test_local_model_files_hash_as_through_tensorflow(tiny_model_dir):
 
 def test_limits_are_kept_beside_the_ir_and_reread_when_damaged(
         tiny_model_dir, monkeypatch):
-    from model.load import read_model_limits
+    from model.variables import read_model_limits
     entry = openvino_engine.ir_cache_dir(
         openvino_engine.model_digest(tiny_model_dir))
     load_openvino_model(tiny_model_dir, "float32")

@@ -83,7 +83,7 @@ def test_an_int8_worker_never_imports_tensorflow(quantized, tiny_model_dir):
     """int8.json records the model's input limits, so an int8 worker (with
     no converted IR of the float model on its machine) reads neither them
     nor int8.json through TensorFlow."""
-    from model.load import read_model_limits
+    from model.variables import read_model_limits
     from tests.test_openvino_engine import run_without_tensorflow
     info = json.loads((quantized / "int8.json").read_text())
     want = read_model_limits(tiny_model_dir).__dict__
