@@ -658,7 +658,7 @@ def test_a_stray_capital_does_not_make_a_vocab_cased():
     assert "only 1 of its 401" in reason and "Xylophone" in reason
 
 
-def _config_dicts(config: BertConfig) -> tuple[dict, dict]:
+def config_dicts(config: BertConfig) -> tuple[dict, dict]:
     """GOOGLE_CONFIG and HF_CONFIG changed to ``config``'s sizes."""
     sizes = {"vocab_size": config.vocab_size,
              "hidden_size": config.hidden_size,
@@ -686,7 +686,7 @@ def test_real_chinese_vocab_gets_lower_casing(tmp_path, random_bert_weights,
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_layers=1,
                         num_heads=2, intermediate_size=32,
                         max_position_embeddings=32)
-    google_config, hf_config = _config_dicts(config)
+    google_config, hf_config = config_dicts(config)
     weights = random_bert_weights(config, seed=21)
     if layout == "google":
         source = write_google_checkpoint(tmp_path / "src", weights,

@@ -609,27 +609,22 @@ def _write_stand_ins(root: Path, texts: list[str], random_bert_weights
     release layout (bert_config.json, bert_model.ckpt.*, vocab.txt)."""
     from model.bert import BertConfig
     from tests.test_model_convert import (
-        GOOGLE_CONFIG, HF_CONFIG, google_to_hf, write_google_checkpoint,
-        write_hf_folder, write_safetensors)
+        config_dicts, google_to_hf, write_google_checkpoint, write_hf_folder,
+        write_safetensors)
     vocab = build_small_vocab(texts)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_layers=2,
                         num_heads=4, intermediate_size=64,
                         max_position_embeddings=128)
-    sizes = {"vocab_size": config.vocab_size,
-             "hidden_size": config.hidden_size,
-             "num_hidden_layers": config.num_layers,
-             "num_attention_heads": config.num_heads,
-             "intermediate_size": config.intermediate_size,
-             "max_position_embeddings": config.max_position_embeddings}
+    google_config, hf_config = config_dicts(config)
     weights = random_bert_weights(config, seed=21)
     tensors = google_to_hf(weights, num_layers=config.num_layers)
     write_hf_folder(root / HF_SOURCE,
                     lambda folder: write_safetensors(
                         folder / "model.safetensors", tensors),
                     tokenizer_config={"do_lower_case": False},
-                    config={**HF_CONFIG, **sizes}, vocab=vocab)
+                    config=hf_config, vocab=vocab)
     write_google_checkpoint(root / GOOGLE_SOURCE, weights,
-                            config={**GOOGLE_CONFIG, **sizes}, vocab=vocab)
+                            config=google_config, vocab=vocab)
 
 
 def _sample_corpus(path: Path, query_text: str) -> list[str]:
