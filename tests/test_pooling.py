@@ -262,18 +262,25 @@ class _LayeredBert(tf.Module):
                 "encoder_outputs": layers}
 
 
-@pytest.fixture(scope="module")
-def layered_model_dir(tmp_path_factory, small_vocab) -> str:
-    root = tmp_path_factory.mktemp("layered")
+def _save_tiny(root, small_vocab, wrapper, num_layers: int, seed: int
+               ) -> str:
+    """A tiny BERT (hidden 32) wrapped by ``wrapper`` saved under ``root``
+    with the small vocabulary as its asset; returns the SavedModel path."""
     vocab = root / "vocab.txt"
     vocab.write_text("".join(t + "\n" for t in small_vocab), encoding="utf-8")
     config = BertConfig(vocab_size=len(small_vocab), hidden_size=32,
-                        num_layers=3, num_heads=4, intermediate_size=64,
-                        max_position_embeddings=128)
+                        num_layers=num_layers, num_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
     path = str(root / "model")
-    tf.saved_model.save(_LayeredBert(BertEncoder(config, seed=3),
-                                     str(vocab)), path)
+    tf.saved_model.save(wrapper(BertEncoder(config, seed=seed), str(vocab)),
+                        path)
     return path
+
+
+@pytest.fixture(scope="module")
+def layered_model_dir(tmp_path_factory, small_vocab) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("layered"), small_vocab,
+                      _LayeredBert, num_layers=3, seed=3)
 
 
 def _first_last_reference(model_dir: str, token_ids: np.ndarray
@@ -407,16 +414,8 @@ class _ListOnlyBert(tf.Module):
 
 @pytest.fixture(scope="module")
 def list_only_model_dir(tmp_path_factory, small_vocab) -> str:
-    root = tmp_path_factory.mktemp("list_only")
-    vocab = root / "vocab.txt"
-    vocab.write_text("".join(t + "\n" for t in small_vocab), encoding="utf-8")
-    config = BertConfig(vocab_size=len(small_vocab), hidden_size=32,
-                        num_layers=2, num_heads=4, intermediate_size=64,
-                        max_position_embeddings=128)
-    path = str(root / "model")
-    tf.saved_model.save(_ListOnlyBert(BertEncoder(config, seed=5),
-                                      str(vocab)), path)
-    return path
+    return _save_tiny(tmp_path_factory.mktemp("list_only"), small_vocab,
+                      _ListOnlyBert, num_layers=2, seed=5)
 
 
 # --- launch errors -------------------------------------------------------
