@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,3 +129,17 @@ def random_bert_weights():
         return weights
 
     return make
+
+
+def random_padded_batch(vocab_size: int, lengths: list[int], seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_word_ids, input_mask, segment_ids) int32 for rows of the given
+    real lengths, padded to the longest: random ids in [1, vocab_size) on
+    real tokens, 0 and mask 0 on padding."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(1, vocab_size, length)
+        mask[row, :length] = 1
+    return ids, mask, np.zeros_like(ids)

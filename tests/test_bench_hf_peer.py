@@ -22,6 +22,7 @@ from model.export import export_bert_saved_model  # noqa: E402
 from model.load import load_bert_saved_model  # noqa: E402
 from transforms.batch import cut_batches  # noqa: E402
 from transforms.records import TokenizedDocument  # noqa: E402
+from tests.conftest import random_padded_batch  # noqa: E402
 from transforms.tokenization import BertWordPieceTokenizer  # noqa: E402
 
 TINY = BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
@@ -32,14 +33,7 @@ VOCAB = ["[PAD]"] + [f"tok{i}" for i in range(1, 100)] + [
 
 
 def _batch(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    lengths = [3, 17, 30]
-    ids = np.zeros((3, 30), np.int32)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = rng.integers(1, TINY.vocab_size, length)
-        mask[row, :length] = 1
-    return ids, mask, np.zeros_like(ids)
+    return random_padded_batch(TINY.vocab_size, [3, 17, 30], seed)
 
 
 def _hf_outputs(model, batch):

@@ -16,6 +16,7 @@ from bench.precision import _emulated_encoder, centred_cosines, cosines
 from model.bert import BertConfig, BertEncoder
 from model.load import load_bert_saved_model
 from model.export import export_bert_saved_model
+from tests.conftest import random_padded_batch
 
 TINY = BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4,
                   intermediate_size=64, max_position_embeddings=64)
@@ -23,14 +24,7 @@ VOCAB = ["[PAD]"] + [f"tok{i}" for i in range(1, TINY.vocab_size)]
 
 
 def _batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = [5, 17, 30]
-    ids = np.zeros((3, 30), np.int32)
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = rng.integers(1, TINY.vocab_size, length)
-        mask[row, :length] = 1
-    return ids, mask, np.zeros_like(ids)
+    return random_padded_batch(TINY.vocab_size, [5, 17, 30], seed)
 
 
 def test_every_matmul_goes_through_the_hook():

@@ -537,7 +537,7 @@ def test_vocab_size_mismatch_is_an_error(models):
                               f"[{TINY.vocab_size}, {TINY.hidden_size}]")
 
 
-def _copy_tree_with_gfile(src: str, dst: str) -> None:
+def copy_tree_with_gfile(src: str, dst: str) -> None:
     """Copy a local directory tree to any TensorFlow file system."""
     for root, _, files in tf.io.gfile.walk(src):
         relative = os.path.relpath(root, src)
@@ -552,7 +552,7 @@ def test_non_local_file_system_path(models, reference):
     """A ram:// path stands in for gs://: everything goes through
     TensorFlow's file systems, nothing through local paths."""
     remote = "ram://bert_models/list_model"
-    _copy_tree_with_gfile(models["list"], remote)
+    copy_tree_with_gfile(models["list"], remote)
     settings = read_tokenizer_settings(remote)
     assert settings == TokenizerSettings(f"{remote}/assets/vocab.txt", False)
     with tf.io.gfile.GFile(settings.vocab_path) as handle:

@@ -185,15 +185,9 @@ def test_an_unwritable_cache_only_costs_the_conversion(
 def test_models_on_tensorflow_file_systems_are_converted(tiny_model_dir):
     """A gs:// model is copied locally before conversion (tested on
     TensorFlow's in-memory ram:// file system)."""
-    import tensorflow as tf
+    from tests.test_model_load import copy_tree_with_gfile
     remote = "ram://models/tiny_bert"
-    for root, _, files in tf.io.gfile.walk(tiny_model_dir):
-        rel = os.path.relpath(root, tiny_model_dir)
-        target = remote if rel == "." else f"{remote}/{rel}"
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            tf.io.gfile.copy(os.path.join(root, name), f"{target}/{name}",
-                             overwrite=True)
+    copy_tree_with_gfile(tiny_model_dir, remote)
     model = openvino_engine.convert(remote)
     compiled = OpenVINOBertModel(remote, openvino_engine._compile(
         __import__("openvino").Core(), model, "float32", None), "float32")
