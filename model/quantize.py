@@ -4,12 +4,15 @@
         [--samples 300] [--eval_samples 200] [--output DIR_int8]
 
 Converts the SavedModel (through the engine's IR cache), calibrates NNCF's
-post-training quantization (``nncf.quantize``, transformer preset,
+post-training quantization (``nncf.quantize``, transformer model type,
 SmoothQuant off) on ``--samples`` real documents tokenized exactly as the
-pipeline does, then
-measures the int8 model against float32 on ``--eval_samples`` other
-documents (``model.accuracy``).  A model whose minimum cosine misses
-``--min_cosine`` (default: the int8 target, 0.99) is not written (exit 1).
+pipeline does, then measures the int8 model against float32 on
+``--eval_samples`` other documents (``model.accuracy``).  Activations are
+quantized symmetrically first (NNCF's ``performance`` preset: no zero
+points, 1.08-1.11x the real tokens/s of ``mixed`` on BERT-Base on an AMX
+Xeon, bench/RESULTS.md); when that misses ``--min_cosine`` (default: the
+int8 target, 0.99), asymmetrically (``mixed``).  A model that misses it
+both ways is not written (exit 1).
 Otherwise the IR and ``int8.json`` (the source model's digest, the
 calibration data and settings, the measured accuracy, the OpenVINO and
 NNCF versions) are written to a private directory and renamed into place:
@@ -48,6 +51,9 @@ _LOG = logging.getLogger(__name__)
 # calibration documents; the mean over the 250 rose from 0.99948 to
 # 0.99960).
 _SMOOTH_QUANT_OFF = -1
+
+# NNCF presets in the order tried: the faster first, kept when accurate.
+PRESETS = ("performance", "mixed")
 
 
 class QuantizeError(RuntimeError):
@@ -139,24 +145,25 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
         model_dir, core.compile_model(
             model, "CPU", openvino_engine.compile_config("float32")),
         "float32")
-    from nncf.quantization.advanced_parameters import (
-        AdvancedQuantizationParameters, AdvancedSmoothQuantParameters)
-    quantized = nncf.quantize(
-        model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(items),
-        advanced_parameters=AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(
-                matmul=_SMOOTH_QUANT_OFF)))
-    candidate = openvino_engine.OpenVINOBertModel(
-        model_dir, core.compile_model(
-            quantized, "CPU", openvino_engine.compile_config("int8")),
-        "int8")
-    stats = compare_engines(reference, candidate, token_batches(
-        evaluation, vocab, settings.do_lower_case, max_seq_length))
-    if not stats.meets(min_cosine):
+    evaluation_batches = token_batches(
+        evaluation, vocab, settings.do_lower_case, max_seq_length)
+    misses = []
+    for preset in PRESETS:
+        quantized = _quantize(model.clone(), items, preset)
+        candidate = openvino_engine.OpenVINOBertModel(
+            model_dir, core.compile_model(
+                quantized, "CPU", openvino_engine.compile_config("int8")),
+            "int8")
+        stats = compare_engines(reference, candidate, evaluation_batches)
+        if stats.meets(min_cosine):
+            break
+        misses.append(f"{preset}: {stats.summary()}")
+        _LOG.info("the %s preset misses --min_cosine %s (%s)", preset,
+                  min_cosine, stats.summary())
+    else:
         raise QuantizeError(
             f"the int8 model misses --min_cosine {min_cosine} against "
-            f"float32 ({stats.summary()}); nothing written")
+            f"float32 ({'; '.join(misses)}); nothing written")
     info = {
         "format": 1,
         "source_model": model_dir, "source_digest": digest,
@@ -167,7 +174,8 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
         "calibration": {"files": list(calibration_files),
                         "documents": len(items),
                         "max_seq_length": max_seq_length, "seed": seed,
-                        "model_type": "transformer", "smooth_quant": False},
+                        "model_type": "transformer", "preset": preset,
+                        "smooth_quant": False},
         "accuracy": {"reference": "openvino float32", "target": min_cosine,
                      **stats.to_dict()},
         # Read here, so that a worker running this model need not import
@@ -179,6 +187,23 @@ def quantize(model_dir: str, calibration_files: Sequence[str],
     openvino_engine.save_ir(quantized, output, info,
                             openvino_engine.INT8_INFO_FILE)
     return output, info
+
+
+def _quantize(model, items: list, preset: str):
+    """``nncf.quantize`` of ``model`` on ``items`` with ``preset``
+    (``performance``: symmetric activations; ``mixed``: asymmetric),
+    SmoothQuant off."""
+    import nncf
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters, AdvancedSmoothQuantParameters)
+    presets = {"performance": nncf.QuantizationPreset.PERFORMANCE,
+               "mixed": nncf.QuantizationPreset.MIXED}
+    return nncf.quantize(
+        model, nncf.Dataset(items), preset=presets[preset],
+        model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items),
+        advanced_parameters=AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(
+                matmul=_SMOOTH_QUANT_OFF)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -58,6 +58,8 @@ def test_the_tool_writes_an_int8_ir_and_what_it_was_made_from(
     assert info["calibration"]["documents"] == SAMPLES
     assert info["calibration"]["files"] == [str(calibration)]
     assert info["calibration"]["smooth_quant"] is False
+    # Symmetric activations (the faster preset) meet the target here.
+    assert info["calibration"]["preset"] == "performance"
     accuracy = info["accuracy"]
     assert accuracy["documents"] == EVAL
     assert min(accuracy["pooled_cosine_min"],
@@ -186,6 +188,39 @@ def test_a_model_below_the_target_is_not_written(tmp_path, calibration,
                  "--output", str(out)]) == 1
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
     assert "misses --min_cosine 1.01" in capsys.readouterr().err
+
+
+def test_the_faster_preset_is_kept_only_when_accurate(
+        tmp_path, calibration, tiny_model_dir, monkeypatch):
+    """When the symmetric (``performance``) int8 model misses the target,
+    the asymmetric (``mixed``) one is made, checked and written instead,
+    and ``int8.json`` says which."""
+    import dataclasses
+
+    from model import quantize
+    real = quantize.compare_engines
+    presets = []
+    original = quantize._quantize
+
+    def record(model, items, preset):
+        presets.append(preset)
+        return original(model, items, preset)
+
+    def first_misses(reference, candidate, batches):
+        stats = real(reference, candidate, batches)
+        if len(presets) == 1:
+            return dataclasses.replace(stats, pooled_cosine_min=0.5)
+        return stats
+    monkeypatch.setattr(quantize, "_quantize", record)
+    monkeypatch.setattr(quantize, "compare_engines", first_misses)
+    out = tmp_path / "int8"
+    assert main(["--model", tiny_model_dir, "--calibration",
+                 str(calibration), "--samples", "8", "--eval_samples", "4",
+                 "--max_seq_length", "32", "--output", str(out)]) == 0
+    assert presets == ["performance", "mixed"]
+    info = json.loads((out / "int8.json").read_text())
+    assert info["calibration"]["preset"] == "mixed"
+    assert info["accuracy"]["pooled_cosine_min"] > 0.5
 
 
 def test_without_nncf_the_tool_says_how_to_get_it(monkeypatch, capsys,
