@@ -110,28 +110,3 @@ def build_beam_variant(pipeline, variant: str, corpus: str, out: str,
          | RunInference(handler)
          | beam.MapTuple(lambda key, r: _embedding_row(key, *r.inference))
          | WriteEmbeddings(out, "parquet", 768, ("pooled", "sequence")))
-
-
-def use_run_inference() -> None:
-    """Makes ``transforms.infer.EmbedDocuments`` call the model through
-    Beam's RunInference (which waits on each call) instead of one batch
-    ahead: what the ``ours_auto_ri`` variant of ``bench.throughput``
-    measures against the job as it is."""
-    import apache_beam as beam
-    from apache_beam.ml.inference.base import RunInference
-
-    from transforms import infer
-
-    def expand(self, docs):
-        results, failures = (
-            docs
-            | "BatchByLength" >> beam.ParDo(self._batching)
-            | "RunInference" >> RunInference(
-                self._handler.with_no_batching()).with_exception_handling())
-        embeddings = (results
-                      | "CountEmbedded" >> beam.ParDo(infer._CountEmbedded()))
-        dead = (failures.failed_inferences
-                | "FailedBatches" >> beam.ParDo(
-                    infer._FailedBatchToDeadLetters()))
-        return embeddings, dead
-    infer.EmbedDocuments.expand = expand

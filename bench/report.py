@@ -18,7 +18,6 @@ RATIOS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("ours(auto) / ours f32+XLA today", "ours_auto", ("ours",)),
     ("ours(auto) / torch f32", "ours_auto", ("torch_f32",)),
     ("int8 / our bf16", "ours_ov_int8", ("ours_ov_bf16", "ours_tf_bf16")),
-    ("one batch ahead / RunInference", "ours_auto", ("ours_auto_ri",)),
     ("ours f32+XLA / baseline", "ours", ("baseline",)),
     ("ours f32+XLA / peer", "ours", ("peer",)),
 )

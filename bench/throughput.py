@@ -113,10 +113,6 @@ VARIANTS = (
     Variant("ours_ov_int8", "ours OpenVINO int8", "ours", "openvino",
             "int8"),
     Variant("ours_auto", "ours auto (defaults)", "ours", "auto", "auto"),
-    # The same job with the model called through Beam's RunInference, as
-    # before the inference step ran one batch ahead.
-    Variant("ours_auto_ri", "ours auto, RunInference", "ours", "auto",
-            "auto", default=False),
     Variant("torch_f32", "HF BertModel torch f32", "hf", "torch",
             "float32"),
     Variant("torch_bf16", "HF BertModel torch bf16", "hf", "torch",
@@ -396,8 +392,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.job, "rb") as handle:
             config = pickle.load(handle)
         vocab = list(config.vocab)
-        if args.worker == "ours_auto_ri":
-            beam_baselines.use_run_inference()
         build_pipeline(pipeline, config)
         engine = config.infer.engine
         precision = config.infer.precision
@@ -580,13 +574,9 @@ class Runner:
 
     def prepare_int8(self, calibration: str, samples: int) -> float:
         """Quantizes the model once per (model, calibration set), cached."""
-        from model.openvino_engine import GRAPH_REWRITES
-        from model.quantize import PRESETS
         from model.runtime import default_cache_dir
         with open(calibration, "rb") as handle:
-            # The quantizer's version too: a newer one makes a new model.
-            digest = hashlib.sha256(handle.read() + repr(
-                (GRAPH_REWRITES, PRESETS)).encode()).hexdigest()[:10]
+            digest = hashlib.sha256(handle.read()).hexdigest()[:10]
         path = os.path.join(default_cache_dir(), "bench_int8_"
                             f"{model_key(self.args.model)}_{digest}")
         started = time.perf_counter()

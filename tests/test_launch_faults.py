@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -187,17 +187,11 @@ class _FailingHandler(BertModelHandler):
     def load_model(self) -> Any:
         return _NoModel()
 
-    def pad(self, batch: Sequence[TokenizedDocument]) -> tuple:
-        return (any(doc.id.startswith("bad") for doc in batch),)
-
-    def call(self, model: Any, inputs: tuple) -> tuple:
-        if inputs[0]:
+    def run_inference(self, batch: Sequence[TokenizedDocument], model: Any,
+                      inference_args: Optional[dict] = None) -> list:
+        if any(doc.id.startswith("bad") for doc in batch):
             raise ValueError("the model call failed\n"
                              + "  details of the failure" * 200)
-        return ()
-
-    def predictions(self, batch: Sequence[TokenizedDocument], inputs: tuple,
-                    outputs: tuple) -> list:
         return [PredictionResult(doc, DocumentEmbedding(
             doc.id, doc.num_tokens, doc.truncated,
             np.zeros(4, np.float32), None)) for doc in batch]

@@ -1,12 +1,8 @@
 """Inference: batches of ``TokenizedDocument`` in, ``DocumentEmbedding`` out.
 
-``BertModelHandler``, a RunInference model handler, says how to load the
-SavedModel (once per worker process, through Beam's ``Shared`` handle) and
-how to run one batch; ``_InferAhead`` drives it with one batch in flight,
-so that the model computes batch N on a background thread while the
-bundle's thread writes batch N-1's embeddings and tokenizes and cuts
-batch N+1 (Beam's RunInference calls the model and waits, leaving the
-cores idle for that work).  Batches come from ``BatchByLength
+Built on Beam's RunInference: ``BertModelHandler`` tells it how to load the
+SavedModel (once per worker process, through RunInference's ``Shared``
+handle) and how to run one batch.  Batches come from ``BatchByLength``
 (documents of similar length together), each is padded only to its own
 longest document (rounded up to a length step when the model runs under
 XLA, so that few shapes are compiled), and padding is cut off again before
@@ -17,15 +13,12 @@ only.
 from __future__ import annotations
 
 import dataclasses
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, PredictionResult
-from apache_beam.utils.shared import Shared
-from apache_beam.utils.windowed_value import WindowedValue
+from apache_beam.ml.inference.base import (ModelHandler, PredictionResult,
+                                           RunInference)
 
 from model.engines import (OPENVINO, PRECISIONS, TENSORFLOW, EngineSpec,
                            load_engine, xla_applies)
@@ -175,161 +168,32 @@ class BertModelHandler(ModelHandler[TokenizedDocument, PredictionResult,
                       model: BertSavedModel,
                       inference_args: Optional[dict[str, Any]] = None
                       ) -> Iterable[PredictionResult]:
-        inputs = self.pad(batch)
-        return self.predictions(batch, inputs, self.call(model, inputs))
-
-    def pad(self, batch: Sequence[TokenizedDocument]
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The model's three inputs for ``batch`` (``pad_batch``)."""
-        return pad_batch(batch, self._batching.pad_to_steps)
-
-    def call(self, model: BertSavedModel,
-             inputs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple:
-        """The model call alone, ``(pooled, sequence, layers)`` (layers
-        None unless the pooling needs them): safe to run on another thread
-        than the bundle's, as it touches no Beam state."""
-        if needs_layers(self._settings.pooling):
-            return model.call_with_layers(*inputs)
-        pooled, sequence = model(*inputs)
-        return pooled, sequence, None
-
-    def predictions(self, batch: Sequence[TokenizedDocument],
-                    inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    outputs: tuple) -> list[PredictionResult]:
-        """One ``PredictionResult`` per document from a model call's
-        ``outputs`` (pooled as the settings say, padding cut off), and
-        the computed tokens counted (on the bundle's thread: Beam
-        metrics)."""
-        ids, mask, _ = inputs
-        pooled, sequence, layers = outputs
+        ids, mask, segments = pad_batch(batch, self._batching.pad_to_steps)
+        layers = None
+        pooling = self._settings.pooling
+        if needs_layers(pooling):
+            pooled, sequence, layers = model.call_with_layers(
+                ids, mask, segments)
+        else:
+            pooled, sequence = model(ids, mask, segments)
         if self._keep_pooled:
-            pooled = pool(self._settings.pooling, pooled, sequence, mask,
-                          layers, self._settings.normalize)
+            pooled = pool(pooling, pooled, sequence, mask, layers,
+                          self._settings.normalize)
         self._computed.inc(ids.size)
-        return [PredictionResult(doc, DocumentEmbedding(
-            doc.id, doc.num_tokens, doc.truncated,
-            pooled[row] if self._keep_pooled else None,
-            sequence[row, :doc.num_tokens]
-            if self._keep_sequence else None,
-            doc.doc_id, doc.chunk_index, doc.num_chunks,
-            doc.content_hash, doc.text)) for row, doc in enumerate(batch)]
+        for row, doc in enumerate(batch):
+            yield PredictionResult(doc, DocumentEmbedding(
+                doc.id, doc.num_tokens, doc.truncated,
+                pooled[row] if self._keep_pooled else None,
+                sequence[row, :doc.num_tokens]
+                if self._keep_sequence else None,
+                doc.doc_id, doc.chunk_index, doc.num_chunks,
+                doc.content_hash, doc.text))
 
     def get_num_bytes(self, batch: Sequence[TokenizedDocument]) -> int:
         return sum(d.input_word_ids.nbytes for d in batch)
 
     def get_metrics_namespace(self) -> str:
         return METRICS_NAMESPACE
-
-
-class _LoadedModel:
-    """A loaded model in Beam's ``Shared`` (which needs an object it can
-    hold a weak reference to)."""
-
-    def __init__(self, model: BertSavedModel) -> None:
-        self.model = model
-
-
-class _InferAhead(beam.DoFn):
-    """Runs ``handler``'s model over batches with one batch in flight.
-
-    ``process(batch N)`` starts N's model call on this instance's one
-    background thread, then waits for batch N-1's and emits its results;
-    ``finish_bundle`` emits the last.  The model runs one batch at a time,
-    as under RunInference, but the bundle's Python work between two calls
-    (writing embeddings, reading and tokenizing the next documents, Beam's
-    own) overlaps the model's instead of leaving the cores idle: measured
-    in ``bench/RESULTS.md``.  A batch whose call raises goes to the
-    ``FAILED`` output as ``(batch, exception)``.
-
-    The model is loaded once per worker process (``Shared``).  Like
-    RunInference it records each load's latency
-    (``load_model_latency_milli_secs``: the run summary counts loads by
-    it) and each call's (``inference_batch_latency_micro_secs``, the time
-    of the model call itself).
-    """
-
-    FAILED = "failed_inferences"
-
-    def __init__(self, handler: BertModelHandler) -> None:
-        self._handler = handler
-        self._shared = Shared()
-        namespace = handler.get_metrics_namespace()
-        self._load_ms = beam.metrics.Metrics.distribution(
-            namespace, "load_model_latency_milli_secs")
-        self._call_us = beam.metrics.Metrics.distribution(
-            namespace, "inference_batch_latency_micro_secs")
-        self._loaded: Optional[_LoadedModel] = None
-        self._model: Optional[BertSavedModel] = None
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._pending: Optional[tuple] = None
-        self._load_to_record: Optional[int] = None
-
-    def _load(self) -> _LoadedModel:
-        started = time.perf_counter()
-        model = self._handler.load_model()
-        # Recorded in the first bundle: setup has no metrics context.
-        self._load_to_record = int((time.perf_counter() - started) * 1e3)
-        return _LoadedModel(model)
-
-    def setup(self) -> None:
-        # Held here: Shared keeps only a weak reference to it.
-        self._loaded = self._shared.acquire(self._load)
-        self._model = self._loaded.model
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bert-infer")
-
-    def start_bundle(self) -> None:
-        self._pending = None
-        if self._load_to_record is not None:
-            self._load_ms.update(self._load_to_record)
-            self._load_to_record = None
-
-    def _timed_call(self, inputs: tuple) -> tuple[tuple, float]:
-        started = time.perf_counter()
-        outputs = self._handler.call(self._model, inputs)
-        return outputs, time.perf_counter() - started
-
-    def process(self, batch: Sequence[TokenizedDocument],
-                window=beam.DoFn.WindowParam,
-                timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
-        try:
-            inputs = self._handler.pad(batch)
-            started = self._pool.submit(self._timed_call, inputs)
-        except Exception as err:  # pylint: disable=broad-except
-            started = Future()
-            started.set_exception(err)
-            inputs = None
-        previous, self._pending = self._pending, (batch, inputs, started,
-                                                  window, timestamp)
-        if previous is not None:
-            yield from self._results(*previous[:3])
-
-    def finish_bundle(self) -> Iterator[Any]:
-        if self._pending is None:
-            return
-        (batch, inputs, started, window,
-         timestamp), self._pending = self._pending, None
-        for output in self._results(batch, inputs, started):
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, WindowedValue(
-                    output.value, timestamp, [window]))
-            else:
-                yield WindowedValue(output, timestamp, [window])
-
-    def _results(self, batch: Sequence[TokenizedDocument], inputs: Any,
-                 started: Future) -> Iterator[Any]:
-        """``batch``'s predictions once its call is done, or its failure."""
-        try:
-            outputs, seconds = started.result()
-            self._call_us.update(int(seconds * 1e6))
-            results = self._handler.predictions(batch, inputs, outputs)
-        except Exception as err:  # pylint: disable=broad-except
-            yield beam.pvalue.TaggedOutput(self.FAILED, (batch, err))
-            return
-        yield from results
-
-    def teardown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
 
 
 class _CountEmbedded(beam.DoFn):
@@ -429,14 +293,12 @@ class EmbedDocuments(beam.PTransform):
         self._batching = BatchByLength(batching)
 
     def expand(self, docs: beam.PCollection) -> tuple[Any, Any]:
-        results = (
+        results, failures = (
             docs
             | "BatchByLength" >> beam.ParDo(self._batching)
-            | "RunInference" >> beam.ParDo(
-                _InferAhead(self._handler)).with_outputs(
-                    _InferAhead.FAILED, main="results"))
-        embeddings = (results.results
-                      | "CountEmbedded" >> beam.ParDo(_CountEmbedded()))
-        dead = (results[_InferAhead.FAILED]
+            | "RunInference" >> RunInference(
+                self._handler.with_no_batching()).with_exception_handling())
+        embeddings = results | "CountEmbedded" >> beam.ParDo(_CountEmbedded())
+        dead = (failures.failed_inferences
                 | "FailedBatches" >> beam.ParDo(_FailedBatchToDeadLetters()))
         return embeddings, dead
