@@ -574,9 +574,13 @@ class Runner:
 
     def prepare_int8(self, calibration: str, samples: int) -> float:
         """Quantizes the model once per (model, calibration set), cached."""
+        from model.openvino_engine import GRAPH_REWRITES
+        from model.quantize import PRESETS
         from model.runtime import default_cache_dir
         with open(calibration, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()[:10]
+            # The quantizer's version too: a newer one makes a new model.
+            digest = hashlib.sha256(handle.read() + repr(
+                (GRAPH_REWRITES, PRESETS)).encode()).hexdigest()[:10]
         path = os.path.join(default_cache_dir(), "bench_int8_"
                             f"{model_key(self.args.model)}_{digest}")
         started = time.perf_counter()
