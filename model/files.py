@@ -80,17 +80,24 @@ def _read_memo(path: Optional[str]) -> Optional[str]:
     return value if len(value) == 32 else None
 
 
+def write_whole(path: str, text: str) -> None:
+    """Writes ``text`` to the local file ``path`` whole: to a private file
+    beside it, then renamed over it, so a reader sees the old file or the
+    new one."""
+    partial = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(partial, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(partial, path)
+
+
 def _write_memo(path: Optional[str], digest: str) -> None:
-    """Keeps ``digest`` at ``path`` whole (written aside, renamed); a cache
-    that cannot be written costs the hashing next time, nothing else."""
+    """Keeps ``digest`` at ``path``; a cache that cannot be written costs
+    the hashing next time, nothing else."""
     if path is None:
         return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(partial, "w", encoding="ascii") as handle:
-            handle.write(digest)
-        os.replace(partial, path)
+        write_whole(path, digest)
     except OSError:
         pass
 

@@ -200,12 +200,10 @@ def save_ir(model: Any, target: str, info: dict[str, Any],
 
 
 def _write_json_atomically(path: str, data: dict[str, Any]) -> None:
-    """Writes ``data`` as JSON to ``path`` whole (a private file renamed
-    over it), so a reader sees the old file or the new one."""
-    partial = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(partial, path)
+    """Writes ``data`` as JSON to ``path`` whole
+    (``model.files.write_whole``)."""
+    from model.files import write_whole
+    write_whole(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def converted_model(model_dir: str, core: Any) -> tuple[Any, Optional[str]]:
