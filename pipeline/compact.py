@@ -65,7 +65,8 @@ from transforms.embedding_files import (
     COMPACT_SUFFIX, DOCUMENTS, DOCUMENTS_SUFFIX, DUCKDB_SUFFIX, EMBEDDED_AS,
     EMBEDDINGS, ERRORS, INDEX, KINDS, PARQUET, PARQUET_EXT, SCHEMA_VERSION,
     SUMMARY_SUFFIX, embedding_schema, file_metadata, manifest_of,
-    output_patterns, shard_name, staging_dir, staging_prefix)
+    output_patterns, parquet_writer_options, shard_name, staging_dir,
+    staging_prefix)
 from transforms.write import PARQUET_CODECS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 4
@@ -273,8 +274,8 @@ def write_kind(manifest: dict[str, Any], kind: str, path: str,
     schema = target_schema(manifest, kind, first)
     schema = schema.with_metadata(file_metadata(description, schema, kind))
     with FileSystems.create(path) as handle:
-        with pq.ParquetWriter(handle, schema,
-                              compression=job.compression) as writer:
+        with pq.ParquetWriter(handle, schema, compression=job.compression,
+                              **parquet_writer_options(schema)) as writer:
             groups = _RowGroups(writer, job.row_group_rows)
             for table in _chain(first, tables):
                 groups.add(conform(table, schema))

@@ -17,6 +17,8 @@ from pipeline import compact
 from pipeline.lock import OutputLock
 from pipeline.read_embeddings import current_tables, load_index
 from pipeline.run import run
+from tests.test_embedding_files import (
+    assert_scalar_only_dictionaries_and_statistics)
 from transforms.embedding_files import read_file_metadata
 
 duckdb = pytest.importorskip("duckdb")
@@ -161,6 +163,9 @@ def test_the_footer_names_the_source_and_the_columns(chain, compacted):
     assert "embedded_as" in record["columns"]
     assert set(record["columns"]) == set(pq.read_schema(
         f"{compacted}-00000-of-00001.parquet").names)
+    for kind in ("", "-documents"):
+        assert assert_scalar_only_dictionaries_and_statistics(
+            f"{compacted}{kind}-00000-of-00001.parquet") >= 1
 
 
 def test_current_rows_stream_a_row_group_at_a_time(chain):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -104,6 +105,43 @@ def _decoded_rows(files: list[str]) -> list[dict]:
     return decoded
 
 
+def assert_scalar_only_dictionaries_and_statistics(path: str) -> int:
+    """Every column chunk of the Parquet file at ``path``: the vector
+    columns are written without dictionary pages or min/max statistics,
+    every other column with statistics (and the string ones with a
+    dictionary), as ``parquet_writer_options`` says.  Returns the number
+    of row groups checked."""
+    metadata = pq.ParquetFile(path).metadata
+    schema = metadata.schema.to_arrow_schema()
+    for group in range(metadata.num_row_groups):
+        for index in range(metadata.num_columns):
+            chunk = metadata.row_group(group).column(index)
+            column = chunk.path_in_schema.split(".")[0]
+            if column in contract.VECTOR_COLUMNS:
+                assert not chunk.has_dictionary_page, chunk.path_in_schema
+                assert not chunk.is_stats_set, chunk.path_in_schema
+                assert not {"PLAIN_DICTIONARY", "RLE_DICTIONARY"} & set(
+                    chunk.encodings), chunk.encodings
+            else:
+                assert chunk.is_stats_set, column
+                if schema.field(column).type == pa.string():
+                    assert chunk.has_dictionary_page, column
+    return metadata.num_row_groups
+
+
+def test_writer_options_leave_out_the_vector_columns_of_every_schema():
+    for chunked, text, pooled, sequence in [
+            (False, False, True, True), (True, True, True, True),
+            (False, False, True, False), (True, False, False, True)]:
+        schema = embedding_schema(HIDDEN, pooled, sequence, chunked, text)
+        options = contract.parquet_writer_options(schema)
+        scalars = [name for name in schema.names
+                   if name not in contract.VECTOR_COLUMNS]
+        assert options == {"use_dictionary": scalars,
+                           "write_statistics": scalars}
+        assert len(scalars) == len(schema) - pooled - sequence
+
+
 def _as_row(values: dict) -> DocumentEmbedding:
     """A decoded row as a ``DocumentEmbedding`` (its fields are named as the
     columns; absent columns keep the dataclass defaults)."""
@@ -127,7 +165,7 @@ def _assert_same_row(got: DocumentEmbedding, want: DocumentEmbedding,
 
 @pytest.mark.parametrize("fmt,compression,sequence_dtype,chunked,text", [
     ("parquet", "none", "float32", False, False),
-    ("parquet", "none", "float16", True, True),
+    ("parquet", "zstd", "float16", True, True),
     ("tfrecord", "none", "float32", True, False),
     ("tfrecord", "gzip", "float16", False, True),
 ])
@@ -138,12 +176,15 @@ def test_rows_written_by_the_pipeline_decode_back_equal(
     description = {"schema_version": contract.SCHEMA_VERSION,
                    "run_id": "r1", "model": {"fingerprint": FINGERPRINT,
                                              "hidden_size": HIDDEN}}
-    settings = WriteSettings(FINGERPRINT, sequence_dtype, text,
-                             tfrecord_compression=compression,
-                             description=json.dumps(description))
+    parquet = fmt == contract.PARQUET
+    settings = WriteSettings(
+        FINGERPRINT, sequence_dtype, text,
+        parquet_compression=compression if parquet else "none",
+        tfrecord_compression="none" if parquet else compression,
+        description=json.dumps(description))
     _write(prefix, rows, fmt, settings, chunked)
 
-    patterns = output_patterns(prefix, fmt, compression)
+    patterns = output_patterns(prefix, fmt, settings.tfrecord_compression)
     owned = {kind: sorted(p for p in glob.glob(pattern)
                           if output_regex(pattern).fullmatch(p))
              for kind, pattern in patterns.items()}
@@ -169,6 +210,8 @@ def test_rows_written_by_the_pipeline_decode_back_equal(
         footer = read_file_metadata(schema.metadata)
         assert footer["model"]["fingerprint"] == FINGERPRINT
         assert set(footer["columns"]) == set(schema.names)
+        assert sum(assert_scalar_only_dictionaries_and_statistics(path)
+                   for path in owned[contract.EMBEDDINGS]) >= 1
 
     letters = [dead_letter_of_line(line)
                for path in owned[ERRORS]

@@ -3,8 +3,10 @@
 Rows become what ``transforms.embedding_files`` (the output contract:
 columns, schema, footer, features, file names) says: Parquet rows are
 turned into Arrow record batches column-wise with numpy (no per-float
-Python work) and written by Beam's ``WriteToParquetBatched``; each table
-handed to it is one Parquet row group.  TFRecord rows are
+Python work) and written through Beam's file sink (``beam.io.Write`` of a
+``FileBasedSink``, as ``WriteToParquetBatched`` does, with the writer
+settings of ``parquet_writer_options``); each table handed to it is one
+Parquet row group.  TFRecord rows are
 ``tf.train.Example`` protos written by ``WriteToTFRecord``.
 """
 
@@ -16,13 +18,14 @@ from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.io.filebasedsink import FileBasedSink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.embedding_files import (
     EMBEDDINGS, ERRORS_SUFFIX, GZIP, JSONL_EXT, KINDS, PARQUET, TFRECORD,
     dead_letter_line, embedding_schema, file_metadata, file_suffix,
-    to_record_batch, to_tf_example)
+    parquet_writer_options, to_record_batch, to_tf_example)
 from transforms.records import DocumentEmbedding
 
 FORMATS = (PARQUET, TFRECORD)
@@ -135,6 +138,46 @@ class _ToArrowTables(beam.DoFn):
         return table
 
 
+class _ParquetTableSink(FileBasedSink):
+    """Beam's file sink for Arrow tables: each shard is one
+    ``pyarrow.parquet.ParquetWriter`` with ``parquet_writer_options``
+    (Beam's own Parquet sink cannot take them), each table one row group.
+    """
+
+    def __init__(self, file_path_prefix: str, schema: pa.Schema, codec: str,
+                 file_name_suffix: str, num_shards: int):
+        super().__init__(file_path_prefix, coder=None,
+                         file_name_suffix=file_name_suffix,
+                         num_shards=num_shards,
+                         mime_type="application/x-parquet",
+                         compression_type=CompressionTypes.UNCOMPRESSED)
+        self._schema = schema
+        self._codec = codec
+
+    def open(self, temp_path: str) -> Any:
+        import pyarrow.parquet as pq
+        handle = super().open(temp_path)
+        # List items named "item", as Beam's Parquet sink writes them.
+        return _OpenParquet(handle, pq.ParquetWriter(
+            handle, self._schema, compression=self._codec,
+            use_compliant_nested_type=False,
+            **parquet_writer_options(self._schema)))
+
+    def write_record(self, file_handle: Any, value: pa.Table) -> None:
+        file_handle.writer.write_table(value)
+
+    def close(self, file_handle: Any) -> None:
+        file_handle.writer.close()
+        file_handle.handle.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _OpenParquet:
+    """One shard being written: its file and its Parquet writer."""
+    handle: Any
+    writer: Any
+
+
 class WriteEmbeddings(beam.PTransform):
     """Writes ``DocumentEmbedding`` rows as ``<prefix>-SSSSS-of-NNNNN.<fmt>``.
 
@@ -169,10 +212,9 @@ class WriteEmbeddings(beam.PTransform):
             return (rows
                     | "ToArrow" >> beam.ParDo(_ToArrowTables(
                         self._schema, s.model_fingerprint, s.row_group_rows))
-                    | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                        self._prefix, self._schema,
-                        codec=s.parquet_compression, file_name_suffix=suffix,
-                        num_shards=self._num_shards))
+                    | "WriteParquet" >> beam.io.Write(_ParquetTableSink(
+                        self._prefix, self._schema, s.parquet_compression,
+                        suffix, self._num_shards)))
         compression = (CompressionTypes.GZIP
                        if s.tfrecord_compression == GZIP
                        else CompressionTypes.UNCOMPRESSED)
