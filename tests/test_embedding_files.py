@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import apache_beam as beam
+from apache_beam.pipeline import PipelineVisitor
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,7 +37,8 @@ from transforms.records import (DeadLetter, Document,
                                 WithDeadLetters, safe_excerpt)
 from transforms.tokenize import (MAX_CHUNKS_PER_DOCUMENT, TokenizeDocuments,
                                  TokenizeSettings)
-from transforms.write import WriteDeadLetters, WriteEmbeddings, WriteSettings
+from transforms.write import (ArrowTableCoder, WriteDeadLetters,
+                              WriteEmbeddings, WriteSettings)
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN = 4
@@ -140,6 +142,34 @@ def test_writer_options_leave_out_the_vector_columns_of_every_schema():
         assert options == {"use_dictionary": scalars,
                            "write_statistics": scalars}
         assert len(scalars) == len(schema) - pooled - sequence
+
+
+def test_row_group_tables_travel_as_arrow_and_are_sized_without_encoding(
+        monkeypatch):
+    schema = embedding_schema(HIDDEN, chunked=True, write_text=True)
+    schema = schema.with_metadata({b"bert_zh_embed": b'{"run_id": "r1"}'})
+    table = pa.Table.from_batches([contract.to_record_batch(
+        _rows(True, True), schema, FINGERPRINT)], schema=schema)
+    coder = beam.coders.registry.get_coder(pa.Table)
+    assert isinstance(coder, ArrowTableCoder)
+    back = coder.decode(coder.encode(table))
+    assert back.equals(table) and back.schema.metadata == schema.metadata
+    # Beam sizes sampled elements with estimate_size: it must not encode.
+    monkeypatch.setattr(ArrowTableCoder, "encode", None)
+    assert coder.get_impl().estimate_size(table) == table.nbytes > 0
+
+    class Outputs(PipelineVisitor):
+        types: dict[str, object] = {}
+
+        def visit_transform(self, node) -> None:
+            for output in node.outputs.values():
+                self.types[node.full_label] = output.element_type
+
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    _ = pipeline | beam.Create([]) | "W" >> WriteEmbeddings(
+        "unused", contract.PARQUET, HIDDEN, ("pooled",))
+    pipeline.visit(Outputs())
+    assert Outputs.types["W/ToArrow"] == pa.Table
 
 
 def _as_row(values: dict) -> DocumentEmbedding:
