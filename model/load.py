@@ -403,8 +403,16 @@ def probe_model(model_dir: str) -> int:
 
     The launcher runs this before any worker starts, so a model with the
     wrong interface fails the job in seconds with one line.  It is not
-    counted by ``load_count`` (that counts the workers' loads).
+    counted by ``load_count`` (that counts the workers' loads).  The
+    answer is kept per model (``model.facts``): a later launch of the same
+    model neither restores nor calls it.
     """
+    from model.facts import remembered
+    return remembered(resolve_model_path(model_dir), "output_width",
+                      lambda: _probe_width(model_dir))
+
+
+def _probe_width(model_dir: str) -> int:
     path, model = _restore_for_probe(model_dir)
     pooled, sequence = _probe_call(path, model.__call__)
     if pooled.ndim != 2 or sequence.shape[:2] != (1, 2) or \
@@ -419,10 +427,14 @@ def probe_encoder_layers(model_dir: str) -> int:
     """How many per-layer ``encoder_outputs`` the model returns (0: none),
     from one two-token call; launchers ask before a pooling that needs
     them (``first_last_avg``) starts any work.  Like ``probe_model`` it is
-    not counted by ``load_count``."""
-    path, model = _restore_for_probe(model_dir)
-    _, _, layers = _probe_call(path, model.call_with_layers)
-    return len(layers)
+    not counted by ``load_count``, and its answer is kept per model."""
+    from model.facts import remembered
+
+    def probe() -> int:
+        path, model = _restore_for_probe(model_dir)
+        _, _, layers = _probe_call(path, model.call_with_layers)
+        return len(layers)
+    return remembered(resolve_model_path(model_dir), "encoder_layers", probe)
 
 
 def count_load() -> int:

@@ -62,8 +62,15 @@ def read_lower_case_flag(model_dir: str) -> Optional[bool]:
     """Value of the ``do_lower_case`` variable nearest the root, if any.
 
     Looks the variable up in the checkpoint's own object graph, so its
-    checkpoint key is exact wherever in the model it is attached.
+    checkpoint key is exact wherever in the model it is attached.  Kept
+    per model (``model.facts``).
     """
+    from model.facts import remembered
+    return remembered(model_dir, "do_lower_case_variable",
+                      lambda: _read_lower_case_flag(model_dir))
+
+
+def _read_lower_case_flag(model_dir: str) -> Optional[bool]:
     import tensorflow as tf
     try:
         reader = _variables_reader(model_dir)
@@ -106,7 +113,19 @@ _TABLE_ROLES = {"word": ("word",), "position": ("position",),
 def _embedding_tables(model_dir: str) -> list[_Table]:
     """The checkpoint's 2-D variables whose key or name mentions
     embeddings, read from the variables' index (nothing is restored or
-    run), so the launcher can check the model cheaply."""
+    run), so the launcher can check the model cheaply; kept per model
+    (``model.facts``)."""
+    from model.facts import remembered
+    return remembered(
+        model_dir, "embedding_tables",
+        lambda: _read_embedding_tables(model_dir),
+        encode=lambda tables: [dataclasses.asdict(t) for t in tables],
+        decode=lambda values: [
+            _Table(str(v["key"]), str(v["full_name"]),
+                   tuple(int(d) for d in v["shape"])) for v in values])
+
+
+def _read_embedding_tables(model_dir: str) -> list[_Table]:
     import tensorflow as tf
     read_saved_model_proto(model_dir)  # a clear error for a non-model dir
     try:

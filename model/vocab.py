@@ -104,9 +104,11 @@ def read_tokenizer_settings(model_dir: str) -> Optional[TokenizerSettings]:
     ``do_lower_case`` variable is taken as lower-casing, as BERT's Chinese
     model is; that choice is logged.
     """
+    from model.facts import remembered
     model_dir = resolve_model_path(model_dir)
-    meta_graph = read_saved_model_proto(model_dir).meta_graphs[0]
-    filename = _find_vocab_filename(meta_graph)
+    filename = remembered(model_dir, "vocab_asset", lambda: (
+        _find_vocab_filename(
+            read_saved_model_proto(model_dir).meta_graphs[0])))
     if filename is None:
         return None
     vocab_path = join_path(model_dir, "assets", filename)
