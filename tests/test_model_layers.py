@@ -19,6 +19,7 @@ MODEL = ROOT / "model"
 # GPU bfloat16 re-trace (``bf16_graph``) rebuilds at run time.
 RUNTIME = frozenset({
     "__init__", "bert", "bf16_graph", "console", "engines", "errors",
+    "facts",
     "files", "handles", "load", "native_log", "openvino_engine",
     "ov_layer_norm", "runtime",
     "self_check", "signature", "variables", "vocab"})
