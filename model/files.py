@@ -60,9 +60,10 @@ def _stamp(paths: list[str]) -> tuple:
 
 def _memo_path(key: tuple) -> Optional[str]:
     """Where the on-disk hash of local files with stamps ``key`` is kept;
-    None when a file is not local (its stamp has no inode)."""
+    None when a file is remote (a file-system URL, as ``_gfile`` tells
+    them apart: only local stamps carry an inode and change time)."""
     stamps, _ = key
-    if not stamps or any(len(stamp) == 3 for stamp in stamps):
+    if not stamps or any("://" in stamp[0] for stamp in stamps):
         return None
     from model.runtime import default_cache_dir
     name = hashlib.sha256(json.dumps(key).encode("utf-8")).hexdigest()
