@@ -77,17 +77,28 @@ def small_vocab() -> list[str]:
     return build_small_vocab(E2E_TEXTS)
 
 
+def export_small_bert(path: Path, vocab: list[str], hidden_size: int,
+                      num_layers: int, max_positions: int,
+                      do_lower_case: bool, seed: int) -> str:
+    """A small BERT SavedModel with the TF Hub interface at ``path``
+    (heads of width 8, feed-forward twice the hidden size)."""
+    from model.bert import BertConfig
+    from model.export import export_bert_saved_model
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size,
+                        num_layers=num_layers, num_heads=hidden_size // 8,
+                        intermediate_size=2 * hidden_size,
+                        max_position_embeddings=max_positions)
+    return export_bert_saved_model(str(path), config, vocab,
+                                   do_lower_case=do_lower_case, seed=seed)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, small_vocab) -> str:
     """A 2-layer, hidden-32 BERT SavedModel with the TF Hub interface."""
-    from model.bert import BertConfig
-    from model.export import export_bert_saved_model
-    config = BertConfig(vocab_size=len(small_vocab), hidden_size=32,
-                        num_layers=2, num_heads=4, intermediate_size=64,
-                        max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("models") / "tiny_bert"
-    return export_bert_saved_model(str(path), config, small_vocab,
-                                   do_lower_case=True, seed=7)
+    return export_small_bert(
+        tmp_path_factory.mktemp("models") / "tiny_bert", small_vocab,
+        hidden_size=32, num_layers=2, max_positions=128, do_lower_case=True,
+        seed=7)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from model.errors import ModelFormatError
 from model.load import probe_encoder_layers, probe_model
 from model.variables import read_lower_case_flag, read_model_limits
 from model.vocab import read_tokenizer_settings
+from tests.conftest import export_small_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,14 +89,10 @@ def model(tiny_model_dir, tmp_path) -> str:
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory, small_vocab) -> str:
     """Another model (hidden 16, 64 positions, upper case kept)."""
-    from model.bert import BertConfig
-    from model.export import export_bert_saved_model
-    config = BertConfig(vocab_size=len(small_vocab), hidden_size=16,
-                        num_layers=1, num_heads=2, intermediate_size=32,
-                        max_position_embeddings=64)
-    return export_bert_saved_model(
-        str(tmp_path_factory.mktemp("other") / "bert"), config, small_vocab,
-        do_lower_case=False, seed=3)
+    return export_small_bert(
+        tmp_path_factory.mktemp("other") / "bert", small_vocab,
+        hidden_size=16, num_layers=1, max_positions=64, do_lower_case=False,
+        seed=3)
 
 
 def _counting(monkeypatch, module, name: str) -> list:
