@@ -11,7 +11,7 @@ the model about 3 s) for answers that only change with the model's files.
 
 Each answer is kept in ``facts/<digest>-tf<version>.json`` under the
 project's cache directory: the digest covers ``saved_model.pb`` and the
-variables (``model.files.hash_files``, itself kept by file stamps), and
+variables (``model.files.model_digest``, itself kept by file stamps), and
 the TensorFlow version is the one that read the answers, so a changed
 model or another TensorFlow reads them again.  Only answers are kept,
 never errors: a model that failed a check fails it again, with the same
@@ -46,16 +46,13 @@ def facts_file(model_dir: str) -> Optional[str]:
     """Where the answers about the local SavedModel at ``model_dir`` are
     kept; None for a remote path or a directory that is not a readable
     SavedModel (its checks then run, and fail, as without a cache)."""
-    from model.files import hash_files, variables_files
+    from model.files import model_digest
     from model.runtime import default_cache_dir
     if "://" in model_dir:
         return None
-    graph = os.path.join(model_dir, "saved_model.pb")
     try:
-        if not os.path.isfile(graph):
-            return None
-        digest = hash_files([graph] + variables_files(model_dir))
-    except OSError:  # no variables, or files that cannot be read
+        digest = model_digest(model_dir)
+    except OSError:  # no saved_model.pb or variables, or unreadable files
         return None
     name = hashlib.sha256(
         f"{digest} {FACTS_VERSION}".encode("ascii")).hexdigest()[:32]
@@ -75,14 +72,14 @@ def _read(path: str) -> dict[str, Any]:
 def _keep(path: str, name: str, value: Any) -> None:
     """Adds ``name: value`` to the answers at ``path`` (whole-file writes:
     a concurrent launch may drop another's new answer, never garble it)."""
-    from model.files import write_whole
+    from model.files import write_cache_file
+    known = _read(path)
+    known[name] = value
     try:
-        known = _read(path)
-        known[name] = value
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_whole(path, json.dumps(known, sort_keys=True))
-    except (OSError, TypeError, ValueError):
-        pass  # not kept: read again next time
+        text = json.dumps(known, sort_keys=True)
+    except (TypeError, ValueError):
+        return  # not kept: read again next time
+    write_cache_file(path, text)
 
 
 def remembered(model_dir: str, name: str, read: Callable[[], T],

@@ -91,14 +91,13 @@ def write_whole(path: str, text: str) -> None:
     os.replace(partial, path)
 
 
-def _write_memo(path: Optional[str], digest: str) -> None:
-    """Keeps ``digest`` at ``path``; a cache that cannot be written costs
-    the hashing next time, nothing else."""
-    if path is None:
-        return
+def write_cache_file(path: str, text: str) -> None:
+    """Writes the cache file ``path`` whole (``write_whole``), making its
+    directory; a cache that cannot be written costs the work it would
+    have saved next time, nothing else."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_whole(path, digest)
+        write_whole(path, text)
     except OSError:
         pass
 
@@ -122,7 +121,8 @@ def hash_files(paths: list[str], with_names: bool = True) -> str:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
     _CACHE[key] = digest.hexdigest()
-    _write_memo(memo, _CACHE[key])
+    if memo is not None:
+        write_cache_file(memo, _CACHE[key])
     return _CACHE[key]
 
 
@@ -134,6 +134,14 @@ def file_sha256(path: str) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_digest(model_dir: str) -> str:
+    """32 hex digits over the SavedModel's graph and variables: the key of
+    its converted IR, the source an int8 model records, and the key of
+    what the launcher learned about it (``model.facts``)."""
+    graph = model_dir.rstrip("/") + "/saved_model.pb"
+    return hash_files([graph] + variables_files(model_dir))
 
 
 def variables_files(model_dir: str) -> list[str]:

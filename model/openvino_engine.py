@@ -43,6 +43,7 @@ from typing import Any, Optional
 import numpy as np
 
 from model.errors import ModelFormatError
+from model.files import model_digest
 from model.handles import resolve_model_path
 from model.load import check_inputs
 from model.signature import INPUT_NAMES, OUTPUT_NAMES
@@ -66,14 +67,6 @@ def openvino_version() -> str:
     """The installed OpenVINO's version (e.g. ``2026.4.1``)."""
     from importlib import metadata
     return metadata.version("openvino")
-
-
-def model_digest(model_dir: str) -> str:
-    """32 hex digits over the SavedModel's graph and variables: the key of
-    its converted IR and the source an int8 model records."""
-    from model.files import hash_files, variables_files
-    graph = model_dir.rstrip("/") + "/saved_model.pb"
-    return hash_files([graph] + variables_files(model_dir))
 
 
 def cache_root() -> str:
