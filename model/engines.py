@@ -213,10 +213,12 @@ def choose_engine(engine: str, precision: str, hardware: Hardware
 def xla_applies(jit_compile: bool, precision: str,
                 engine: str = TENSORFLOW) -> bool:
     """Whether a worker may run the model through XLA: the job turns XLA
-    on, the engine may be TensorFlow, and the precision may be float32
-    (TensorFlow's bfloat16 paths are graphs XLA does not see)."""
+    on, the engine may be TensorFlow, and the precision may be float32 or
+    bfloat16.  At bfloat16 only GPU workers use it (the bfloat16 re-trace,
+    ``model.bf16_graph``); on CPUs TensorFlow's bfloat16 is oneDNN's graph
+    rewrite, which XLA does not see, and runs without it."""
     return (jit_compile and engine in (AUTO, TENSORFLOW)
-            and precision in (AUTO, "float32"))
+            and precision in (AUTO, "float32", "bfloat16"))
 
 
 # --- loading -----------------------------------------------------------------
@@ -230,7 +232,7 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
     from model.bf16_graph import load_bfloat16_model
     from model.load import load_bert_saved_model
     try:
-        model = load_bfloat16_model(spec.model_dir)
+        model = load_bfloat16_model(spec.model_dir, spec.jit_compile)
     except ModelFormatError as err:
         _LOG.warning("bfloat16 on the GPU is not available for %s (%s); "
                      "running float32", spec.model_dir, err)
@@ -255,7 +257,8 @@ def _tensorflow_bfloat16_gpu(spec: EngineSpec, choice: EngineChoice
 def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
                      hardware: Hardware) -> tuple[Any, EngineChoice]:
     """The TensorFlow engine: thread and precision settings first, then
-    the model (bfloat16 re-trace on GPUs, XLA for float32 when on)."""
+    the model (bfloat16 re-trace on GPUs; XLA, when on, for float32 and
+    the re-trace)."""
     from model.load import load_bert_saved_model
     from model.runtime import configure_tensorflow
     threads = (spec.intra_op_threads, spec.inter_op_threads)
@@ -353,8 +356,8 @@ def decide_xla(setting: str, choice: EngineChoice,
     """Whether a job compiles with XLA (``--xla on|off|auto``), and why.
 
     ``auto`` is on only where XLA can apply (the TensorFlow engine at
-    float32, as ``choice`` predicts it for the launcher's machine) and
-    pays: the input is at least ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per
+    float32, or at bfloat16 on a GPU, as ``choice`` predicts it for the
+    launcher's machine) and pays: the input is at least ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per
     worker (``input_bytes`` None: unknown, e.g. compressed input, counts
     as small).
     """
@@ -362,9 +365,11 @@ def decide_xla(setting: str, choice: EngineChoice,
         raise EngineError(f"--xla must be one of {XLA_SETTINGS}")
     if setting != AUTO:
         return setting == "on", f"--xla {setting}"
-    if choice.engine != TENSORFLOW or choice.precision != "float32":
+    compiled = choice.precision == "float32" or (
+        choice.precision == "bfloat16" and choice.device == GPU)
+    if choice.engine != TENSORFLOW or not compiled:
         return False, (f"xla auto: {choice.engine} at {choice.precision} "
-                       "does not use XLA")
+                       f"on {choice.device} does not use XLA")
     if input_bytes is None:
         return False, ("xla auto: input size unknown (compressed); pass "
                        "--xla on for a large job")

@@ -6,6 +6,7 @@ not measured here."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -58,6 +59,25 @@ def test_outputs_are_float32_and_close_to_float32(bert_like):
     assert stats.max_abs_pooled > 0  # not float32 in disguise
 
 
+def test_xla_compiles_the_retrace_in_bfloat16(bert_like):
+    """``--xla on`` on a GPU worker: the re-trace compiled by XLA keeps its
+    bfloat16 products (in the HLO XLA is given) and gives the outputs of
+    the graph it compiles."""
+    compiled = load_bfloat16_model(bert_like, jit_compile=True)
+    plain = load_bfloat16_model(bert_like)
+    assert compiled.jit_compile and not plain.jit_compile
+    ids, mask, segments = probe_batches(bert_like)[0]
+    hlo = compiled._call.experimental_get_compiler_ir(
+        *(tf.constant(a) for a in (ids, mask, segments)))(stage="hlo")
+    assert re.search(r"bf16\[[0-9,]+\]\{[0-9,]+\} dot\(", hlo)
+    for got, want in zip(compiled(ids, mask, segments),
+                         plain(ids, mask, segments)):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=2e-2)
+    _, _, layers = compiled.call_with_layers(ids, mask, segments)
+    assert len(layers) == 2
+
+
 def test_layers_for_first_last_avg(bert_like):
     """``--pooling first_last_avg`` on a GPU worker: the re-trace returns
     every layer too, close to the float32 model's encoder_outputs, its
@@ -99,6 +119,10 @@ def test_gpu_worker_runs_the_bfloat16_retrace(bert_like, monkeypatch,
                                    "bfloat16"), GPU_BF16)
     assert isinstance(named, Bfloat16BertModel)
     assert named.engine_choice.device == "gpu"
+    assert not named.jit_compile
+    compiled = load_engine(EngineSpec(bert_like, engines.TENSORFLOW,
+                                      "bfloat16", jit_compile=True), GPU_BF16)
+    assert isinstance(compiled, Bfloat16BertModel) and compiled.jit_compile
     monkeypatch.setattr(engines, "gpus_compute_bfloat16", lambda: True)
     kept = load_engine(EngineSpec(bert_like, AUTO, AUTO), GPU_BF16)
     assert isinstance(kept, Bfloat16BertModel)

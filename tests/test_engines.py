@@ -7,6 +7,8 @@ an AVX2-only CPU and on one with AMX.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import numpy as np
@@ -116,12 +118,14 @@ def test_detect_hardware_reads_cpu_flags_and_openvino(monkeypatch):
     assert hardware.cpu_bfloat16 == "amx_bf16"
 
 
-def test_xla_applies_only_where_tensorflow_may_run_float32():
+def test_xla_applies_only_where_tensorflow_may_run_it():
     assert xla_applies(True, "float32", TENSORFLOW)
     assert xla_applies(True, AUTO, AUTO)
+    # GPU workers compile the bfloat16 re-trace (CPU workers ignore it).
+    assert xla_applies(True, "bfloat16", TENSORFLOW)
     assert not xla_applies(False, "float32", TENSORFLOW)
     assert not xla_applies(True, "float32", OPENVINO)
-    assert not xla_applies(True, "bfloat16", TENSORFLOW)
+    assert not xla_applies(True, "bfloat16", OPENVINO)
     assert not xla_applies(True, "int8", AUTO)
 
 
@@ -153,6 +157,11 @@ def test_xla_auto_compiles_only_large_tensorflow_float32_jobs():
                           1)[0]
     assert not decide_xla(AUTO, choose_engine(TENSORFLOW, "bfloat16",
                                               CPU_AMX), 10 * big, 1)[0]
+    # On a GPU the bfloat16 re-trace compiles like float32.
+    gpu_bf16 = dataclasses.replace(_tf32(), precision="bfloat16",
+                                   device=engines.GPU)
+    assert decide_xla(AUTO, gpu_bf16, big, 1)[0]
+    assert not decide_xla(AUTO, gpu_bf16, big // 2, 1)[0]
 
 
 # --- loading and falling back ------------------------------------------------

@@ -50,9 +50,11 @@ def test_batches_pad_to_steps_only_under_xla():
             "/m", **infer).xla).pad_to_steps
     assert pad_to(jit_compile=True) == 64
     assert pad_to() is None
-    # TensorFlow's bfloat16 rewrite works on graphs that XLA replaces.
-    assert pad_to(precision="bfloat16", jit_compile=True) is None
+    # bfloat16 on TensorFlow: GPU workers compile the re-trace.
+    assert pad_to(precision="bfloat16", jit_compile=True) == 64
+    assert pad_to(precision="bfloat16") is None
     assert pad_to(engine="openvino", jit_compile=True) is None
+    assert pad_to(precision="int8", jit_compile=True) is None
 
 
 def test_model_handler_rejects_unknown_outputs():

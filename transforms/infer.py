@@ -108,9 +108,9 @@ class InferSettings:
 
     @property
     def xla(self) -> bool:
-        """Whether a worker may run the model through XLA (float32 on
-        TensorFlow only: TensorFlow's bfloat16 paths are graphs XLA does
-        not see); batches are then padded to length steps
+        """Whether a worker may run the model through XLA (TensorFlow at
+        float32, or at bfloat16 on GPUs: ``model.engines.xla_applies``);
+        batches are then padded to length steps
         (``BatchSettings.step_padding``)."""
         return xla_applies(self.jit_compile, self.precision, self.engine)
 
