@@ -53,6 +53,10 @@ FIXED_SHAPES = ((32, 48), (16, 128), (4, 512), (64, 128), (256, 128),
                 (64, 512))
 WIDTH_STEP = 32  # real batches are padded to a multiple (XLA: static shapes)
 BUNDLE_FILE = "bundle.json"
+# --copy: which outputs timed model calls bring back to the host.
+COPIES = {"all": "host arrays in, pooled and sequence outputs out",
+          "pooled": "host arrays in, pooled outputs out (--outputs pooled)",
+          "none": "inputs copied in, outputs left on the device"}
 BATCHES_FILE = "batches.npz"
 REFERENCE_FILE = "reference.npz"
 
@@ -294,15 +298,15 @@ class XlaRunner:
         return self._executables[key]
 
     def __call__(self, precision: str, ids: np.ndarray, mask: np.ndarray,
-                 segments: np.ndarray, to_host: bool = True
+                 segments: np.ndarray, copy: str = "all"
                  ) -> tuple[np.ndarray, np.ndarray] | None:
         executable, params = self._executable(precision, *ids.shape)
         inputs = [self.jax.device_put(a, self.device)
                   for a in (ids, mask, segments)]
         pooled, sequence = executable.execute(inputs + params)
-        if not to_host:
+        if copy != "all":
             sequence.block_until_ready()
-            return None
+            return (np.asarray(pooled), None) if copy == "pooled" else None
         return np.asarray(pooled), np.asarray(sequence)
 
 
@@ -346,7 +350,7 @@ class TorchRunner:
             self.device, torch.bfloat16)
 
     def __call__(self, precision: str, ids: np.ndarray, mask: np.ndarray,
-                 segments: np.ndarray, to_host: bool = True
+                 segments: np.ndarray, copy: str = "all"
                  ) -> tuple[np.ndarray, np.ndarray] | None:
         torch = self.torch
         with torch.inference_mode():
@@ -354,7 +358,9 @@ class TorchRunner:
                 input_ids=torch.from_numpy(ids).to(self.device),
                 attention_mask=torch.from_numpy(mask).to(self.device),
                 token_type_ids=torch.from_numpy(segments).to(self.device))
-            if not to_host:
+            if copy == "pooled":
+                return out.pooler_output.float().cpu().numpy(), None
+            if copy != "all":
                 if self.device == "cuda":
                     torch.cuda.synchronize()
                 return None
@@ -364,7 +370,7 @@ class TorchRunner:
 
 def time_fixed(call: Callable[..., Any], precision: str, batch: int,
                width: int, seconds: float, vocab_size: int,
-               to_host: bool = True) -> float:
+               copy: str = "all") -> float:
     """Tokens/s of one shape (all tokens real), after three warm calls."""
     rng = np.random.default_rng(batch * 1000 + width)
     ids = rng.integers(1000, vocab_size, (batch, width)).astype(np.int32)
@@ -373,19 +379,19 @@ def time_fixed(call: Callable[..., Any], precision: str, batch: int,
         call(precision, ids, mask, segments)
     calls, started = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - started < seconds:
-        call(precision, ids, mask, segments, to_host)
+        call(precision, ids, mask, segments, copy)
         calls += 1
     return calls * batch * width / (time.perf_counter() - started)
 
 
 def time_real(call: Callable[..., Any], precision: str,
               batches: Sequence[Mapping[str, np.ndarray]], rounds: int,
-              to_host: bool = True
+              copy: str = "all"
               ) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
     """Best real tokens/s over ``rounds`` passes of all batches (one warm
     pass first, whose outputs are returned: pooled, mean over real
-    tokens); ``to_host=False`` leaves the timed passes' outputs on the
-    device."""
+    tokens); ``copy`` says which of the timed passes' outputs come back
+    to the host (COPIES)."""
     pooled, means = [], []
     for batch in batches:
         p, s = call(precision, batch["ids"], batch["mask"], batch["segments"])
@@ -397,7 +403,7 @@ def time_real(call: Callable[..., Any], precision: str,
         started = time.perf_counter()
         for batch in batches:
             call(precision, batch["ids"], batch["mask"], batch["segments"],
-                 to_host)
+                 copy)
         best = max(best, real / (time.perf_counter() - started))
     return best, pooled, means
 
@@ -498,7 +504,7 @@ def on_gpu() -> bool:
 
 
 def run(bundle_dir: str, seconds: float, rounds: int,
-        engines: Sequence[str] = ("ours", "torch"), to_host: bool = True,
+        engines: Sequence[str] = ("ours", "torch"), copy: str = "all",
         shapes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """Time and check everything in the bundle (or the fixed ``shapes``
     given); returns the results."""
@@ -507,7 +513,7 @@ def run(bundle_dir: str, seconds: float, rounds: int,
     if shapes is not None:
         meta["fixed_shapes"] = [list(s) for s in shapes]
     weights = bert_like(meta["shapes"], meta["seed"])
-    result: dict[str, Any] = {"machine": machine(), "to_host": to_host,
+    result: dict[str, Any] = {"machine": machine(), "copy": copy,
                               "matmul_gflops": matmul_rates(seconds,
                                                             on_gpu()),
                               "fixed": {}, "real": {}, "accuracy": {}}
@@ -523,10 +529,10 @@ def run(bundle_dir: str, seconds: float, rounds: int,
             result["fixed"][label] = {
                 shape_name(b, w): time_fixed(call, precision, b, w, seconds,
                                              meta["config"]["vocab_size"],
-                                             to_host)
+                                             copy)
                 for b, w in meta["fixed_shapes"]}
             rate, pooled, means = time_real(call, precision, bundle.batches,
-                                            rounds, to_host)
+                                            rounds, copy)
             result["real"][label] = rate
             outputs[label] = (np.concatenate(pooled), np.concatenate(means))
             print(f"{label}: done", flush=True)
@@ -560,8 +566,7 @@ def report(result: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
     lines += [f"matmul bf16 {k}: {v:,.0f} GFLOP/s" for k, v in rates.items()]
     roofline = max(rates.values(), default=0.0)
     shapes = [shape_name(*s) for s in meta["fixed_shapes"]]
-    timed = ("host arrays in and out" if result.get("to_host", True)
-             else "inputs copied in, outputs left on the device")
+    timed = COPIES[result.get("copy", "all")]
     lines += ["", f"model calls, tokens/s ({timed})",
               f"{'variant':<16}" + "".join(f"{s:>11}" for s in shapes)
               + f"{'real corpus':>13}{'%roof':>7}"]
@@ -607,8 +612,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     rn.add_argument("--seconds", type=float, default=1.0)
     rn.add_argument("--rounds", type=int, default=3)
     rn.add_argument("--engines", default="ours,torch")
-    rn.add_argument("--device_only", action="store_true",
-                    help="leave the timed calls' outputs on the device")
+    rn.add_argument("--copy", choices=sorted(COPIES), default="all",
+                    help="which outputs the timed calls copy to the host")
     rn.add_argument("--shapes", help="fixed shapes, e.g. 16x128,256x128 "
                     "(default: the bundle's)")
     args = parser.parse_args(argv)
@@ -619,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     shapes = ([[int(n) for n in s.split("x")] for s in
                args.shapes.split(",")] if args.shapes else None)
     result = run(args.bundle, args.seconds, args.rounds,
-                 args.engines.split(","), not args.device_only, shapes)
+                 args.engines.split(","), args.copy, shapes)
     meta = Bundle(args.bundle).meta
     if shapes is not None:
         meta["fixed_shapes"] = shapes
