@@ -130,6 +130,16 @@ def test_default_variants_and_parser():
         throughput.build_parser().parse_args(["--variants", "ours,nope"])
 
 
+def test_the_reference_can_run_once():
+    assert throughput.runs_in_round("ours", 1, reference_once=False)
+    assert throughput.runs_in_round("ours", 0, reference_once=True)
+    assert not throughput.runs_in_round("ours", 1, reference_once=True)
+    assert throughput.runs_in_round("ours_ov_int8", 2, reference_once=True)
+    parser = throughput.build_parser()
+    assert parser.parse_args(["--reference_once"]).reference_once
+    assert not parser.parse_args([]).reference_once
+
+
 def test_bert_like_weights_scale():
     from model.bert import BertConfig
     config = BertConfig(vocab_size=50, hidden_size=32, num_layers=1,
