@@ -145,6 +145,7 @@ def export(output: str, docs: int, batch_docs: int, reference_docs: int,
            **config_fields: int) -> None:
     """Write the bundle ``run`` reads (see the module docstring);
     ``config_fields`` change BERT-Base's shape (the tests make it tiny)."""
+    import tensorflow as tf
     from bench import throughput
     from model.bert import BertConfig, BertEncoder, bert_weight_shapes
     from model.bf16_graph import Bfloat16Encoder
@@ -154,9 +155,10 @@ def export(output: str, docs: int, batch_docs: int, reference_docs: int,
     config = BertConfig(vocab_size=len(vocab), **config_fields)
     shapes = {k: list(v) for k, v in bert_weight_shapes(config).items()}
     weights = bert_like(shapes, seed)
-    encoders = {"float32": BertEncoder(config), "bfloat16": None}
-    encoders["float32"].set_weights(weights)
-    encoders["bfloat16"] = Bfloat16Encoder(config, weights)
+    float32 = BertEncoder(config)
+    float32.set_weights(weights)
+    encoders = {"float32": float32,
+                "bfloat16": Bfloat16Encoder(config, weights)}
 
     texts, corpus_note = throughput.sample_corpus(throughput.REAL_CORPUS,
                                                   docs, seed=0)
@@ -177,7 +179,7 @@ def export(output: str, docs: int, batch_docs: int, reference_docs: int,
             programs[f"{precision}/{shape_name(batch, width)}"] = {
                 "file": file, "params": order}
 
-    _write_reference(output, encoders["float32"], batches, reference_docs)
+    _write_reference(output, float32, batches, reference_docs)
     lengths = np.concatenate([b["mask"].sum(1) for b in batches])
     bundle = {
         "seed": seed, "shapes": shapes, "config": config.to_dict(),
@@ -189,7 +191,7 @@ def export(output: str, docs: int, batch_docs: int, reference_docs: int,
             float(lengths.mean()), config.num_layers, config.hidden_size,
             config.intermediate_size)},
         "corpus": corpus_note, "vocab": vocab_note,
-        "tensorflow": __import__("tensorflow").__version__}
+        "tensorflow": tf.__version__}
     with open(os.path.join(output, BUNDLE_FILE), "w") as handle:
         json.dump(bundle, handle)
     print(f"bundle: {output}: {len(programs)} programs, {len(batches)} "
