@@ -41,6 +41,7 @@ import json
 import os
 import sys
 import time
+import types
 import zlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -320,36 +321,20 @@ class TorchRunner:
                  ) -> None:
         import torch
         import transformers
+        from bench.hf_peer import hf_config, load_every_parameter
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        c = bundle.meta["config"]
-        config = transformers.BertConfig(
-            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-            num_hidden_layers=c["num_layers"],
-            num_attention_heads=c["num_heads"],
-            intermediate_size=c["intermediate_size"],
-            max_position_embeddings=c["max_position_embeddings"],
-            type_vocab_size=c["type_vocab_size"],
-            layer_norm_eps=c["layer_norm_eps"], hidden_act="gelu")
+        config = hf_config(types.SimpleNamespace(**bundle.meta["config"]))
         model = transformers.BertModel(config, add_pooling_layer=True)
-        state = {}
-        for hf_name, google, transpose in bundle.meta["hf_names"]:
-            value = weights[google]
-            state[hf_name] = torch.from_numpy(
-                np.ascontiguousarray(value.T if transpose else value))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        buffers = {name for name, _ in model.named_buffers()}
-        if set(missing) - buffers or unexpected:
-            raise ValueError(f"BertModel did not take the weights: missing "
-                             f"{sorted(set(missing) - buffers)}, unexpected "
-                             f"{sorted(unexpected)}")
-        model = model.eval().to(self.device)
-        self.models = {"float32": model,
-                       "bfloat16": transformers.BertModel(
-                           config, add_pooling_layer=True).eval()}
-        self.models["bfloat16"].load_state_dict(model.state_dict())
-        self.models["bfloat16"] = self.models["bfloat16"].to(
-            self.device, torch.bfloat16)
+        load_every_parameter(model, {
+            hf_name: torch.from_numpy(np.ascontiguousarray(
+                weights[google].T if transpose else weights[google]))
+            for hf_name, google, transpose in bundle.meta["hf_names"]})
+        bfloat16 = transformers.BertModel(config, add_pooling_layer=True)
+        bfloat16.load_state_dict(model.state_dict())
+        self.models = {
+            "float32": model.eval().to(self.device),
+            "bfloat16": bfloat16.eval().to(self.device, torch.bfloat16)}
 
     def __call__(self, precision: str, ids: np.ndarray, mask: np.ndarray,
                  segments: np.ndarray, copy: str = "all"

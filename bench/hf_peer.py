@@ -117,15 +117,21 @@ def hf_model_from_weights(config: Any, weights: Mapping[str, np.ndarray]):
     import transformers
     model = transformers.BertModel(hf_config(config), add_pooling_layer=True)
     names = [name for name, _ in model.named_parameters()]
-    state = {k: torch.from_numpy(v)
-             for k, v in hf_state_dict(weights, names).items()}
+    load_every_parameter(model, {
+        k: torch.from_numpy(v)
+        for k, v in hf_state_dict(weights, names).items()})
+    return model.eval()
+
+
+def load_every_parameter(model: Any, state: Mapping[str, Any]) -> None:
+    """``model.load_state_dict(state)``; ``ValueError`` unless every
+    parameter (buffers aside) took a value and every value a parameter."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {name for name, _ in model.named_buffers()}
     if set(missing) - buffers or unexpected:
         raise ValueError(f"BertModel did not take the weights: missing "
                          f"{sorted(set(missing) - buffers)}, unexpected "
                          f"{sorted(unexpected)}")
-    return model.eval()
 
 
 def hf_tokenizer(vocab_path: str, do_lower_case: bool):
