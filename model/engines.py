@@ -357,9 +357,9 @@ def decide_xla(setting: str, choice: EngineChoice,
 
     ``auto`` is on only where XLA can apply (the TensorFlow engine at
     float32, or at bfloat16 on a GPU, as ``choice`` predicts it for the
-    launcher's machine) and pays: the input is at least ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per
-    worker (``input_bytes`` None: unknown, e.g. compressed input, counts
-    as small).
+    launcher's machine) and pays: the input is at least
+    ``XLA_AUTO_MIN_BYTES_PER_WORKER`` per worker (``input_bytes`` None:
+    unknown, e.g. compressed input, counts as small).
     """
     if setting not in XLA_SETTINGS:
         raise EngineError(f"--xla must be one of {XLA_SETTINGS}")
