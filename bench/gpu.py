@@ -273,7 +273,6 @@ class XlaRunner:
         self.bundle = bundle
         self.compile_s: dict[str, float] = {}
         self._executables: dict[tuple[str, int, int], Any] = {}
-        self._params: dict[tuple[str, ...], list[Any]] = {}
         self._on_device: dict[tuple[str, str], Any] = {}
         self._weights = weights
         self._bf16 = ml_dtypes.bfloat16
@@ -425,21 +424,29 @@ def matmul_rates(seconds: float, on_gpu: bool) -> dict[str, float]:
     return rates
 
 
+def _gflops(step: Callable[[], Any], finish: Callable[[Any], Any],
+            flops: float, seconds: float) -> float:
+    """GFLOP/s of ``step`` (``flops`` each) over at least 10 calls and
+    ``seconds``, after 3 warm calls; ``finish`` waits for a call's result
+    (devices run asynchronously)."""
+    for _ in range(3):
+        finish(step())
+    calls, started = 0, time.perf_counter()
+    while calls < 10 or time.perf_counter() - started < seconds:
+        out = step()
+        calls += 1
+    finish(out)
+    return flops * calls / (time.perf_counter() - started) / 1e9
+
+
 def _torch_matmul(m: int, k: int, n: int, seconds: float) -> float:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    calls, started = 0, time.perf_counter()
-    while calls < 10 or time.perf_counter() - started < seconds:
-        a @ b
-        calls += 1
-    sync()
-    return 2 * m * k * n * calls / (time.perf_counter() - started) / 1e9
+    finish = ((lambda _: torch.cuda.synchronize()) if device == "cuda"
+              else (lambda _: None))
+    return _gflops(lambda: a @ b, finish, 2 * m * k * n, seconds)
 
 
 def _jax_matmul(m: int, k: int, n: int, seconds: float) -> float:
@@ -448,13 +455,8 @@ def _jax_matmul(m: int, k: int, n: int, seconds: float) -> float:
     a = jnp.ones((m, k), jnp.bfloat16)
     b = jnp.ones((k, n), jnp.bfloat16)
     dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    calls, started = 0, time.perf_counter()
-    while calls < 10 or time.perf_counter() - started < seconds:
-        out = dot(a, b)
-        calls += 1
-    out.block_until_ready()
-    return 2 * m * k * n * calls / (time.perf_counter() - started) / 1e9
+    return _gflops(lambda: dot(a, b), lambda out: out.block_until_ready(),
+                   2 * m * k * n, seconds)
 
 
 def machine() -> dict[str, Any]:
@@ -490,15 +492,13 @@ def on_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
 
 
-def run(bundle_dir: str, seconds: float, rounds: int,
+def run(bundle: Bundle, seconds: float, rounds: int,
         engines: Sequence[str] = ("ours", "torch"), copy: str = "all",
         shapes: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
-    """Time and check everything in the bundle (or the fixed ``shapes``
-    given); returns the results."""
-    bundle = Bundle(bundle_dir)
+    """Time and check everything in the bundle (the fixed ``shapes`` given
+    instead of the bundle's); returns the results."""
     meta = bundle.meta
-    if shapes is not None:
-        meta["fixed_shapes"] = [list(s) for s in shapes]
+    shapes = meta["fixed_shapes"] if shapes is None else shapes
     weights = bert_like(meta["shapes"], meta["seed"])
     result: dict[str, Any] = {"machine": machine(), "copy": copy,
                               "matmul_gflops": matmul_rates(seconds,
@@ -517,7 +517,7 @@ def run(bundle_dir: str, seconds: float, rounds: int,
                 shape_name(b, w): time_fixed(call, precision, b, w, seconds,
                                              meta["config"]["vocab_size"],
                                              copy)
-                for b, w in meta["fixed_shapes"]}
+                for b, w in shapes}
             rate, pooled, means = time_real(call, precision, bundle.batches,
                                             rounds, copy)
             result["real"][label] = rate
@@ -552,7 +552,7 @@ def report(result: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
     rates = result["matmul_gflops"]
     lines += [f"matmul bf16 {k}: {v:,.0f} GFLOP/s" for k, v in rates.items()]
     roofline = max(rates.values(), default=0.0)
-    shapes = [shape_name(*s) for s in meta["fixed_shapes"]]
+    shapes = list(next(iter(result["fixed"].values()), {}))
     timed = COPIES[result.get("copy", "all")]
     lines += ["", f"model calls, tokens/s ({timed})",
               f"{'variant':<16}" + "".join(f"{s:>11}" for s in shapes)
@@ -610,12 +610,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     shapes = ([[int(n) for n in s.split("x")] for s in
                args.shapes.split(",")] if args.shapes else None)
-    result = run(args.bundle, args.seconds, args.rounds,
+    bundle = Bundle(args.bundle)
+    result = run(bundle, args.seconds, args.rounds,
                  args.engines.split(","), args.copy, shapes)
-    meta = Bundle(args.bundle).meta
-    if shapes is not None:
-        meta["fixed_shapes"] = shapes
-    for line in report(result, meta):
+    for line in report(result, bundle.meta):
         print(line)
     if args.json:
         with open(args.json, "w") as handle:

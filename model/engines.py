@@ -214,11 +214,18 @@ def xla_applies(jit_compile: bool, precision: str,
                 engine: str = TENSORFLOW) -> bool:
     """Whether a worker may run the model through XLA: the job turns XLA
     on, the engine may be TensorFlow, and the precision may be float32 or
-    bfloat16.  At bfloat16 only GPU workers use it (the bfloat16 re-trace,
-    ``model.bf16_graph``); on CPUs TensorFlow's bfloat16 is oneDNN's graph
-    rewrite, which XLA does not see, and runs without it."""
+    bfloat16 (which only GPU workers compile: ``xla_compiles``)."""
     return (jit_compile and engine in (AUTO, TENSORFLOW)
             and precision in (AUTO, "float32", "bfloat16"))
+
+
+def xla_compiles(precision: str, device: str) -> bool:
+    """Whether the TensorFlow engine's model at ``precision`` on
+    ``device`` is a graph XLA compiles: float32 anywhere, bfloat16 on GPUs
+    (the re-trace); on CPUs bfloat16 is oneDNN's rewrite, which XLA does
+    not see."""
+    return precision == "float32" or (precision == "bfloat16"
+                                      and device == GPU)
 
 
 # --- loading -----------------------------------------------------------------
@@ -277,7 +284,8 @@ def _load_tensorflow(spec: EngineSpec, choice: EngineChoice,
     else:
         configure_tensorflow(*threads, precision=choice.precision)
     if model is None:
-        jit = spec.jit_compile and choice.precision == "float32"
+        jit = spec.jit_compile and xla_compiles(choice.precision,
+                                                choice.device)
         model = load_bert_saved_model(spec.model_dir, jit)
     return model, choice
 
@@ -365,9 +373,8 @@ def decide_xla(setting: str, choice: EngineChoice,
         raise EngineError(f"--xla must be one of {XLA_SETTINGS}")
     if setting != AUTO:
         return setting == "on", f"--xla {setting}"
-    compiled = choice.precision == "float32" or (
-        choice.precision == "bfloat16" and choice.device == GPU)
-    if choice.engine != TENSORFLOW or not compiled:
+    if (choice.engine != TENSORFLOW
+            or not xla_compiles(choice.precision, choice.device)):
         return False, (f"xla auto: {choice.engine} at {choice.precision} "
                        f"on {choice.device} does not use XLA")
     if input_bytes is None:

@@ -85,7 +85,7 @@ def test_report_names_the_ratios():
               "real": {"ours bfloat16": 300.0, "torch bfloat16": 200.0},
               "accuracy": {}}
     meta = {"tensorflow": "2", "corpus": "c", "max_seq_length": 128,
-            "batch_docs": 8, "fixed_shapes": [[4, 32]],
+            "batch_docs": 8,
             "flops_per_token": {"real": 1e9}}
     text = "\n".join(gpu.report(result, meta))
     assert "ours bfloat16 / torch bfloat16: 1.50x" in text
@@ -95,7 +95,7 @@ def test_report_names_the_ratios():
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                     reason="JAX is not installed (bench-only)")
 def test_programs_compiled_by_xla_give_tensorflows_outputs(bundle, tmp_path):
-    result = gpu.run(bundle.path, seconds=0.01, rounds=1, engines=("ours",))
+    result = gpu.run(bundle, seconds=0.01, rounds=1, engines=("ours",))
     check = result["accuracy"]["ours float32 vs TensorFlow float32 (CPU)"]
     assert check["pooled_cos_min"] > 0.99999, json.dumps(check)
     bf16 = result["accuracy"]["ours bfloat16 vs ours float32"]

@@ -129,6 +129,14 @@ def test_xla_applies_only_where_tensorflow_may_run_it():
     assert not xla_applies(True, "int8", AUTO)
 
 
+def test_xla_compiles_float32_anywhere_bfloat16_on_gpus():
+    assert engines.xla_compiles("float32", engines.CPU)
+    assert engines.xla_compiles("float32", engines.GPU)
+    assert engines.xla_compiles("bfloat16", engines.GPU)
+    assert not engines.xla_compiles("bfloat16", engines.CPU)
+    assert not engines.xla_compiles("int8", engines.CPU)
+
+
 # --- the per-job XLA decision ------------------------------------------------
 
 
